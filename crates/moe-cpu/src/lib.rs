@@ -1,0 +1,174 @@
+//! The CPU backend: the default that works on every machine, and the reference the suite trusts
+//! after the f64 oracle.
+//!
+//! Buffers are host memory; every op runs [`moe_hal::host`] on rayon's thread pool and completes
+//! before it returns (so `synchronize` has nothing to wait for). All three storage dtypes, f32
+//! accumulation by default, f64 with [`CpuBackend::with_accumulate`].
+
+use moe_hal::host::{self, Accumulate, Weights};
+use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
+
+/// A host allocation, 4-byte aligned so it can be viewed as f32, u32, f16 or bf16.
+pub struct CpuBuffer {
+    words: Vec<u32>,
+    bytes: usize,
+}
+
+impl CpuBuffer {
+    fn new(bytes: usize) -> Result<Self> {
+        let n = bytes.div_ceil(4);
+        let mut words = Vec::new();
+        words.try_reserve_exact(n).map_err(|_| Error::OutOfMemory(format!("the host cannot allocate {bytes} bytes")))?;
+        words.resize(n, 0);
+        Ok(CpuBuffer { words, bytes })
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.bytes]
+    }
+
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.bytes]
+    }
+
+    fn f32(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.words[..self.bytes / 4])
+    }
+
+    fn f32_mut(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.words[..self.bytes / 4])
+    }
+
+    fn u32(&self) -> &[u32] {
+        &self.words[..self.bytes / 4]
+    }
+
+    fn u32_mut(&mut self) -> &mut [u32] {
+        &mut self.words[..self.bytes / 4]
+    }
+
+    fn weights(&self, dtype: DType) -> Weights<'_> {
+        match dtype {
+            DType::F16 => Weights::F16(bytemuck::cast_slice(self.as_bytes())),
+            DType::BF16 => Weights::BF16(bytemuck::cast_slice(self.as_bytes())),
+            _ => Weights::F32(self.f32()),
+        }
+    }
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    info: BackendInfo,
+    accumulate: Accumulate,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    /// A backend on all of rayon's threads, accumulating in f32.
+    pub fn new() -> Self {
+        let threads = rayon::current_num_threads();
+        let memory = host_memory_bytes();
+        CpuBackend {
+            info: BackendInfo {
+                name: "cpu".into(),
+                device: format!("host CPU, {threads} thread{}", if threads == 1 { "" } else { "s" }),
+                memory_bytes: memory,
+                max_buffer_bytes: memory,
+                subgroup_size: None,
+                features: vec!["f32".into(), "f16".into(), "bf16".into(), "f64-accumulate".into()],
+            },
+            accumulate: Accumulate::F32,
+        }
+    }
+
+    /// Chooses the GEMM accumulator (f64 for a reference run).
+    pub fn with_accumulate(mut self, accumulate: Accumulate) -> Self {
+        self.accumulate = accumulate;
+        self
+    }
+}
+
+/// Total host memory from /proc/meminfo; 16 GiB when it cannot be read.
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(16 << 30)
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn supports(&self, _op: Op, dtype: DType) -> bool {
+        dtype.is_float()
+    }
+
+    fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CpuBuffer> {
+        CpuBuffer::new(shape.iter().product::<usize>() * dtype.size())
+    }
+
+    fn upload(&self, dtype: DType, shape: &[usize], host: &[u8]) -> Result<CpuBuffer> {
+        let mut b = self.alloc(dtype, shape)?;
+        b.as_bytes_mut().copy_from_slice(host);
+        Ok(b)
+    }
+
+    fn download(&self, buf: &CpuBuffer, host: &mut [u8]) -> Result<()> {
+        if host.len() != buf.bytes {
+            return moe_hal::invalid!("download into {} bytes from a buffer of {} bytes", host.len(), buf.bytes);
+        }
+        host.copy_from_slice(buf.as_bytes());
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn router_topk(&self, logits: &Tensor<Self>, bias: Option<&Tensor<Self>>, routing: &Routing, topk_ids: &mut Tensor<Self>, topk_weights: &mut Tensor<Self>) -> Result<()> {
+        host::router_topk(logits.buf.f32(), logits.shape[1], bias.map(|b| b.buf.f32()), routing, topk_ids.buf.u32_mut(), topk_weights.buf.f32_mut());
+        Ok(())
+    }
+
+    fn permute(&self, topk_ids: &Tensor<Self>, expert_offsets: &mut Tensor<Self>, row_index: &mut Tensor<Self>, token_index: &mut Tensor<Self>) -> Result<()> {
+        let experts = expert_offsets.len() - 1;
+        host::permute(topk_ids.buf.u32(), experts, expert_offsets.buf.u32_mut(), row_index.buf.u32_mut(), token_index.buf.u32_mut(), topk_ids.shape[1])
+    }
+
+    fn grouped_gemm(&self, x: &Tensor<Self>, token_index: Option<&Tensor<Self>>, w: &Tensor<Self>, expert_offsets: Option<&Tensor<Self>>, y: &mut Tensor<Self>) -> Result<()> {
+        let n = y.shape[1];
+        host::grouped_gemm(
+            x.buf.f32(),
+            x.shape[1],
+            token_index.map(|t| t.buf.u32()),
+            w.buf.weights(w.dtype),
+            n,
+            expert_offsets.map(|t| t.buf.u32()),
+            y.buf.f32_mut(),
+            self.accumulate,
+        )
+    }
+
+    fn activation(&self, gate_up: &Tensor<Self>, h: &mut Tensor<Self>) -> Result<()> {
+        let i = h.shape[1];
+        host::activation(gate_up.buf.f32(), i, h.buf.f32_mut());
+        Ok(())
+    }
+
+    fn combine(&self, y: &Tensor<Self>, row_index: &Tensor<Self>, topk_weights: &Tensor<Self>, shared: Option<&Tensor<Self>>, out: &mut Tensor<Self>) -> Result<()> {
+        host::combine(y.buf.f32(), y.shape[1], row_index.buf.u32(), topk_weights.buf.f32(), topk_weights.shape[1], shared.map(|s| s.buf.f32()), out.buf.f32_mut())
+    }
+}

@@ -1,0 +1,87 @@
+//! Element types of tensors.
+
+use half::{bf16, f16};
+
+/// Element type of a tensor.
+///
+/// `F32`, `F16` and `BF16` are the *storage* dtypes of expert and router weights. Activations
+/// (hidden states, logits, intermediate results) are always `F32` on every backend, and every
+/// op accumulates in at least f32. `U32` holds expert ids and dispatch indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    U32,
+}
+
+impl DType {
+    /// The weight storage dtypes, in the order the conformance suite visits them.
+    pub const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The name used on the command line and in reports: `f32`, `f16`, `bf16`, `u32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::U32 => "u32",
+        }
+    }
+
+    /// True for the three floating-point storage dtypes.
+    pub fn is_float(self) -> bool {
+        self != DType::U32
+    }
+
+    /// Converts f32 values to this (float) dtype's little-endian bytes, rounding to nearest even.
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            DType::F32 => bytemuck::cast_slice(values).to_vec(),
+            DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            DType::U32 => panic!("DType::encode is for float dtypes; use bytemuck for u32"),
+        }
+    }
+
+    /// Decodes this (float) dtype's little-endian bytes to f32 values (exact).
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        let n = self.size();
+        bytes
+            .chunks_exact(n)
+            .map(|c| match self {
+                DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                DType::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                DType::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                DType::U32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "half" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            "u32" => Ok(DType::U32),
+            _ => crate::invalid!("unknown dtype {s:?}; expected f32, f16 or bf16"),
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The ops on host slices: what the CPU backend runs and what [`crate::fallback`] runs for a port.
+//!
+//! Plain, multi-threaded (rayon) Rust. Every function checks the data-dependent contract (ids in
+//! range, cumulative offsets) and returns [`crate::Error::InvalidArgument`] rather than indexing out
+//! of bounds; shapes were checked by [`crate::ops`].
+
+use crate::{invalid, Result, Routing};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A weight tensor's elements in their storage dtype.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl Weights<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::F16(w) => w.len(),
+            Weights::BF16(w) => w.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Widens `len` elements starting at `start` into `out`.
+    fn widen(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            Weights::F32(w) => out.copy_from_slice(&w[start..start + n]),
+            Weights::F16(w) => out.iter_mut().zip(&w[start..start + n]).for_each(|(o, v)| *o = v.to_f32()),
+            Weights::BF16(w) => out.iter_mut().zip(&w[start..start + n]).for_each(|(o, v)| *o = v.to_f32()),
+        }
+    }
+}
+
+/// Accumulator precision of the host GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accumulate {
+    /// f32 with eight independent partial sums (vectorises well).
+    #[default]
+    F32,
+    /// f64, for a reference run.
+    F64,
+}
+
+/// `a` ranks above `b`: larger score first, NaN below every number, ties to the lower index.
+#[inline]
+pub fn ranks_above(a: f32, ia: usize, b: f32, ib: usize) -> bool {
+    match (a.is_nan(), b.is_nan()) {
+        (false, true) => true,
+        (true, false) => false,
+        (true, true) => ia < ib,
+        (false, false) => a > b || (a == b && ia < ib),
+    }
+}
+
+/// The indices of the `k` best `scores` among those where `allowed` holds, best first.
+fn top_k(scores: &[f32], k: usize, allowed: impl Fn(usize) -> bool, out: &mut [usize]) {
+    let mut taken = vec![false; scores.len()];
+    for slot in out.iter_mut().take(k) {
+        let mut best = usize::MAX;
+        for i in 0..scores.len() {
+            if taken[i] || !allowed(i) {
+                continue;
+            }
+            if best == usize::MAX || ranks_above(scores[i], i, scores[best], best) {
+                best = i;
+            }
+        }
+        taken[best] = true;
+        *slot = best;
+    }
+}
+
+/// Routing for one token: fills `ids` and `weights` (length k) from `logits` (length E).
+pub fn route_token(logits: &[f32], bias: Option<&[f32]>, routing: &Routing, ids: &mut [u32], weights: &mut [f32]) {
+    let e = logits.len();
+    let k = ids.len();
+    let mut chosen = vec![0usize; k];
+    match *routing {
+        Routing::Softmax { norm_topk_prob } => {
+            let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
+            let sum: f32 = exp.iter().sum();
+            let p: Vec<f32> = exp.iter().map(|v| v / sum).collect();
+            top_k(&p, k, |_| true, &mut chosen);
+            let total: f32 = chosen.iter().map(|&c| p[c]).sum();
+            for j in 0..k {
+                ids[j] = chosen[j] as u32;
+                weights[j] = if norm_topk_prob { p[chosen[j]] / total } else { p[chosen[j]] };
+            }
+        }
+        Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
+            let s: Vec<f32> = logits.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+            let c: Vec<f32> = match bias {
+                Some(b) => s.iter().zip(b).map(|(s, b)| s + b).collect(),
+                None => s.clone(),
+            };
+            let per = e / n_group;
+            let group_score: Vec<f32> = (0..n_group)
+                .map(|g| {
+                    let mut best = [0usize; 2];
+                    let take = per.min(2);
+                    top_k(&c[g * per..(g + 1) * per], take, |_| true, &mut best[..take]);
+                    best[..take].iter().map(|&i| c[g * per + i]).sum()
+                })
+                .collect();
+            let mut groups = vec![0usize; topk_group];
+            top_k(&group_score, topk_group, |_| true, &mut groups);
+            top_k(&c, k, |i| groups.contains(&(i / per)), &mut chosen);
+            let total: f32 = chosen.iter().map(|&i| s[i]).sum::<f32>() + 1e-20;
+            for j in 0..k {
+                ids[j] = chosen[j] as u32;
+                let w = if norm_topk_prob { s[chosen[j]] / total } else { s[chosen[j]] };
+                weights[j] = w * routed_scaling_factor;
+            }
+        }
+    }
+}
+
+/// [`crate::Backend::router_topk`] on the host: `logits [T, E]`, `ids`/`weights [T, k]`.
+pub fn router_topk(logits: &[f32], experts: usize, bias: Option<&[f32]>, routing: &Routing, ids: &mut [u32], weights: &mut [f32]) {
+    let k = ids.len() / (logits.len() / experts).max(1);
+    ids.par_chunks_mut(k)
+        .zip(weights.par_chunks_mut(k))
+        .zip(logits.par_chunks(experts))
+        .for_each(|((i, w), l)| route_token(l, bias, routing, i, w));
+}
+
+/// [`crate::Backend::permute`] on the host: a stable counting sort of the pairs by expert.
+pub fn permute(topk_ids: &[u32], experts: usize, expert_offsets: &mut [u32], row_index: &mut [u32], token_index: &mut [u32], top_k: usize) -> Result<()> {
+    let mut counts = vec![0u32; experts];
+    for (pair, &id) in topk_ids.iter().enumerate() {
+        if id as usize >= experts {
+            return invalid!("topk_ids[{}][{}] = {id} is not an expert id (the layer has {experts} experts)", pair / top_k, pair % top_k);
+        }
+        counts[id as usize] += 1;
+    }
+    expert_offsets[0] = 0;
+    for e in 0..experts {
+        expert_offsets[e + 1] = expert_offsets[e] + counts[e];
+    }
+    let mut cursor = expert_offsets[..experts].to_vec();
+    for (pair, &id) in topk_ids.iter().enumerate() {
+        let row = cursor[id as usize];
+        cursor[id as usize] += 1;
+        row_index[pair] = row;
+        token_index[row as usize] = (pair / top_k) as u32;
+    }
+    Ok(())
+}
+
+/// Checks `expert_offsets` for [`grouped_gemm`]: starts at 0, never decreases, ends within `rows`.
+pub fn check_offsets(expert_offsets: &[u32], rows: usize) -> Result<()> {
+    if expert_offsets.first() != Some(&0) {
+        return invalid!("expert_offsets must start at 0, got {:?}", expert_offsets.first());
+    }
+    if let Some(g) = expert_offsets.windows(2).position(|w| w[1] < w[0]) {
+        return invalid!("expert_offsets must not decrease, but [{}] = {} > [{}] = {}", g, expert_offsets[g], g + 1, expert_offsets[g + 1]);
+    }
+    let last = *expert_offsets.last().unwrap() as usize;
+    if last > rows {
+        return invalid!("expert_offsets ends at {last} but y has only {rows} rows");
+    }
+    Ok(())
+}
+
+#[inline]
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+#[inline]
+fn dot_f64(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>() as f32
+}
+
+/// A raw pointer that tasks use to write disjoint parts of one output.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (see grouped_gemm).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// [`crate::Backend::grouped_gemm`] on the host.
+///
+/// `x [Mx, K]`; `w` is `[G, N, K]` (or `[N, K]` with `G = 1` and no offsets); `y [M, N]`.
+/// Each task owns a block of weight rows of one group, widens them to f32 once, and multiplies
+/// every row of that group by them: each weight is read once, which is what decode needs.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm(
+    x: &[f32],
+    k: usize,
+    token_index: Option<&[u32]>,
+    w: Weights,
+    n: usize,
+    expert_offsets: Option<&[u32]>,
+    y: &mut [f32],
+    accumulate: Accumulate,
+) -> Result<()> {
+    let m = y.len() / n;
+    let mx = if k == 0 { 0 } else { x.len() / k };
+    let whole = [0u32, m as u32];
+    let offsets = expert_offsets.unwrap_or(&whole);
+    check_offsets(offsets, m)?;
+    if let Some(ti) = token_index {
+        if let Some(r) = ti.iter().position(|&t| t as usize >= mx) {
+            return invalid!("token_index[{r}] = {} but x has only {mx} rows", ti[r]);
+        }
+    }
+    let end = offsets[offsets.len() - 1] as usize;
+    y[end * n..].fill(0.0);
+    // Blocks of weight rows of about 64 KiB (f32), so a block stays in L2 while the rows stream.
+    let block = (16384 / k.max(1)).clamp(1, n.max(1));
+    let tasks: Vec<(usize, usize)> = (0..offsets.len() - 1)
+        .filter(|&g| offsets[g + 1] > offsets[g])
+        .flat_map(|g| (0..n).step_by(block).map(move |n0| (g, n0)))
+        .collect();
+    let out = Out(y.as_mut_ptr());
+    tasks.into_par_iter().for_each(|(g, n0)| {
+        let out = out;
+        let nb = block.min(n - n0);
+        let mut wf = vec![0f32; nb * k];
+        w.widen((g * n + n0) * k, &mut wf);
+        for r in offsets[g] as usize..offsets[g + 1] as usize {
+            let src = token_index.map_or(r, |ti| ti[r] as usize);
+            let xr = &x[src * k..(src + 1) * k];
+            for j in 0..nb {
+                let wr = &wf[j * k..(j + 1) * k];
+                let v = match accumulate {
+                    Accumulate::F32 => dot_f32(xr, wr),
+                    Accumulate::F64 => dot_f64(xr, wr),
+                };
+                // SAFETY: (r, n0 + j) is inside y and belongs to this task alone: rows r are
+                // this group's, columns n0..n0+nb this block's.
+                unsafe { *out.0.add(r * n + n0 + j) = v };
+            }
+        }
+    });
+    Ok(())
+}
+
+/// `silu(g) = g / (1 + exp(-g))`.
+#[inline]
+pub fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// [`crate::Backend::activation`] on the host: `gate_up [M, 2I]` → `h [M, I]`.
+pub fn activation(gate_up: &[f32], intermediate: usize, h: &mut [f32]) {
+    if intermediate == 0 {
+        return;
+    }
+    h.par_chunks_mut(intermediate).zip(gate_up.par_chunks(2 * intermediate)).for_each(|(h, gu)| {
+        let (g, u) = gu.split_at(intermediate);
+        for c in 0..intermediate {
+            h[c] = silu(g[c]) * u[c];
+        }
+    });
+}
+
+/// [`crate::Backend::combine`] on the host.
+pub fn combine(y: &[f32], hidden: usize, row_index: &[u32], topk_weights: &[f32], top_k: usize, shared: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+    let rows = y.len() / hidden;
+    if let Some(p) = row_index.iter().position(|&r| r as usize >= rows) {
+        return invalid!("row_index[{p}] = {} but y has only {rows} rows", row_index[p]);
+    }
+    out.par_chunks_mut(hidden).enumerate().for_each(|(t, o)| {
+        o.fill(0.0);
+        for j in 0..top_k {
+            let w = topk_weights[t * top_k + j];
+            let r = row_index[t * top_k + j] as usize;
+            for (o, v) in o.iter_mut().zip(&y[r * hidden..(r + 1) * hidden]) {
+                *o += w * v;
+            }
+        }
+        if let Some(s) = shared {
+            for (o, v) in o.iter_mut().zip(&s[t * hidden..(t + 1) * hidden]) {
+                *o += v;
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! The description of one MoE layer: its shape, its routing, and its weights on the host or on a
+//! device.
+
+use crate::{invalid, Backend, DType, Error, Result, Tensor};
+
+/// How the router turns logits into the top-k experts and their weights.
+///
+/// The math is the spec every backend matches (DESIGN.md, "What the layer computes"):
+///
+/// * [`Routing::Softmax`] (Mixtral, Qwen3-MoE): `p = softmax(logits)`; choose the top-k of `p`;
+///   weights are `p[chosen]`, divided by their sum when `norm_topk_prob`.
+/// * [`Routing::SigmoidGrouped`] (DeepSeek-V3, Kimi K2): `s = sigmoid(logits)`;
+///   `c = s + e_score_correction_bias` (zero when the layer has no bias); `c` is split into
+///   `n_group` equal groups, each scored by the sum of its two largest `c` (its one value when a
+///   group has a single expert); the best `topk_group` groups are kept; the top-k of `c` inside the
+///   kept groups are chosen; weights are `s[chosen]` (not `c`), divided by `sum + 1e-20` when
+///   `norm_topk_prob`, then multiplied by `routed_scaling_factor`.
+///
+/// In both: equal scores go to the lower expert index, NaN ranks below every number (and among
+/// NaNs the lower index wins), and an id outside `0..experts` is never produced. Ids come out in
+/// rank order (best first).
+///
+/// One documented difference from Hugging Face transformers: transformers masks the dropped groups
+/// with 0.0 rather than minus infinity, so it can pick an expert from a dropped group when a
+/// corrected score `c` inside a kept group is negative. We never leave the kept groups (as vLLM
+/// and SGLang do); with real DeepSeek-V3 and Kimi K2 weights `c` stays positive and both agree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Routing {
+    /// Softmax over all experts, then top-k.
+    Softmax {
+        /// Divide the chosen probabilities by their sum (Mixtral: always true).
+        norm_topk_prob: bool,
+    },
+    /// Sigmoid scores, bias-corrected, group-limited selection.
+    SigmoidGrouped {
+        /// Number of expert groups (`experts % n_group == 0`). Kimi K2: 1.
+        n_group: usize,
+        /// Groups kept per token (`1..=n_group`).
+        topk_group: usize,
+        /// Divide the chosen sigmoid scores by their sum (+1e-20).
+        norm_topk_prob: bool,
+        /// Multiplies the final weights (DeepSeek-V3: 2.5; Kimi K2: 2.827).
+        routed_scaling_factor: f32,
+    },
+}
+
+/// The shape of one MoE layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Model hidden size `H` (DeepSeek-V3: 7168).
+    pub hidden: usize,
+    /// Intermediate size `I` of one routed expert (DeepSeek-V3: 2048).
+    pub intermediate: usize,
+    /// Number of routed experts `E` (DeepSeek-V3: 256; Kimi K2: 384).
+    pub experts: usize,
+    /// Experts chosen per token `k` (DeepSeek-V3: 8).
+    pub top_k: usize,
+    /// How experts are chosen and weighted.
+    pub routing: Routing,
+    /// Intermediate size of the shared expert MLP that every token passes through, unweighted;
+    /// 0 when the layer has none. DeepSeek-V3 fuses its `n_shared_experts` into one MLP of
+    /// `n_shared_experts * intermediate`.
+    pub shared_intermediate: usize,
+}
+
+impl MoeConfig {
+    /// Checks the shape for consistency; the error names the first field at fault.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden == 0 || self.intermediate == 0 {
+            return invalid!("hidden size and expert intermediate size must be positive (got hidden {}, intermediate {})", self.hidden, self.intermediate);
+        }
+        if self.experts == 0 {
+            return invalid!("the layer must have at least one expert");
+        }
+        if self.experts > u32::MAX as usize / 2 {
+            return invalid!("{} experts is more than ids can hold", self.experts);
+        }
+        if self.top_k == 0 || self.top_k > self.experts {
+            return invalid!("top-k must be between 1 and the expert count {}, got {}", self.experts, self.top_k);
+        }
+        if let Routing::SigmoidGrouped { n_group, topk_group, routed_scaling_factor, .. } = self.routing {
+            if n_group == 0 || self.experts % n_group != 0 {
+                return invalid!("n_group {n_group} must divide the expert count {}", self.experts);
+            }
+            if topk_group == 0 || topk_group > n_group {
+                return invalid!("topk_group {topk_group} must be between 1 and n_group {n_group}");
+            }
+            let reachable = topk_group * (self.experts / n_group);
+            if self.top_k > reachable {
+                return invalid!("top-k {} is larger than the {reachable} experts in the {topk_group} kept groups", self.top_k);
+            }
+            if !routed_scaling_factor.is_finite() {
+                return invalid!("routed_scaling_factor must be finite, got {routed_scaling_factor}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of all weights of this layer stored in `dtype` (the bias is always f32).
+    pub fn weight_bytes(&self, dtype: DType) -> u64 {
+        let (h, i, e, s) = (self.hidden as u64, self.intermediate as u64, self.experts as u64, self.shared_intermediate as u64);
+        let elems = e * h + e * 3 * i * h + 3 * s * h;
+        let bias = if matches!(self.routing, Routing::SigmoidGrouped { .. }) { 4 * e } else { 0 };
+        elems * dtype.size() as u64 + bias
+    }
+}
+
+/// A tensor in host memory: little-endian bytes, a dtype and a shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl HostTensor {
+    /// Wraps bytes, checking that their length matches the shape.
+    pub fn new(dtype: DType, shape: &[usize], data: Vec<u8>) -> Result<Self> {
+        let want = shape.iter().product::<usize>() * dtype.size();
+        if data.len() != want {
+            return invalid!("a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}", data.len());
+        }
+        Ok(HostTensor { dtype, shape: shape.to_vec(), data })
+    }
+
+    /// Encodes f32 values into `dtype` (rounding to nearest even).
+    pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Result<Self> {
+        Self::new(dtype, shape, dtype.encode(values))
+    }
+
+    /// The values as f32 (exact for every float dtype).
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.dtype.decode(&self.data)
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True when the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The weights of one MoE layer in host memory, in the layout every backend uses.
+///
+/// * `router`: `[E, H]` — the gate (`mlp.gate.weight`).
+/// * `bias`: `[E]` f32 — `e_score_correction_bias`, only for [`Routing::SigmoidGrouped`].
+/// * `gate_up`: `[E, 2I, H]` — per expert the gate projection's `I` rows, then the up projection's.
+/// * `down`: `[E, H, I]`.
+/// * `shared_gate_up`: `[2S, H]` and `shared_down`: `[H, S]` when `shared_intermediate = S > 0`.
+///
+/// All weights share one storage dtype. Row-major, `y = x · W^T` (the PyTorch `Linear` layout).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostLayer {
+    pub config: MoeConfig,
+    pub dtype: DType,
+    pub router: HostTensor,
+    pub bias: Option<HostTensor>,
+    pub gate_up: HostTensor,
+    pub down: HostTensor,
+    pub shared_gate_up: Option<HostTensor>,
+    pub shared_down: Option<HostTensor>,
+}
+
+impl HostLayer {
+    /// Checks every tensor against the config; the error names the tensor and both shapes.
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        c.validate()?;
+        if !self.dtype.is_float() {
+            return invalid!("layer weights must be f32, f16 or bf16, not {}", self.dtype);
+        }
+        let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared_intermediate);
+        let check = |name: &str, t: &HostTensor, dtype: DType, shape: &[usize]| -> Result<()> {
+            if t.dtype != dtype || t.shape != shape {
+                return invalid!("{name} must be {dtype} {shape:?}, got {} {:?}", t.dtype, t.shape);
+            }
+            if t.data.len() != t.len() * dtype.size() {
+                return invalid!("{name} holds {} bytes, expected {}", t.data.len(), t.len() * dtype.size());
+            }
+            Ok(())
+        };
+        check("router weight", &self.router, self.dtype, &[e, h])?;
+        check("expert gate/up weights", &self.gate_up, self.dtype, &[e, 2 * i, h])?;
+        check("expert down weights", &self.down, self.dtype, &[e, h, i])?;
+        match (&c.routing, &self.bias) {
+            (Routing::Softmax { .. }, Some(_)) => return invalid!("softmax routing takes no e_score_correction_bias"),
+            (_, Some(b)) => check("e_score_correction_bias", b, DType::F32, &[e])?,
+            _ => {}
+        }
+        match (s, &self.shared_gate_up, &self.shared_down) {
+            (0, None, None) => {}
+            (0, _, _) => return invalid!("shared expert weights given but shared_intermediate is 0"),
+            (_, Some(gu), Some(d)) => {
+                check("shared expert gate/up weights", gu, self.dtype, &[2 * s, h])?;
+                check("shared expert down weights", d, self.dtype, &[h, s])?;
+            }
+            _ => return invalid!("shared_intermediate is {s} but the shared expert weights are missing"),
+        }
+        Ok(())
+    }
+
+    /// Converts every weight to another storage dtype (through f32, rounding to nearest even).
+    pub fn to_dtype(&self, dtype: DType) -> Result<HostLayer> {
+        if !dtype.is_float() {
+            return invalid!("layer weights must be f32, f16 or bf16, not {dtype}");
+        }
+        let conv = |t: &HostTensor| HostTensor::from_f32(dtype, &t.shape, &t.to_f32());
+        Ok(HostLayer {
+            config: self.config.clone(),
+            dtype,
+            router: conv(&self.router)?,
+            bias: self.bias.clone(),
+            gate_up: conv(&self.gate_up)?,
+            down: conv(&self.down)?,
+            shared_gate_up: self.shared_gate_up.as_ref().map(conv).transpose()?,
+            shared_down: self.shared_down.as_ref().map(conv).transpose()?,
+        })
+    }
+}
+
+/// The weights of one MoE layer resident on a backend; made by [`Layer::upload`].
+pub struct Layer<B: Backend + ?Sized> {
+    pub config: MoeConfig,
+    pub dtype: DType,
+    /// `[E, H]`
+    pub router: Tensor<B>,
+    /// `[E]` f32
+    pub bias: Option<Tensor<B>>,
+    /// `[E, 2I, H]`
+    pub gate_up: Tensor<B>,
+    /// `[E, H, I]`
+    pub down: Tensor<B>,
+    /// `[2S, H]`
+    pub shared_gate_up: Option<Tensor<B>>,
+    /// `[H, S]`
+    pub shared_down: Option<Tensor<B>>,
+}
+
+impl<B: Backend + ?Sized> Layer<B> {
+    /// Validates `host` and copies it to the backend.
+    ///
+    /// A layer larger than the device's memory ([`crate::BackendInfo::memory_bytes`]) is an
+    /// [`Error::OutOfMemory`] before any upload starts.
+    pub fn upload(backend: &B, host: &HostLayer) -> Result<Self> {
+        host.validate()?;
+        let need = host.config.weight_bytes(host.dtype);
+        let have = backend.info().memory_bytes;
+        if need > have {
+            return Err(Error::OutOfMemory(format!(
+                "the layer's weights need {:.2} GiB but {} has {:.2} GiB",
+                need as f64 / (1u64 << 30) as f64,
+                backend.info().device,
+                have as f64 / (1u64 << 30) as f64
+            )));
+        }
+        let up = |t: &HostTensor| Tensor::upload(backend, t.dtype, &t.shape, &t.data);
+        Ok(Layer {
+            config: host.config.clone(),
+            dtype: host.dtype,
+            router: up(&host.router)?,
+            bias: host.bias.as_ref().map(up).transpose()?,
+            gate_up: up(&host.gate_up)?,
+            down: up(&host.down)?,
+            shared_gate_up: host.shared_gate_up.as_ref().map(up).transpose()?,
+            shared_down: host.shared_down.as_ref().map(up).transpose()?,
+        })
+    }
+}
+
+impl<B: Backend + ?Sized> Layer<B> {
+    /// Checks every resident tensor against the config (the fields are public, so a caller may
+    /// have assembled a layer by hand).
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        c.validate()?;
+        let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared_intermediate);
+        let check = |name: &str, t: &Tensor<B>, dtype: DType, shape: &[usize]| -> Result<()> {
+            if t.dtype != dtype || t.shape != shape {
+                return invalid!("{name} must be {dtype} {shape:?}, got {} {:?}", t.dtype, t.shape);
+            }
+            Ok(())
+        };
+        check("router weight", &self.router, self.dtype, &[e, h])?;
+        check("expert gate/up weights", &self.gate_up, self.dtype, &[e, 2 * i, h])?;
+        check("expert down weights", &self.down, self.dtype, &[e, h, i])?;
+        if let Some(b) = &self.bias {
+            if matches!(c.routing, Routing::Softmax { .. }) {
+                return invalid!("softmax routing takes no e_score_correction_bias");
+            }
+            check("e_score_correction_bias", b, DType::F32, &[e])?;
+        }
+        match (s, &self.shared_gate_up, &self.shared_down) {
+            (0, None, None) => Ok(()),
+            (0, _, _) => invalid!("shared expert weights given but shared_intermediate is 0"),
+            (_, Some(gu), Some(d)) => {
+                check("shared expert gate/up weights", gu, self.dtype, &[2 * s, h])?;
+                check("shared expert down weights", d, self.dtype, &[h, s])
+            }
+            _ => invalid!("shared_intermediate is {s} but the shared expert weights are missing"),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The validated entry points: check every shape and dtype once, then call the backend.
+//!
+//! Each function has the name of the [`Backend`] method it guards. Errors are
+//! [`crate::Error::InvalidArgument`] with a sentence naming the argument and both shapes.
+
+use crate::{invalid, Backend, DType, Layer, Result, Routing, Tensor};
+
+fn expect<B: Backend + ?Sized>(name: &str, t: &Tensor<B>, dtype: DType, shape: &[usize]) -> Result<()> {
+    if t.dtype != dtype {
+        return invalid!("{name} must be {dtype}, got {}", t.dtype);
+    }
+    if t.shape != shape {
+        return invalid!("{name} must have shape {shape:?}, got {:?}", t.shape);
+    }
+    Ok(())
+}
+
+fn matrix<B: Backend + ?Sized>(name: &str, t: &Tensor<B>) -> Result<(usize, usize)> {
+    match t.shape[..] {
+        [a, b] => Ok((a, b)),
+        _ => invalid!("{name} must be a matrix, got shape {:?}", t.shape),
+    }
+}
+
+/// Validates, then [`Backend::router_topk`].
+pub fn router_topk<B: Backend + ?Sized>(
+    backend: &B,
+    logits: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    routing: &Routing,
+    topk_ids: &mut Tensor<B>,
+    topk_weights: &mut Tensor<B>,
+) -> Result<()> {
+    let (t, e) = matrix("logits", logits)?;
+    expect("logits", logits, DType::F32, &[t, e])?;
+    let (_, k) = matrix("topk_ids", topk_ids)?;
+    let config = crate::MoeConfig { hidden: 1, intermediate: 1, experts: e, top_k: k, routing: *routing, shared_intermediate: 0 };
+    config.validate()?;
+    expect("topk_ids", topk_ids, DType::U32, &[t, k])?;
+    expect("topk_weights", topk_weights, DType::F32, &[t, k])?;
+    if let Some(b) = bias {
+        if matches!(routing, Routing::Softmax { .. }) {
+            return invalid!("softmax routing takes no e_score_correction_bias");
+        }
+        expect("e_score_correction_bias", b, DType::F32, &[e])?;
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    backend.router_topk(logits, bias, routing, topk_ids, topk_weights)
+}
+
+/// Validates, then [`Backend::permute`].
+pub fn permute<B: Backend + ?Sized>(
+    backend: &B,
+    topk_ids: &Tensor<B>,
+    expert_offsets: &mut Tensor<B>,
+    row_index: &mut Tensor<B>,
+    token_index: &mut Tensor<B>,
+) -> Result<()> {
+    let (t, k) = matrix("topk_ids", topk_ids)?;
+    expect("topk_ids", topk_ids, DType::U32, &[t, k])?;
+    let e = match expert_offsets.shape[..] {
+        [n] if n >= 2 => n - 1,
+        _ => return invalid!("expert_offsets must be [E + 1] with E >= 1, got shape {:?}", expert_offsets.shape),
+    };
+    expect("expert_offsets", expert_offsets, DType::U32, &[e + 1])?;
+    if k == 0 || k > e {
+        return invalid!("top-k must be between 1 and the expert count {e}, got {k}");
+    }
+    expect("row_index", row_index, DType::U32, &[t * k])?;
+    expect("token_index", token_index, DType::U32, &[t * k])?;
+    backend.permute(topk_ids, expert_offsets, row_index, token_index)
+}
+
+/// Validates, then [`Backend::grouped_gemm`].
+pub fn grouped_gemm<B: Backend + ?Sized>(
+    backend: &B,
+    x: &Tensor<B>,
+    token_index: Option<&Tensor<B>>,
+    w: &Tensor<B>,
+    expert_offsets: Option<&Tensor<B>>,
+    y: &mut Tensor<B>,
+) -> Result<()> {
+    let (mx, kx) = matrix("x", x)?;
+    expect("x", x, DType::F32, &[mx, kx])?;
+    if !w.dtype.is_float() {
+        return invalid!("weights must be f32, f16 or bf16, got {}", w.dtype);
+    }
+    let (n, kw) = match (expert_offsets, &w.shape[..]) {
+        (Some(off), &[g, n, kw]) => {
+            expect("expert_offsets", off, DType::U32, &[g + 1])?;
+            (n, kw)
+        }
+        (None, &[n, kw]) => (n, kw),
+        (Some(_), s) => return invalid!("grouped weights must be [G, N, K], got shape {s:?}"),
+        (None, s) => return invalid!("weights without expert_offsets must be [N, K], got shape {s:?}"),
+    };
+    if kw != kx {
+        return invalid!("x has {kx} columns but the weights have K = {kw}");
+    }
+    let m = match token_index {
+        Some(ti) => {
+            let (m,) = match ti.shape[..] {
+                [m] => (m,),
+                _ => return invalid!("token_index must be a vector, got shape {:?}", ti.shape),
+            };
+            expect("token_index", ti, DType::U32, &[m])?;
+            m
+        }
+        None => mx,
+    };
+    expect("y", y, DType::F32, &[m, n])?;
+    if y.is_empty() {
+        return Ok(());
+    }
+    backend.grouped_gemm(x, token_index, w, expert_offsets, y)
+}
+
+/// Validates, then [`Backend::activation`].
+pub fn activation<B: Backend + ?Sized>(backend: &B, gate_up: &Tensor<B>, h: &mut Tensor<B>) -> Result<()> {
+    let (m, two_i) = matrix("gate_up", gate_up)?;
+    expect("gate_up", gate_up, DType::F32, &[m, two_i])?;
+    if two_i % 2 != 0 {
+        return invalid!("gate_up must have an even number of columns (gate then up), got {two_i}");
+    }
+    expect("h", h, DType::F32, &[m, two_i / 2])?;
+    if h.is_empty() {
+        return Ok(());
+    }
+    backend.activation(gate_up, h)
+}
+
+/// Validates, then [`Backend::combine`].
+pub fn combine<B: Backend + ?Sized>(
+    backend: &B,
+    y: &Tensor<B>,
+    row_index: &Tensor<B>,
+    topk_weights: &Tensor<B>,
+    shared: Option<&Tensor<B>>,
+    out: &mut Tensor<B>,
+) -> Result<()> {
+    let (t, k) = matrix("topk_weights", topk_weights)?;
+    expect("topk_weights", topk_weights, DType::F32, &[t, k])?;
+    let (rows, h) = matrix("y", y)?;
+    expect("y", y, DType::F32, &[rows, h])?;
+    if rows != t * k {
+        return invalid!("y must have T * k = {} rows, got {rows}", t * k);
+    }
+    expect("row_index", row_index, DType::U32, &[t * k])?;
+    if let Some(s) = shared {
+        expect("shared", s, DType::F32, &[t, h])?;
+    }
+    expect("out", out, DType::F32, &[t, h])?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    backend.combine(y, row_index, topk_weights, shared, out)
+}
+
+/// Validates, then [`Backend::forward`] (the whole layer).
+pub fn forward<B: Backend>(
+    backend: &B,
+    layer: &Layer<B>,
+    x: &Tensor<B>,
+    out: &mut Tensor<B>,
+    topk_ids: &mut Tensor<B>,
+    topk_weights: &mut Tensor<B>,
+) -> Result<()> {
+    layer.validate()?;
+    let c = &layer.config;
+    let (t, h) = matrix("hidden_states", x)?;
+    if h != c.hidden {
+        return invalid!("hidden_states has {h} columns but the layer's hidden size is {}", c.hidden);
+    }
+    expect("hidden_states", x, DType::F32, &[t, h])?;
+    expect("output", out, DType::F32, &[t, h])?;
+    expect("topk_ids", topk_ids, DType::U32, &[t, c.top_k])?;
+    expect("topk_weights", topk_weights, DType::F32, &[t, c.top_k])?;
+    if t == 0 {
+        return Ok(());
+    }
+    backend.forward(layer, x, out, topk_ids, topk_weights)
+}
