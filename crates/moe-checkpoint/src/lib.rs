@@ -1,1 +1,169 @@
-//! placeholder
+//! # moe-checkpoint: one MoE layer of a Hugging Face checkpoint, as a [`HostLayer`]
+//!
+//! [`load_layer`] reads a checkpoint directory as `save_pretrained` writes it (and as the hub
+//! serves it): `config.json` plus either `model.safetensors` or the shards listed in
+//! `model.safetensors.index.json`. It memory-maps only the shards that hold the chosen layer's
+//! tensors, checks every shape against `config.json`, and copies the bytes straight from the
+//! maps into moe-hal's layout (one allocation per tensor, a plain copy when no dtype conversion
+//! is needed, all cores in parallel).
+//!
+//! ```no_run
+//! let ckpt = moe_checkpoint::load_layer("/models/DeepSeek-V3-bf16".as_ref(), 3, None)?;
+//! println!("{ckpt}");
+//! let layer: &moe_hal::HostLayer = &ckpt.layer; // ready for moe_hal::Layer::upload
+//! # Ok::<(), moe_hal::Error>(())
+//! ```
+//!
+//! | family | `model_type` | tensors under `model.layers.N.` | routing |
+//! |---|---|---|---|
+//! | DeepSeek-V3 | `deepseek_v3`, `kimi_k2`, `deepseek_v32`, or any config with `n_routed_experts` | `mlp.gate.weight`, `mlp.gate.e_score_correction_bias`, `mlp.experts.E.{gate,up,down}_proj.weight`, `mlp.shared_experts.{gate,up,down}_proj.weight` | [`Routing::SigmoidGrouped`] |
+//! | DeepSeek-V2 | `deepseek_v2` (greedy softmax, `routed_scaling_factor` 1 only) | as DeepSeek-V3, without the bias | [`Routing::Softmax`] |
+//! | Qwen3-MoE | `qwen3_moe` | `mlp.gate.weight`, `mlp.experts.E.{gate,up,down}_proj.weight` | [`Routing::Softmax`] |
+//! | Mixtral | `mixtral` | `block_sparse_moe.gate.weight`, `block_sparse_moe.experts.E.{w1,w3,w2}.weight` (gate, up, down) | [`Routing::Softmax`], always renormalised |
+//!
+//! The fused expert layout transformers 5 uses in memory (`…experts.gate_up_proj` `[E, 2I, H]`
+//! and `…experts.down_proj` `[E, H, I]`) is read too, should a checkpoint have been saved that way.
+//!
+//! ## Dtypes
+//!
+//! Weights may be F32, F16 or BF16, mixed within a file. A [`HostLayer`] has one storage dtype for
+//! its experts: by default the dtype of the routed experts' weights; the shared expert is converted
+//! to it (rounding to nearest even). The router keeps F32 when the file stores it so
+//! ([`moe_hal::router_dtype`]): DeepSeek-V3 and Kimi K2 store `mlp.gate.weight` in F32 even in BF16
+//! checkpoints and compute their logits in F32, and rounding it to BF16 would move the logits by
+//! about 1e-2 relative, enough to change an expert choice on a near tie. Widening BF16 or F16 to
+//! F32 is exact. The `e_score_correction_bias` is always F32.
+//!
+//! ## Errors
+//!
+//! All errors are [`moe_hal::Error`], one sentence naming the file, tensor, key or shape at fault:
+//! [`Error::Checkpoint`] for a missing, truncated or unsupported checkpoint, [`Error::Io`] for an
+//! OS failure, [`Error::InvalidArgument`] for a layer number that does not exist or is a dense
+//! layer, [`Error::OutOfMemory`] when the host cannot hold the layer.
+
+mod config;
+mod layer;
+mod safetensors_dir;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use moe_hal::{DType, Error, HostLayer, Result, Routing};
+
+pub use config::{Family, ModelConfig, MoeLayers, DEEPSEEK_MODEL_TYPES};
+pub use safetensors_dir::{INDEX_FILE, SINGLE_FILE};
+
+/// One MoE layer read from a checkpoint directory, with what the checkpoint said about it.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// `model_type` from `config.json`.
+    pub model_type: String,
+    /// `num_hidden_layers` from `config.json`.
+    pub num_hidden_layers: usize,
+    /// The layer number that was read.
+    pub layer_index: usize,
+    /// The layer's weights in moe-hal's layout, validated ([`HostLayer::validate`]).
+    pub layer: HostLayer,
+    /// The dtype of the routed experts' weights in the files (the layer's dtype unless one was
+    /// forced).
+    pub stored_dtype: DType,
+    /// The dtype of the router weight in the files (F32 in DeepSeek-V3 and Kimi K2 checkpoints
+    /// whatever the expert dtype).
+    pub router_stored_dtype: DType,
+    /// True when the experts were stored fused (`experts.gate_up_proj`, transformers 5's
+    /// in-memory layout) rather than one tensor per expert and projection.
+    pub fused_experts: bool,
+    /// The safetensors files that were opened, sorted by name.
+    pub files: Vec<PathBuf>,
+    /// Everything `config.json` said, interpreted.
+    pub config: ModelConfig,
+}
+
+impl Checkpoint {
+    /// One line describing the layer, for logs: model, layer, shape, routing and dtypes.
+    pub fn summary(&self) -> String {
+        let c = &self.layer.config;
+        let routing = match c.routing {
+            Routing::Softmax { norm_topk_prob } => {
+                format!("softmax routing{}", if norm_topk_prob { ", renormalised" } else { "" })
+            }
+            Routing::SigmoidGrouped { n_group, topk_group, routed_scaling_factor, .. } => {
+                format!("sigmoid routing in {topk_group} of {n_group} groups, scaled by {routed_scaling_factor}")
+            }
+        };
+        let shared = match c.shared_intermediate {
+            0 => String::new(),
+            s => format!(", shared expert intermediate {s}"),
+        };
+        let mut dtypes = format!("weights {}", self.layer.dtype);
+        if self.stored_dtype != self.layer.dtype {
+            dtypes += &format!(" (stored {})", self.stored_dtype);
+        }
+        if self.layer.router.dtype != self.layer.dtype {
+            dtypes += &format!(", router {}", self.layer.router.dtype);
+        }
+        format!(
+            "{} layer {} of {}: {} experts, top-{}, hidden {}, expert intermediate {}{shared}, {routing}, {dtypes}, read from {} file{}",
+            self.model_type,
+            self.layer_index,
+            self.num_hidden_layers,
+            c.experts,
+            c.top_k,
+            c.hidden,
+            c.intermediate,
+            self.files.len(),
+            if self.files.len() == 1 { "" } else { "s" }
+        )
+    }
+}
+
+impl fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+/// Reads and interprets `dir/config.json` only (no weights): the model family, the shape of its
+/// MoE layers and which layers are MoE ([`ModelConfig::moe_layer_numbers`]).
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint(format!("the checkpoint directory {} does not exist or is not a directory", dir.display())));
+    }
+    ModelConfig::from_file(&dir.join("config.json"))
+}
+
+/// Loads MoE layer `layer` of the Hugging Face checkpoint in `dir`.
+///
+/// `dtype` forces the storage dtype of the returned layer (f32, f16 or bf16); `None` keeps the
+/// dtype of the routed experts' weights and converts the shared expert to it; an F32 router stays
+/// F32 (see the crate docs).
+///
+/// Only the shards holding the layer's tensors are opened. Errors: a layer number at or beyond
+/// `num_hidden_layers`, or one that is a dense MLP, is [`Error::InvalidArgument`] naming the valid
+/// layers; a missing, ill-shaped or non-float tensor, a truncated file or an unknown model is
+/// [`Error::Checkpoint`]; OS failures are [`Error::Io`].
+pub fn load_layer(dir: &Path, layer: usize, dtype: Option<DType>) -> Result<Checkpoint> {
+    let config = read_config(dir)?;
+    config.check_moe_layer(layer)?;
+    if let Some(d) = dtype
+        && !d.is_float()
+    {
+        return Err(Error::InvalidArgument(format!("layer weights must be f32, f16 or bf16, not {d}")));
+    }
+    let mut files = safetensors_dir::SafetensorsDir::open(dir)?;
+    let assembled = layer::assemble(&mut files, &config, layer, dtype)?;
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        model_type: config.model_type.clone(),
+        num_hidden_layers: config.num_hidden_layers,
+        layer_index: layer,
+        layer: assembled.layer,
+        stored_dtype: assembled.stored_dtype,
+        router_stored_dtype: assembled.router_stored_dtype,
+        fused_experts: assembled.fused,
+        files: files.opened_files(),
+        config,
+    })
+}

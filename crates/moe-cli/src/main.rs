@@ -1,1 +1,71 @@
-fn main() {}
+//! `moe`: run the MoE layer of DeepSeek-class models on any accelerator.
+//!
+//! * `moe` / `moe demo` — a DeepSeek-V3-shaped layer on the best backend, checked against the CPU.
+//! * `moe run` — one layer of a Hugging Face checkpoint on a safetensors input.
+//! * `moe devices` — every backend, whether it is available here, and why not.
+//! * `moe conform` — the conformance suite as a support matrix.
+//! * `moe bench` — time against the roofline floor and against peers.
+
+mod backends;
+mod bench;
+mod conform;
+mod demo;
+mod plot;
+mod run;
+mod synthetic;
+mod tensor_file;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "moe", version, about = "Run the Mixture-of-Experts layer of DeepSeek-class models on any accelerator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The main job (also what `moe` alone runs): a DeepSeek-V3-shaped layer scaled to fit, run on
+    /// the best available backend and checked against the CPU reference.
+    Demo(demo::DemoArgs),
+    /// Run one MoE layer of a Hugging Face checkpoint on the hidden states in a safetensors file.
+    Run(run::RunArgs),
+    /// List every backend, whether it is available here, and why not.
+    Devices,
+    /// Run the conformance suite against one backend and write its support matrix.
+    Conform(conform::ConformArgs),
+    /// Time the layer against the device's roofline floor and against peers.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    // A bug must still end in one sentence, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error (a bug in moe, please report it): {info}");
+    }));
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Demo(demo::DemoArgs::default())) {
+        Command::Demo(a) => demo::demo(&a),
+        Command::Run(a) => run::run(&a),
+        Command::Bench(a) => bench::bench(&a),
+        Command::Conform(a) => conform::conform(&a),
+        Command::Devices => {
+            for (name, status) in backends::describe_all() {
+                match status {
+                    Ok(s) => println!("{name:5} available: {s}"),
+                    Err(e) => println!("{name:5} not available: {e}"),
+                }
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -122,6 +122,9 @@ impl Backend for CpuBackend {
 
     fn upload(&self, dtype: DType, shape: &[usize], host: &[u8]) -> Result<CpuBuffer> {
         let mut b = self.alloc(dtype, shape)?;
+        if host.len() != b.bytes {
+            return moe_hal::invalid!("upload of {} bytes into a {dtype} tensor of shape {shape:?} ({} bytes)", host.len(), b.bytes);
+        }
         b.as_bytes_mut().copy_from_slice(host);
         Ok(b)
     }
@@ -135,6 +138,16 @@ impl Backend for CpuBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
+        if src.bytes != dst.bytes {
+            return moe_hal::invalid!("copy from {} bytes into {} bytes", src.bytes, dst.bytes);
+        }
+        // Parallel, so the measured bandwidth is the machine's, not one core's.
+        use rayon::prelude::*;
+        dst.words.par_chunks_mut(1 << 16).zip(src.words.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
         Ok(())
     }
 

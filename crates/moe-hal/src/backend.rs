@@ -107,6 +107,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Waits for all enqueued work and reports any error it raised.
     fn synchronize(&self) -> Result<()>;
 
+    /// Enqueues a device-to-device copy of all of `src` into `dst` (same size). `moe bench`
+    /// times it to measure the copy bandwidth that the roofline floor is computed from, in the
+    /// same run as the layer. The default answers [`crate::Error::Unsupported`]; the bench then
+    /// needs the bandwidth as a flag.
+    fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<()> {
+        let _ = (src, dst);
+        Err(crate::Error::Unsupported(format!("{} has no device copy", self.info().name)))
+    }
+
     /// Routing: `logits [T, E]` f32 → `topk_ids [T, k]` u32 (best first) and `topk_weights [T, k]`
     /// f32, exactly as [`Routing`] specifies. `bias [E]` f32 is `e_score_correction_bias` (only with
     /// [`Routing::SigmoidGrouped`]; absent means zero).

@@ -146,13 +146,16 @@ impl HostTensor {
 
 /// The weights of one MoE layer in host memory, in the layout every backend uses.
 ///
-/// * `router`: `[E, H]` — the gate (`mlp.gate.weight`).
+/// * `router`: `[E, H]` — the gate (`mlp.gate.weight`), in any float dtype: checkpoints often keep
+///   it in f32 when the experts are bf16 (DeepSeek-V3 and Kimi K2 do, and compute router logits in
+///   f32), and rounding it would move near-tied expert choices.
 /// * `bias`: `[E]` f32 — `e_score_correction_bias`, only for [`Routing::SigmoidGrouped`].
 /// * `gate_up`: `[E, 2I, H]` — per expert the gate projection's `I` rows, then the up projection's.
 /// * `down`: `[E, H, I]`.
 /// * `shared_gate_up`: `[2S, H]` and `shared_down`: `[H, S]` when `shared_intermediate = S > 0`.
 ///
-/// All weights share one storage dtype. Row-major, `y = x · W^T` (the PyTorch `Linear` layout).
+/// All expert weights share one storage dtype, `dtype`. Row-major, `y = x · W^T` (the PyTorch
+/// `Linear` layout).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostLayer {
     pub config: MoeConfig,
@@ -183,7 +186,10 @@ impl HostLayer {
             }
             Ok(())
         };
-        check("router weight", &self.router, self.dtype, &[e, h])?;
+        if !self.router.dtype.is_float() {
+            return invalid!("router weight must be f32, f16 or bf16, not {}", self.router.dtype);
+        }
+        check("router weight", &self.router, self.router.dtype, &[e, h])?;
         check("expert gate/up weights", &self.gate_up, self.dtype, &[e, 2 * i, h])?;
         check("expert down weights", &self.down, self.dtype, &[e, h, i])?;
         match (&c.routing, &self.bias) {
@@ -203,16 +209,18 @@ impl HostLayer {
         Ok(())
     }
 
-    /// Converts every weight to another storage dtype (through f32, rounding to nearest even).
+    /// Converts every weight to another storage dtype (through f32, rounding to nearest even); an
+    /// f32 router stays f32 (see [`router_dtype`]).
     pub fn to_dtype(&self, dtype: DType) -> Result<HostLayer> {
         if !dtype.is_float() {
             return invalid!("layer weights must be f32, f16 or bf16, not {dtype}");
         }
         let conv = |t: &HostTensor| HostTensor::from_f32(dtype, &t.shape, &t.to_f32());
+        let rd = router_dtype(self.router.dtype, dtype);
         Ok(HostLayer {
             config: self.config.clone(),
             dtype,
-            router: conv(&self.router)?,
+            router: HostTensor::from_f32(rd, &self.router.shape, &self.router.to_f32())?,
             bias: self.bias.clone(),
             gate_up: conv(&self.gate_up)?,
             down: conv(&self.down)?,
@@ -222,11 +230,17 @@ impl HostLayer {
     }
 }
 
+/// The dtype a router stored in `stored` keeps when the experts move to `experts`: f32 when either
+/// is f32 (never round a router that has the precision), else the experts' dtype.
+pub fn router_dtype(stored: DType, experts: DType) -> DType {
+    if stored == DType::F32 || experts == DType::F32 { DType::F32 } else { experts }
+}
+
 /// The weights of one MoE layer resident on a backend; made by [`Layer::upload`].
 pub struct Layer<B: Backend + ?Sized> {
     pub config: MoeConfig,
     pub dtype: DType,
-    /// `[E, H]`
+    /// `[E, H]`, any float dtype
     pub router: Tensor<B>,
     /// `[E]` f32
     pub bias: Option<Tensor<B>>,
@@ -247,7 +261,8 @@ impl<B: Backend + ?Sized> Layer<B> {
     /// [`Error::OutOfMemory`] before any upload starts.
     pub fn upload(backend: &B, host: &HostLayer) -> Result<Self> {
         host.validate()?;
-        let need = host.config.weight_bytes(host.dtype);
+        let tensors = [Some(&host.router), host.bias.as_ref(), Some(&host.gate_up), Some(&host.down), host.shared_gate_up.as_ref(), host.shared_down.as_ref()];
+        let need: u64 = tensors.iter().flatten().map(|t| t.data.len() as u64).sum();
         let have = backend.info().memory_bytes;
         if need > have {
             return Err(Error::OutOfMemory(format!(
@@ -284,7 +299,10 @@ impl<B: Backend + ?Sized> Layer<B> {
             }
             Ok(())
         };
-        check("router weight", &self.router, self.dtype, &[e, h])?;
+        if !self.router.dtype.is_float() {
+            return invalid!("router weight must be f32, f16 or bf16, not {}", self.router.dtype);
+        }
+        check("router weight", &self.router, self.router.dtype, &[e, h])?;
         check("expert gate/up weights", &self.gate_up, self.dtype, &[e, 2 * i, h])?;
         check("expert down weights", &self.down, self.dtype, &[e, h, i])?;
         if let Some(b) = &self.bias {

@@ -99,6 +99,9 @@ pub fn grouped_gemm<B: Backend + ?Sized>(
     if kw != kx {
         return invalid!("x has {kx} columns but the weights have K = {kw}");
     }
+    if kx == 0 {
+        return invalid!("x and the weights must have at least one column (K = 0)");
+    }
     let m = match token_index {
         Some(ti) => {
             let (m,) = match ti.shape[..] {

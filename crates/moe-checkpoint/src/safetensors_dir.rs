@@ -1,0 +1,227 @@
+//! The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed in
+//! `model.safetensors.index.json`. Files are memory-mapped on first use, so only the shards that
+//! hold a requested tensor are ever opened, and only the pages of the tensors read are touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use moe_hal::{DType, Error, Result};
+use safetensors::tensor::Metadata;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+/// The single-file checkpoint name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint (`weight_map`: tensor name -> shard file name).
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where a tensor lives and what it is; `start..end` are byte offsets into its file's map.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Tensor name.
+    pub name: String,
+    /// File name, relative to the checkpoint directory.
+    pub file: String,
+    /// Element type in the file.
+    pub dtype: Dtype,
+    /// Shape in the file.
+    pub shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+impl Found {
+    /// The weight dtype, or a [`Error::Checkpoint`] naming the tensor, file and dtype.
+    pub fn float_dtype(&self) -> Result<DType> {
+        match self.dtype {
+            Dtype::F32 => Ok(DType::F32),
+            Dtype::F16 => Ok(DType::F16),
+            Dtype::BF16 => Ok(DType::BF16),
+            Dtype::F8_E4M3 => Err(Error::Checkpoint(format!(
+                "tensor {} in {} is F8_E4M3 (FP8 with block scales, DeepSeek's native format), which this loader does not read yet; convert the checkpoint to bf16 first (DeepSeek's inference/fp8_cast_bf16.py does)",
+                self.name, self.file
+            ))),
+            other => Err(Error::Checkpoint(format!(
+                "tensor {} in {} has dtype {other:?}; weights must be F32, F16 or BF16",
+                self.name, self.file
+            ))),
+        }
+    }
+}
+
+/// One memory-mapped safetensors file with its parsed header.
+struct Mapped {
+    path: PathBuf,
+    map: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+    meta: Metadata,
+}
+
+impl Mapped {
+    fn open(path: &Path, why: &str) -> Result<Mapped> {
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Checkpoint(format!("{} does not exist{why}", path.display())),
+            _ => Error::Io(format!("cannot open {}: {e}", path.display())),
+        })?;
+        let len = file.metadata().map_err(|e| Error::Io(format!("cannot read the size of {}: {e}", path.display())))?.len();
+        if len < 8 {
+            return Err(Error::Checkpoint(format!(
+                "{} is truncated: it holds {len} bytes, fewer than the 8-byte length that starts every safetensors file",
+                path.display()
+            )));
+        }
+        // SAFETY: the map is read-only and lives no longer than this load. As with every mmap
+        // loader (safetensors, candle, llama.cpp), another process truncating or rewriting the file
+        // while it is mapped is undefined behaviour (typically SIGBUS); checkpoints are not
+        // modified while a model is loaded from them.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io(format!("cannot memory-map {}: {e}", path.display())))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(path, len, &e))?;
+        Ok(Mapped { path: path.to_path_buf(), map, data_start: 8 + header_len, meta })
+    }
+
+    fn find(&self, name: &str, file: &str) -> Option<Found> {
+        let info = self.meta.info(name)?;
+        let (s, e) = info.data_offsets;
+        Some(Found {
+            name: name.to_string(),
+            file: file.to_string(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: self.data_start + s,
+            end: self.data_start + e,
+        })
+    }
+}
+
+/// A sentence for a safetensors file whose header does not fit the file.
+fn corrupt(path: &Path, len: u64, e: &SafeTensorError) -> Error {
+    let p = path.display();
+    Error::Checkpoint(match e {
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "{p} is truncated or corrupt: its header's tensor offsets do not end at the file's end ({len} bytes)"
+        ),
+        SafeTensorError::InvalidHeaderLength => {
+            format!("{p} is truncated or corrupt: its header length runs past the file's end ({len} bytes)")
+        }
+        SafeTensorError::HeaderTooLarge => format!("{p} is not a safetensors file: its header length is implausibly large"),
+        other => format!("{p} is not a valid safetensors file: {other}"),
+    })
+}
+
+enum Source {
+    Single,
+    Sharded { index: PathBuf, weight_map: HashMap<String, String> },
+}
+
+/// The safetensors files of one checkpoint directory, opened lazily.
+pub struct SafetensorsDir {
+    dir: PathBuf,
+    source: Source,
+    /// File name -> mapped file, in first-use order of their names.
+    open: BTreeMap<String, Mapped>,
+}
+
+impl SafetensorsDir {
+    /// Finds `model.safetensors` or `model.safetensors.index.json` in `dir` (the single file wins
+    /// when both exist, as in transformers) and parses the index. Opens no weight file yet.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join(SINGLE_FILE);
+        let index = dir.join(INDEX_FILE);
+        let source = if single.is_file() {
+            Source::Single
+        } else if index.is_file() {
+            Source::Sharded { weight_map: read_index(&index)?, index }
+        } else {
+            return Err(Error::Checkpoint(format!(
+                "{} has neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors checkpoints are read",
+                dir.display()
+            )));
+        };
+        Ok(SafetensorsDir { dir: dir.to_path_buf(), source, open: BTreeMap::new() })
+    }
+
+    /// Locates `name`: `Ok(None)` when the checkpoint does not have it, an error when the file
+    /// that should hold it is missing or corrupt.
+    pub fn find(&mut self, name: &str) -> Result<Option<Found>> {
+        let file = match &self.source {
+            Source::Single => SINGLE_FILE.to_string(),
+            Source::Sharded { weight_map, .. } => match weight_map.get(name) {
+                Some(f) => f.clone(),
+                None => return Ok(None),
+            },
+        };
+        if !self.open.contains_key(&file) {
+            let why = match &self.source {
+                Source::Single => String::new(),
+                Source::Sharded { index, .. } => format!(", but {} lists it as the shard holding {name}", index.display()),
+            };
+            let mapped = Mapped::open(&self.dir.join(&file), &why)?;
+            self.open.insert(file.clone(), mapped);
+        }
+        let mapped = &self.open[&file];
+        match (mapped.find(name, &file), &self.source) {
+            (Some(found), _) => Ok(Some(found)),
+            (None, Source::Single) => Ok(None),
+            (None, Source::Sharded { index, .. }) => Err(Error::Checkpoint(format!(
+                "tensor {name} is missing: {} lists it in {file}, but {} does not contain it",
+                index.display(),
+                mapped.path.display()
+            ))),
+        }
+    }
+
+    /// Like [`SafetensorsDir::find`], but a missing tensor is an error naming the files searched.
+    pub fn require(&mut self, name: &str) -> Result<Found> {
+        self.find(name)?.ok_or_else(|| self.missing(name, None))
+    }
+
+    /// The error for a tensor the checkpoint lacks, naming where it was looked for; `note` is
+    /// appended (for instance the other layout that was tried).
+    pub fn missing(&self, name: &str, note: Option<&str>) -> Error {
+        let place = match &self.source {
+            Source::Single => format!("{} does not contain it", self.dir.join(SINGLE_FILE).display()),
+            Source::Sharded { index, .. } => format!("the weight_map of {} does not list it", index.display()),
+        };
+        let note = note.map_or(String::new(), |n| format!(" ({n})"));
+        Error::Checkpoint(format!("tensor {name} is missing: {place}{note}"))
+    }
+
+    /// The bytes of a tensor found in this directory.
+    pub fn bytes(&self, t: &Found) -> &[u8] {
+        &self.open[&t.file].map[t.start..t.end]
+    }
+
+    /// Tells the OS the tensor will be read soon, so it can read ahead in parallel (Unix only; a
+    /// hint, failures are ignored).
+    pub fn will_need(&self, t: &Found) {
+        #[cfg(unix)]
+        if t.end > t.start {
+            let _ = self.open[&t.file].map.advise_range(memmap2::Advice::WillNeed, t.start, t.end - t.start);
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
+
+    /// The files opened so far, sorted by name.
+    pub fn opened_files(&self) -> Vec<PathBuf> {
+        self.open.values().map(|m| m.path.clone()).collect()
+    }
+}
+
+/// Reads the `weight_map` of an index file.
+fn read_index(path: &Path) -> Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{} is not valid JSON: {e}", path.display())))?;
+    let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(Error::Checkpoint(format!("{} has no \"weight_map\" object mapping tensor names to shard files", path.display())));
+    };
+    map.iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(f) => Ok((k.clone(), f.to_string())),
+            None => Err(Error::Checkpoint(format!("{} maps tensor {k} to {v}, which is not a file name", path.display()))),
+        })
+        .collect()
+}

@@ -1,0 +1,521 @@
+//! Loads the real transformers fixtures in tests/fixtures/hf and damaged copies of them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use moe_checkpoint::{load_layer, read_config, Checkpoint, Family};
+use moe_hal::host::Accumulate;
+use moe_hal::{ops, DType, Error, Layer, Routing, Tensor};
+use safetensors::{Dtype, SafeTensors};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf")
+}
+
+fn fixture(case: &str) -> PathBuf {
+    fixtures().join(case)
+}
+
+/// What each fixture's layer 1 must look like (tests/fixtures/hf/README.md).
+struct Case {
+    name: &'static str,
+    model_type: &'static str,
+    family: Family,
+    dtype: DType,
+    router_dtype: DType,
+    hidden: usize,
+    intermediate: usize,
+    experts: usize,
+    top_k: usize,
+    routing: Routing,
+    shared: usize,
+    shards: usize,
+}
+
+fn cases() -> Vec<Case> {
+    let ds = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    let kimi = Routing::SigmoidGrouped { n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.827 };
+    let sm = |norm_topk_prob| Routing::Softmax { norm_topk_prob };
+    use DType::{BF16, F32};
+    use Family::*;
+    #[rustfmt::skip]
+    let v = vec![
+        Case { name: "deepseek_v3_f32", model_type: "deepseek_v3", family: DeepSeek, dtype: F32, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: ds, shared: 32, shards: 1 },
+        Case { name: "deepseek_v3_bf16", model_type: "deepseek_v3", family: DeepSeek, dtype: BF16, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: ds, shared: 32, shards: 2 },
+        Case { name: "kimi_k2_bf16", model_type: "kimi_k2", family: DeepSeek, dtype: BF16, router_dtype: F32, hidden: 32, intermediate: 16, experts: 384, top_k: 8, routing: kimi, shared: 16, shards: 3 },
+        Case { name: "qwen3_moe_f32", model_type: "qwen3_moe", family: Qwen3Moe, dtype: F32, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(true), shared: 0, shards: 1 },
+        Case { name: "qwen3_moe_bf16", model_type: "qwen3_moe", family: Qwen3Moe, dtype: BF16, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(false), shared: 0, shards: 1 },
+        Case { name: "mixtral_f32", model_type: "mixtral", family: Mixtral, dtype: F32, router_dtype: F32, hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: sm(true), shared: 0, shards: 1 },
+        Case { name: "mixtral_bf16", model_type: "mixtral", family: Mixtral, dtype: BF16, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: sm(true), shared: 0, shards: 2 },
+    ];
+    v
+}
+
+/// A tensor of a fixture file, widened to f64 (floats) or i64 (ints).
+struct Read {
+    shape: Vec<usize>,
+    f: Vec<f64>,
+    i: Vec<i64>,
+}
+
+fn read(path: &Path, name: &str) -> Read {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let d = t.data();
+    let (f, i) = match t.dtype() {
+        Dtype::F64 => (d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(), vec![]),
+        Dtype::F32 => (d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(), vec![]),
+        Dtype::I64 => (vec![], d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+        other => panic!("{name}: unexpected {other:?}"),
+    };
+    Read { shape: t.shape().to_vec(), f, i }
+}
+
+fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den).sqrt()
+}
+
+/// `x · W^T` in f64 from the loaded router.
+fn host_logits(ck: &Checkpoint, x: &[f64]) -> Vec<f64> {
+    let (e, h) = (ck.layer.config.experts, ck.layer.config.hidden);
+    let w = ck.layer.router.to_f32();
+    let t = x.len() / h;
+    let mut out = vec![0.0; t * e];
+    for r in 0..t {
+        for j in 0..e {
+            out[r * e + j] = (0..h).map(|k| x[r * h + k] * w[j * h + k] as f64).sum();
+        }
+    }
+    out
+}
+
+fn load(case: &str, dtype: Option<DType>) -> Checkpoint {
+    load_layer(&fixture(case), 1, dtype).unwrap_or_else(|e| panic!("{case}: {e}"))
+}
+
+#[test]
+fn every_fixture_loads_with_its_config_and_shapes() {
+    for c in cases() {
+        let ck = load(c.name, None);
+        let l = &ck.layer;
+        let cfg = &l.config;
+        assert_eq!(ck.model_type, c.model_type, "{}", c.name);
+        assert_eq!(ck.config.family, c.family, "{}", c.name);
+        assert_eq!(ck.num_hidden_layers, 2, "{}", c.name);
+        assert_eq!(ck.layer_index, 1);
+        assert_eq!((cfg.hidden, cfg.intermediate, cfg.experts, cfg.top_k), (c.hidden, c.intermediate, c.experts, c.top_k), "{}", c.name);
+        assert_eq!(cfg.routing, c.routing, "{}", c.name);
+        assert_eq!(cfg.shared_intermediate, c.shared, "{}", c.name);
+        assert_eq!((l.dtype, ck.stored_dtype, ck.router_stored_dtype), (c.dtype, c.dtype, c.router_dtype), "{}", c.name);
+        assert!(!ck.fused_experts);
+        let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared);
+        assert_eq!(l.router.shape, [e, h]);
+        assert_eq!(l.gate_up.shape, [e, 2 * i, h]);
+        assert_eq!(l.down.shape, [e, h, i]);
+        assert_eq!(l.bias.as_ref().map(|b| (b.dtype, b.shape.clone())), (c.family == Family::DeepSeek).then(|| (DType::F32, vec![e])));
+        assert_eq!(l.shared_gate_up.as_ref().map(|t| t.shape.clone()), (s > 0).then(|| vec![2 * s, h]));
+        assert_eq!(l.shared_down.as_ref().map(|t| t.shape.clone()), (s > 0).then(|| vec![h, s]));
+        l.validate().unwrap();
+        assert!(ck.summary().starts_with(&format!("{} layer 1 of 2: {e} experts, top-{}", c.model_type, c.top_k)), "{}", ck.summary());
+        assert!(!ck.files.is_empty() && ck.files.len() <= c.shards, "{}", c.name);
+        if c.shards == 1 {
+            assert_eq!(ck.files, [fixture(c.name).join("model.safetensors")]);
+        }
+    }
+}
+
+/// Only the shards holding layer 1's MoE tensors are opened.
+#[test]
+fn opens_only_the_shards_of_the_layer() {
+    for case in ["deepseek_v3_bf16", "kimi_k2_bf16", "mixtral_bf16"] {
+        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("model.safetensors.index.json")).unwrap()).unwrap();
+        let want: BTreeSet<PathBuf> = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("model.layers.1.mlp.") || k.starts_with("model.layers.1.block_sparse_moe."))
+            .map(|(_, f)| fixture(case).join(f.as_str().unwrap()))
+            .collect();
+        let ck = load(case, None);
+        assert_eq!(ck.files.iter().cloned().collect::<BTreeSet<_>>(), want, "{case}");
+    }
+}
+
+/// The values land where moe-hal expects them: per expert the gate rows, then the up rows.
+#[test]
+fn layout_matches_the_files() {
+    let dir = fixture("deepseek_v3_bf16");
+    let ck = load("deepseek_v3_bf16", None);
+    let (h, i) = (64, 32);
+    let expert = 5;
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let raw = |name: &str| -> Vec<u8> {
+        let file = index["weight_map"][name].as_str().unwrap();
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        SafeTensors::deserialize(&bytes).unwrap().tensor(name).unwrap().data().to_vec()
+    };
+    let sz = 2;
+    let gu = &ck.layer.gate_up.data[expert * 2 * i * h * sz..(expert + 1) * 2 * i * h * sz];
+    assert_eq!(&gu[..i * h * sz], raw(&format!("model.layers.1.mlp.experts.{expert}.gate_proj.weight")));
+    assert_eq!(&gu[i * h * sz..], raw(&format!("model.layers.1.mlp.experts.{expert}.up_proj.weight")));
+    let down = &ck.layer.down.data[expert * h * i * sz..(expert + 1) * h * i * sz];
+    assert_eq!(down, raw(&format!("model.layers.1.mlp.experts.{expert}.down_proj.weight")));
+    let sgu = ck.layer.shared_gate_up.as_ref().unwrap();
+    assert_eq!(&sgu.data[..i * h * sz], raw("model.layers.1.mlp.shared_experts.gate_proj.weight"));
+    assert_eq!(&sgu.data[i * h * sz..], raw("model.layers.1.mlp.shared_experts.up_proj.weight"));
+    assert_eq!(ck.layer.bias.as_ref().unwrap().data, raw("model.layers.1.mlp.gate.e_score_correction_bias"));
+}
+
+/// Router logits from the loaded router weight match transformers' `router_logits`.
+#[test]
+fn router_logits_match_transformers() {
+    for c in cases() {
+        let dir = fixture(c.name);
+        let x = read(&dir.join("input.safetensors"), "hidden_states");
+        let want = read(&dir.join("expected.safetensors"), "router_logits");
+        assert_eq!(want.shape, [x.shape[0], c.experts]);
+        // Forcing f32 keeps every router exact (bf16 -> f32 is exact).
+        let exact = load(c.name, Some(DType::F32));
+        let err = rel_l2(&host_logits(&exact, &x.f), &want.f);
+        assert!(err < 1e-5, "{} (f32): router logits relative error {err:e}", c.name);
+        // Default dtype: exact too, because a router stored in f32 (DeepSeek/Kimi bf16
+        // checkpoints) stays f32 instead of being rounded to the experts' bf16.
+        let default = load(c.name, None);
+        let err = rel_l2(&host_logits(&default, &x.f), &want.f);
+        assert!(err < 1e-5, "{}: router logits relative error {err:e}", c.name);
+        assert_eq!(default.layer.router.dtype, c.router_dtype, "{}: router dtype", c.name);
+    }
+}
+
+/// Forcing a dtype: bf16 -> f32 is exact, f32 -> bf16 rounds like `DType::encode`.
+#[test]
+fn forced_dtypes_convert_every_weight() {
+    let bf = load("mixtral_bf16", None);
+    let f = load("mixtral_bf16", Some(DType::F32));
+    assert_eq!((f.layer.dtype, f.stored_dtype), (DType::F32, DType::BF16));
+    assert_eq!(f.layer.gate_up.to_f32(), bf.layer.gate_up.to_f32());
+    assert_eq!(f.layer.down.to_f32(), bf.layer.down.to_f32());
+    assert_eq!(f.layer.router.to_f32(), bf.layer.router.to_f32());
+    let src = load("qwen3_moe_f32", None);
+    let half = load("qwen3_moe_f32", Some(DType::F16));
+    assert_eq!(half.layer.gate_up.data, DType::F16.encode(&src.layer.gate_up.to_f32()));
+    // An f32 router keeps its precision whatever the experts' dtype.
+    assert_eq!(half.layer.router, src.layer.router);
+    let ds = load("deepseek_v3_f32", Some(DType::BF16));
+    assert_eq!(ds.layer.shared_down.as_ref().unwrap().data, DType::BF16.encode(&load("deepseek_v3_f32", None).layer.shared_down.unwrap().to_f32()));
+    assert_eq!(ds.layer.bias.as_ref().unwrap().dtype, DType::F32);
+    let e = load_layer(&fixture("mixtral_f32"), 1, Some(DType::U32)).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+}
+
+/// The whole layer on the CPU backend reproduces transformers' output, ids and weights.
+#[test]
+fn cpu_forward_matches_transformers() {
+    let backend = moe_cpu::CpuBackend::new().with_accumulate(Accumulate::F64);
+    for c in cases() {
+        for dtype in [Some(DType::F32), None] {
+            let dir = fixture(c.name);
+            let ck = load(c.name, dtype);
+            let x = read(&dir.join("input.safetensors"), "hidden_states");
+            let out_want = read(&dir.join("expected.safetensors"), "output");
+            let ids_want = read(&dir.join("expected.safetensors"), "topk_ids");
+            let w_want = read(&dir.join("expected.safetensors"), "topk_weights");
+            let (t, h, k) = (x.shape[0], c.hidden, c.top_k);
+            let layer = Layer::upload(&backend, &ck.layer).unwrap();
+            let xs: Vec<f32> = x.f.iter().map(|v| *v as f32).collect();
+            let xt = Tensor::from_f32(&backend, DType::F32, &[t, h], &xs).unwrap();
+            let mut out = Tensor::alloc(&backend, DType::F32, &[t, h]).unwrap();
+            let mut ids = Tensor::alloc(&backend, DType::U32, &[t, k]).unwrap();
+            let mut w = Tensor::alloc(&backend, DType::F32, &[t, k]).unwrap();
+            ops::forward(&backend, &layer, &xt, &mut out, &mut ids, &mut w).unwrap();
+            let (out, ids, w) = (out.to_f32(&backend).unwrap(), ids.to_u32(&backend).unwrap(), w.to_f32(&backend).unwrap());
+            let label = format!("{} loaded as {}", c.name, ck.layer.dtype);
+            // transformers' ids are sorted per row: sort ours the same way, weights alongside.
+            let mut got_ids = Vec::new();
+            let mut got_w = Vec::new();
+            for r in 0..t {
+                let mut pairs: Vec<(u32, f32)> = (0..k).map(|j| (ids[r * k + j], w[r * k + j])).collect();
+                pairs.sort_by_key(|p| p.0);
+                got_ids.extend(pairs.iter().map(|p| p.0 as i64));
+                got_w.extend(pairs.iter().map(|p| p.1 as f64));
+            }
+            let same_ids = got_ids == ids_want.i;
+            let out_err = rel_l2(&out.iter().map(|v| *v as f64).collect::<Vec<_>>(), &out_want.f);
+            if ck.router_stored_dtype == ck.layer.dtype || ck.layer.dtype == DType::F32 {
+                assert!(same_ids, "{label}: ids {got_ids:?} != {:?}", ids_want.i);
+                let w_err = rel_l2(&got_w, &w_want.f);
+                assert!(w_err < 1e-5, "{label}: topk_weights relative error {w_err:e}");
+                assert!(out_err < 1e-5, "{label}: output relative error {out_err:e}");
+            } else {
+                // The router was rounded to bf16: report, but only require the output to be close
+                // where the same experts were chosen.
+                eprintln!("{label}: router rounded to bf16: same ids {same_ids}, output relative error {out_err:e}");
+                if same_ids {
+                    assert!(out_err < 1e-3, "{label}: output relative error {out_err:e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_layer_is_a_clear_error() {
+    for case in ["deepseek_v3_f32", "kimi_k2_bf16"] {
+        let e = load_layer(&fixture(case), 0, None).unwrap_err();
+        let model_type = if case.starts_with("kimi") { "kimi_k2" } else { "deepseek_v3" };
+        assert_eq!(
+            e,
+            Error::InvalidArgument(format!(
+                "layer 0 of this {model_type} model is a dense MLP (first_k_dense_replace = 1), not an MoE layer; choose layer 1"
+            ))
+        );
+    }
+    // Qwen3 (decoder_sparse_step 1) and Mixtral: layer 0 is MoE too.
+    for case in ["qwen3_moe_bf16", "mixtral_bf16"] {
+        load_layer(&fixture(case), 0, None).unwrap();
+    }
+}
+
+#[test]
+fn layer_out_of_range_names_the_range() {
+    let e = load_layer(&fixture("qwen3_moe_f32"), 2, None).unwrap_err();
+    assert_eq!(
+        e,
+        Error::InvalidArgument("layer 2 does not exist: this qwen3_moe model has 2 layers, numbered 0 to 1; choose a layer from 0 to 1".into())
+    );
+}
+
+/// Copies a fixture's files into a fresh directory.
+fn copy_fixture(case: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(case)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    tmp
+}
+
+/// Rewrites a safetensors file, keeping the tensors for which `edit` returns Some (possibly renamed
+/// or replaced).
+fn rewrite(path: &Path, mut edit: impl FnMut(&str, Dtype, &[usize], &[u8]) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept = Vec::new();
+    for (name, t) in st.tensors() {
+        kept.extend(edit(&name, t.dtype(), t.shape(), t.data()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn missing_tensor_in_single_file_is_named() {
+    let tmp = copy_fixture("qwen3_moe_f32");
+    let gone = "model.layers.1.mlp.experts.3.up_proj.weight";
+    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| if n == gone { vec![] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] });
+    let e = load_layer(tmp.path(), 1, None).unwrap_err();
+    assert_eq!(e, Error::Checkpoint(format!("tensor {gone} is missing: {} does not contain it", tmp.path().join("model.safetensors").display())));
+    // Layer 0 does not need it.
+    load_layer(tmp.path(), 0, None).unwrap();
+}
+
+#[test]
+fn missing_tensor_in_index_is_named() {
+    let tmp = copy_fixture("deepseek_v3_bf16");
+    let index_path = tmp.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let gone = "model.layers.1.mlp.shared_experts.down_proj.weight";
+    let file = index["weight_map"].as_object_mut().unwrap().remove(gone).unwrap();
+    std::fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err();
+    assert_eq!(e, Error::Checkpoint(format!("tensor {gone} is missing: the weight_map of {} does not list it", index_path.display())));
+
+    // Listed, but not in the shard the index names.
+    index["weight_map"][gone] = serde_json::Value::String(if file == "model-00001-of-00002.safetensors" { "model-00002-of-00002.safetensors" } else { "model-00001-of-00002.safetensors" }.into());
+    std::fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("checkpoint: tensor {gone} is missing: {} lists it in model-0000", index_path.display())) && e.ends_with("does not contain it"), "{e}");
+
+    // Listed in a shard that does not exist.
+    index["weight_map"][gone] = serde_json::Value::String("model-00009-of-00009.safetensors".into());
+    std::fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err();
+    assert_eq!(
+        e,
+        Error::Checkpoint(format!(
+            "{} does not exist, but {} lists it as the shard holding {gone}",
+            tmp.path().join("model-00009-of-00009.safetensors").display(),
+            index_path.display()
+        ))
+    );
+}
+
+#[test]
+fn no_expert_layout_names_the_first_per_expert_tensor() {
+    let tmp = copy_fixture("mixtral_f32");
+    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
+        if n.contains("layers.1.block_sparse_moe.experts.") { vec![] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] }
+    });
+    let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor model.layers.1.block_sparse_moe.experts.0.w1.weight is missing")
+            && e.ends_with("(nor is the fused model.layers.1.block_sparse_moe.experts.gate_up_proj there)"),
+        "{e}"
+    );
+}
+
+/// transformers 5's in-memory layout: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I].
+#[test]
+fn fused_expert_layout_loads_the_same_layer() {
+    let tmp = copy_fixture("deepseek_v3_f32");
+    let per_expert = load("deepseek_v3_f32", None);
+    let (e, sz) = (16, 4);
+    let mut gate_up: Vec<Vec<u8>> = vec![Vec::new(); e];
+    let mut down: Vec<Vec<u8>> = vec![Vec::new(); e];
+    let mut dtype = Dtype::F32;
+    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
+        let Some(rest) = n.strip_prefix("model.layers.1.mlp.experts.") else { return vec![(n.into(), d, s.to_vec(), b.to_vec())] };
+        let (x, proj) = rest.split_once('.').unwrap();
+        let x: usize = x.parse().unwrap();
+        dtype = d;
+        match proj {
+            "gate_proj.weight" => gate_up[x].splice(0..0, b.iter().copied()).for_each(drop),
+            "up_proj.weight" => gate_up[x].extend_from_slice(b),
+            "down_proj.weight" => down[x].extend_from_slice(b),
+            other => panic!("{other}"),
+        }
+        vec![]
+    });
+    // The closure saw every expert tensor; write the fused pair (gate rows first, then up rows).
+    let fused_gu: Vec<u8> = gate_up.concat();
+    let fused_down: Vec<u8> = down.concat();
+    assert_eq!(fused_gu.len(), e * 2 * 32 * 64 * sz);
+    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
+        let mut v = vec![(n.to_string(), d, s.to_vec(), b.to_vec())];
+        if n == "model.layers.1.mlp.gate.weight" {
+            v.push(("model.layers.1.mlp.experts.gate_up_proj".into(), dtype, vec![e, 64, 64], fused_gu.clone()));
+            v.push(("model.layers.1.mlp.experts.down_proj".into(), dtype, vec![e, 64, 32], fused_down.clone()));
+        }
+        v
+    });
+    let fused = load_layer(tmp.path(), 1, None).unwrap();
+    assert!(fused.fused_experts);
+    assert_eq!(fused.layer, per_expert.layer);
+
+    // A fused tensor of the wrong shape names both shapes.
+    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
+        if n == "model.layers.1.mlp.experts.down_proj" { vec![(n.into(), d, vec![e, 32, 64], b.to_vec())] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] }
+    });
+    let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
+    assert!(e.contains("tensor model.layers.1.mlp.experts.down_proj in model.safetensors has shape [16, 32, 64], but config.json implies [16, 64, 32]"), "{e}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_both_shapes() {
+    let tmp = copy_fixture("qwen3_moe_bf16");
+    let cfg_path = tmp.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap().replace("\"moe_intermediate_size\": 32", "\"moe_intermediate_size\": 16");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err();
+    assert_eq!(
+        e,
+        Error::Checkpoint(
+            "tensor model.layers.1.mlp.experts.0.gate_proj.weight in model.safetensors has shape [32, 64], but config.json implies [16, 64] ([expert intermediate size, hidden_size])".into()
+        )
+    );
+}
+
+#[test]
+fn truncated_shard_is_a_checkpoint_error() {
+    let tmp = copy_fixture("deepseek_v3_bf16");
+    let shard = tmp.path().join("model-00002-of-00002.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    for keep in [len - 1000, 100, 4, 0] {
+        std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(keep).unwrap();
+        let e = load_layer(tmp.path(), 1, None).unwrap_err();
+        let Error::Checkpoint(msg) = &e else { panic!("{keep} bytes: {e:?}") };
+        assert!(msg.starts_with(&format!("{} is truncated", shard.display())), "{keep} bytes: {msg}");
+    }
+    // A file of garbage.
+    std::fs::write(&shard, [0xFFu8; 64]).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err();
+    assert!(matches!(&e, Error::Checkpoint(m) if m.contains("model-00002-of-00002.safetensors")), "{e:?}");
+}
+
+#[test]
+fn missing_config_and_directory() {
+    let tmp = copy_fixture("mixtral_f32");
+    std::fs::remove_file(tmp.path().join("config.json")).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err();
+    assert_eq!(
+        e,
+        Error::Checkpoint(format!(
+            "{} has no config.json; a Hugging Face checkpoint directory holds config.json next to its safetensors files",
+            tmp.path().display()
+        ))
+    );
+    let e = load_layer(&tmp.path().join("nope"), 1, None).unwrap_err();
+    assert!(matches!(&e, Error::Checkpoint(m) if m.contains("does not exist")), "{e:?}");
+    // No weights at all.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("mixtral_f32").join("config.json"), tmp.path().join("config.json")).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
+    assert!(e.ends_with("has neither model.safetensors nor model.safetensors.index.json; only safetensors checkpoints are read"), "{e}");
+}
+
+#[test]
+fn unknown_model_type_is_named() {
+    let tmp = copy_fixture("mixtral_f32");
+    let cfg_path = tmp.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap().replace("\"model_type\": \"mixtral\"", "\"model_type\": \"llama\"");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("checkpoint: {} has model_type \"llama\", which this loader does not read", cfg_path.display())), "{e}");
+}
+
+/// Config variants real checkpoints use: Qwen3's `num_experts` (hub) instead of
+/// `num_local_experts` (transformers 5), and an unknown model_type with DeepSeek's keys.
+#[test]
+fn config_key_variants() {
+    let tmp = copy_fixture("qwen3_moe_f32");
+    let cfg_path = tmp.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap().replace("\"num_local_experts\"", "\"num_experts\"");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    assert_eq!(load_layer(tmp.path(), 1, None).unwrap().layer, load("qwen3_moe_f32", None).layer);
+
+    let tmp = copy_fixture("deepseek_v3_f32");
+    let cfg_path = tmp.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap().replace("\"model_type\": \"deepseek_v3\"", "\"model_type\": \"glm4_moe\"");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let ck = load_layer(tmp.path(), 1, None).unwrap();
+    assert_eq!((ck.model_type.as_str(), ck.config.family), ("glm4_moe", Family::DeepSeek));
+    assert_eq!(ck.layer, load("deepseek_v3_f32", None).layer);
+
+    let cfg = read_config(&fixture("kimi_k2_bf16")).unwrap();
+    assert_eq!(cfg.moe_layer_numbers(), vec![1]);
+    assert_eq!(cfg.declared_dtype.as_deref(), Some("bfloat16"));
+}
+
+#[test]
+fn fp8_weights_get_a_clear_error() {
+    let tmp = copy_fixture("qwen3_moe_f32");
+    let mut fp8 = HashMap::new();
+    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
+        if n.starts_with("model.layers.1.mlp.experts.") {
+            fp8.insert(n.to_string(), ());
+            vec![(n.into(), Dtype::F8_E4M3, s.to_vec(), vec![0u8; b.len() / 4])]
+        } else {
+            vec![(n.into(), d, s.to_vec(), b.to_vec())]
+        }
+    });
+    assert_eq!(fp8.len(), 48);
+    let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
+    assert!(e.contains("tensor model.layers.1.mlp.experts.0.gate_proj.weight in model.safetensors is F8_E4M3"), "{e}");
+}

@@ -1,0 +1,434 @@
+//! `moe bench`: the layer's time against the roofline floor of the device and against peers.
+//!
+//! Method (DESIGN.md, Performance): synthetic seeded weights; inputs drawn fresh for each timed
+//! iteration from a pool of distinct random batches, so the routing changes every time (a fixed
+//! routing flatters caches); warm-up; medians; the bytes the layer must move (router, every
+//! touched expert once, the shared expert, activations in and out) and its FLOPs counted exactly;
+//! the device's copy bandwidth measured in the same run; the floor
+//! `max(bytes / bandwidth, flops / peak)` with the peak from [`peak_flops`] or `--peak-tflops`.
+
+use crate::backends::{dispatch, Choice, Job};
+use crate::synthetic::{random_layer, uniform};
+use moe_hal::{ops, Backend, BackendInfo, DType, Error, Layer, MoeConfig, Result, Routing, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Published shapes of real models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// hidden 7168, expert intermediate 2048, 256 experts in 8 groups (keep 4), top-8, 1 shared.
+    DeepseekV3,
+    /// DeepSeek-V3's layout with 384 experts in one group, top-8, 1 shared.
+    KimiK2,
+    /// hidden 2048, expert intermediate 768, 128 experts, top-8, softmax.
+    #[value(name = "qwen3-30b-a3b")]
+    #[serde(rename = "qwen3-30b-a3b")]
+    Qwen3_30bA3b,
+    /// hidden 4096, intermediate 14336, 8 experts, top-2, softmax.
+    #[value(name = "mixtral-8x7b")]
+    #[serde(rename = "mixtral-8x7b")]
+    Mixtral8x7b,
+}
+
+impl Preset {
+    pub fn config(self) -> MoeConfig {
+        let deepseek = |experts, n_group, topk_group, scale| MoeConfig {
+            hidden: 7168,
+            intermediate: 2048,
+            experts,
+            top_k: 8,
+            routing: Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: scale },
+            shared_intermediate: 2048,
+        };
+        match self {
+            Preset::DeepseekV3 => deepseek(256, 8, 4, 2.5),
+            Preset::KimiK2 => deepseek(384, 1, 1, 2.827),
+            Preset::Qwen3_30bA3b => MoeConfig { hidden: 2048, intermediate: 768, experts: 128, top_k: 8, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 },
+            Preset::Mixtral8x7b => MoeConfig { hidden: 4096, intermediate: 14336, experts: 8, top_k: 2, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 },
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Backends to measure (repeat the flag or separate with commas).
+    #[arg(long = "backend", value_enum, value_delimiter = ',', default_value = "auto")]
+    pub backends: Vec<Choice>,
+    /// A real model's shape (default: deepseek-v3). The shape flags below override its fields.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    #[arg(long)]
+    pub experts: Option<usize>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Shared experts (each of the expert intermediate size; 0 for none).
+    #[arg(long)]
+    pub shared: Option<usize>,
+    /// Token counts, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
+    pub tokens: Vec<usize>,
+    #[arg(long, default_value = "bf16")]
+    pub dtype: DType,
+    /// Timed iterations per token count (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed warm-up iterations per token count.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Write the results as JSON (the schema the peers script writes too).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write a plot of time and floor against tokens (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// A JSON file from bench/peers/ (or another `moe bench --json`) to print ratios against.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+    /// Use this copy bandwidth (GB/s, read+write) instead of measuring it.
+    #[arg(long)]
+    pub bandwidth_gbs: Option<f64>,
+    /// Use this peak (TFLOP/s) instead of the device table.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// One token count's measurement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    pub tokens: usize,
+    /// Mean experts touched per iteration.
+    pub touched: f64,
+    /// Median seconds per layer.
+    pub time_s: f64,
+    /// Median bytes the layer had to move.
+    pub bytes: f64,
+    pub flops: f64,
+    /// `max(bytes / bandwidth, flops / peak)`.
+    pub floor_s: f64,
+    /// Achieved GB/s and TFLOP/s, and `floor_s / time_s`.
+    pub gbs: f64,
+    pub tflops: f64,
+    pub fraction: f64,
+}
+
+/// One backend (or peer) over all token counts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Run {
+    pub backend: String,
+    pub device: String,
+    pub shape: String,
+    pub dtype: String,
+    pub copy_bandwidth_gbs: f64,
+    pub peak_tflops: Option<f64>,
+    pub peak_source: String,
+    pub rows: Vec<Row>,
+    #[serde(default)]
+    pub skipped: Vec<String>,
+}
+
+/// The JSON file `moe bench --json` and the peers scripts write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub date: String,
+    pub commit: String,
+    pub runs: Vec<Run>,
+}
+
+/// The documented peak table (dense, per storage dtype). Where a device is not listed the floor
+/// is bandwidth-only unless `--peak-tflops` is given.
+///
+/// | device | f16/bf16 | f32 | source |
+/// |---|---|---|---|
+/// | NVIDIA H200 | 791 TFLOP/s | 67 TFLOP/s | bf16: measured dense matmul on the project's H200; f32: NVIDIA spec (no tensor cores) |
+/// | NVIDIA H100 SXM | 989 TFLOP/s | 67 TFLOP/s | NVIDIA spec, dense |
+/// | host CPU | threads x 2.5 GHz x 32 FLOP/cycle | same | estimate: AVX2, two 8-wide f32 FMA units per core; weights are widened to f32 |
+pub fn peak_flops(info: &BackendInfo, dtype: DType) -> Option<(f64, String)> {
+    let d = info.device.to_ascii_uppercase();
+    let half = dtype != DType::F32;
+    if d.contains("H200") {
+        return Some((if half { 791e12 } else { 67e12 }, "H200 table (bf16 measured, f32 spec)".into()));
+    }
+    if d.contains("H100") {
+        return Some((if half { 989e12 } else { 67e12 }, "H100 spec".into()));
+    }
+    if info.name == "cpu" {
+        let threads = rayon::current_num_threads() as f64;
+        return Some((threads * 2.5e9 * 32.0, format!("CPU estimate: {threads} threads x 2.5 GHz x 32 FLOP/cycle")));
+    }
+    None
+}
+
+fn shape_name(c: &MoeConfig) -> String {
+    format!("H{} I{} E{} k{} S{}", c.hidden, c.intermediate, c.experts, c.top_k, c.shared_intermediate)
+}
+
+/// The bytes and FLOPs one layer over `tokens` must at least move and compute.
+pub fn cost(c: &MoeConfig, dtype: DType, tokens: usize, touched: usize) -> (f64, f64) {
+    let (h, i, e, k, s, t) = (c.hidden as f64, c.intermediate as f64, c.experts as f64, c.top_k as f64, c.shared_intermediate as f64, tokens as f64);
+    let weights = (e * h + touched as f64 * 3.0 * h * i + 3.0 * h * s) * dtype.size() as f64;
+    let activations = 2.0 * t * h * 4.0 + t * k * 8.0;
+    let flops = 2.0 * t * h * e + 2.0 * t * k * 3.0 * h * i + 2.0 * t * 3.0 * h * s;
+    (weights + activations, flops)
+}
+
+struct Measure<'a> {
+    args: &'a BenchArgs,
+    config: &'a MoeConfig,
+    progress: &'a indicatif::ProgressBar,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Copy bandwidth (read + write, bytes/s) of the backend, measured with its device copy.
+fn copy_bandwidth<B: Backend>(b: &B) -> Result<f64> {
+    let bytes = (b.info().memory_bytes / 16).min(256 << 20) as usize / 4 * 4;
+    let src = b.upload(DType::U32, &[bytes / 4], &vec![7u8; bytes])?;
+    let mut dst = b.alloc(DType::U32, &[bytes / 4])?;
+    b.copy(&src, &mut dst)?;
+    b.synchronize()?;
+    let mut times: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            b.copy(&src, &mut dst)?;
+            b.synchronize()?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_>>()?;
+    Ok(2.0 * bytes as f64 / median(&mut times))
+}
+
+impl Job for Measure<'_> {
+    type Output = Run;
+    fn run<B: Backend>(self, b: &B) -> Result<Run> {
+        let (args, c) = (self.args, self.config);
+        let info = b.info().clone();
+        let mut run = Run {
+            backend: info.name.clone(),
+            device: info.device.clone(),
+            shape: shape_name(c),
+            dtype: args.dtype.to_string(),
+            copy_bandwidth_gbs: 0.0,
+            peak_tflops: None,
+            peak_source: String::new(),
+            rows: vec![],
+            skipped: vec![],
+        };
+        let weight_bytes = c.weight_bytes(args.dtype);
+        if weight_bytes as f64 > 0.9 * info.memory_bytes as f64 {
+            let msg = format!("skipped: the layer's {:.1} GiB of weights do not fit the {:.1} GiB of {}", weight_bytes as f64 / 1073741824.0, info.memory_bytes as f64 / 1073741824.0, info.device);
+            self.progress.println(format!("{}: {msg}", info.name));
+            run.skipped.push(msg);
+            return Ok(run);
+        }
+        let bw = match args.bandwidth_gbs {
+            Some(g) => g * 1e9,
+            None => copy_bandwidth(b).map_err(|e| match e {
+                Error::Unsupported(m) => Error::Unsupported(format!("{m}; pass --bandwidth-gbs to give the device's copy bandwidth")),
+                e => e,
+            })?,
+        };
+        run.copy_bandwidth_gbs = bw / 1e9;
+        let peak = match args.peak_tflops {
+            Some(p) => Some((p * 1e12, "--peak-tflops".to_string())),
+            None => peak_flops(&info, args.dtype),
+        };
+        run.peak_tflops = peak.as_ref().map(|p| p.0 / 1e12);
+        run.peak_source = peak.as_ref().map_or("unknown: floor is bandwidth-only".into(), |p| p.1.clone());
+
+        let host = random_layer(c, args.dtype, args.seed)?;
+        let layer = Layer::upload(b, &host)?;
+        drop(host);
+        for &t in &args.tokens {
+            let rows = t * c.top_k;
+            let scratch = 4 * (t * c.experts + rows * (3 * c.intermediate + c.hidden + 4) + t * (3 * c.hidden + 3 * c.shared_intermediate));
+            if (weight_bytes as usize + scratch) as f64 > 0.9 * info.memory_bytes as f64 {
+                let msg = format!("{t} tokens skipped: weights and scratch need {:.1} GiB", (weight_bytes as usize + scratch) as f64 / 1073741824.0);
+                self.progress.println(format!("{}: {msg}", info.name));
+                run.skipped.push(msg);
+                self.progress.inc((args.warmup + args.iters) as u64);
+                continue;
+            }
+            // A pool of distinct batches (at most 256 MiB of them) so the routing changes per iteration.
+            let batch = t * c.hidden;
+            let pool = (((256usize << 20) / (4 * batch).max(1)).max(2)).min(args.iters.max(2));
+            let xs: Vec<Tensor<B>> = (0..pool)
+                .map(|p| Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ (p as u64 + 1) * 0x9E37 ^ t as u64)))
+                .collect::<Result<_>>()?;
+            let mut out = Tensor::alloc(b, DType::F32, &[t, c.hidden])?;
+            let mut ids = Tensor::alloc(b, DType::U32, &[t, c.top_k])?;
+            let mut w = Tensor::alloc(b, DType::F32, &[t, c.top_k])?;
+            let (mut times, mut floors, mut bytes_v, mut touched_sum) = (vec![], vec![], vec![], 0usize);
+            let mut flops = 0.0;
+            for it in 0..args.warmup + args.iters {
+                let x = &xs[it % pool];
+                b.synchronize()?;
+                let start = Instant::now();
+                ops::forward(b, &layer, x, &mut out, &mut ids, &mut w)?;
+                b.synchronize()?;
+                let dt = start.elapsed().as_secs_f64();
+                self.progress.inc(1);
+                if it < args.warmup {
+                    continue;
+                }
+                let mut seen = vec![false; c.experts];
+                ids.to_u32(b)?.iter().for_each(|&e| seen[e as usize] = true);
+                let touched = seen.iter().filter(|&&s| s).count();
+                let (bytes, f) = cost(c, args.dtype, t, touched);
+                flops = f;
+                let floor = (bytes / bw).max(peak.as_ref().map_or(0.0, |p| f / p.0));
+                times.push(dt);
+                floors.push(floor);
+                bytes_v.push(bytes);
+                touched_sum += touched;
+            }
+            let n = times.len().max(1);
+            let time_s = median(&mut times);
+            let floor_s = median(&mut floors);
+            let bytes = median(&mut bytes_v);
+            let row = Row { tokens: t, touched: touched_sum as f64 / n as f64, time_s, bytes, flops, floor_s, gbs: bytes / time_s / 1e9, tflops: flops / time_s / 1e12, fraction: floor_s / time_s };
+            self.progress.println(format_row(&info.name, &row));
+            run.rows.push(row);
+        }
+        Ok(run)
+    }
+}
+
+fn format_row(backend: &str, r: &Row) -> String {
+    format!(
+        "{backend:>8} {:>6} tok  {:>6.1} experts  {:>10.3} ms  floor {:>9.3} ms  {:>5.2} of floor  {:>8.1} GB/s  {:>7.2} TFLOP/s",
+        r.tokens,
+        r.touched,
+        r.time_s * 1e3,
+        r.floor_s * 1e3,
+        r.fraction,
+        r.gbs,
+        r.tflops
+    )
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The config the flags describe: a preset (default DeepSeek-V3) with any field overridden.
+pub fn config(args: &BenchArgs) -> Result<MoeConfig> {
+    let mut c = args.preset.unwrap_or(Preset::DeepseekV3).config();
+    c.hidden = args.hidden.unwrap_or(c.hidden);
+    c.intermediate = args.intermediate.unwrap_or(c.intermediate);
+    c.top_k = args.top_k.unwrap_or(c.top_k);
+    if let Some(s) = args.shared {
+        c.shared_intermediate = s * c.intermediate;
+    } else if c.shared_intermediate > 0 {
+        c.shared_intermediate = c.intermediate;
+    }
+    if let Some(e) = args.experts {
+        c.experts = e;
+        if let Routing::SigmoidGrouped { n_group, topk_group, .. } = &mut c.routing {
+            // Keep DeepSeek's grouping where it divides, else one group (as Kimi K2 does).
+            if e % *n_group != 0 || c.top_k > (e / *n_group) * *topk_group {
+                *n_group = 1;
+                *topk_group = 1;
+            }
+        }
+    }
+    c.validate()?;
+    if args.tokens.is_empty() || args.tokens.contains(&0) {
+        return moe_hal::invalid!("--tokens needs positive token counts");
+    }
+    if args.iters == 0 {
+        return moe_hal::invalid!("--iters must be at least 1");
+    }
+    Ok(c)
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let c = config(args)?;
+    if let Some(p) = &args.plot {
+        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return moe_hal::invalid!("--plot writes SVG; name the file *.svg (got {})", p.display());
+        }
+    }
+    let peers = args.compare.as_ref().map(|p| read_report(p)).transpose()?;
+    println!("moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration", args.preset.map_or("custom/deepseek-v3".into(), |p| format!("{p:?}")), shape_name(&c), args.dtype, args.tokens, args.warmup, args.iters);
+    let total = (args.backends.len() * args.tokens.len() * (args.warmup + args.iters)) as u64;
+    let progress = indicatif::ProgressBar::new(total);
+    progress.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} iterations {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let mut report = Report { date: today(), commit: commit(), runs: vec![] };
+    for &choice in &args.backends {
+        let run = dispatch(choice, Measure { args, config: &c, progress: &progress })?;
+        progress.println(format!("{}: {} copy bandwidth {:.1} GB/s (measured now), peak {}", run.backend, run.device, run.copy_bandwidth_gbs, run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s ({})", run.peak_source))));
+        report.runs.push(run);
+    }
+    progress.finish_and_clear();
+    for run in &report.runs {
+        println!("\n{} on {} ({}, {}): copy {:.1} GB/s, peak {}", run.backend, run.device, run.shape, run.dtype, run.copy_bandwidth_gbs, run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s")));
+        for r in &run.rows {
+            println!("{}", format_row(&run.backend, r));
+        }
+        for s in &run.skipped {
+            println!("  {s}");
+        }
+    }
+    if let Some(peers) = &peers {
+        print_ratios(&report, peers);
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        let mut all = report.runs.clone();
+        if let Some(p) = &peers {
+            all.extend(p.runs.iter().filter(|r| r.shape == shape_name(&c) && r.dtype == args.dtype.to_string()).cloned());
+        }
+        crate::plot::plot(path, &format!("{} {}", shape_name(&c), args.dtype), &all)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn read_report(path: &PathBuf) -> Result<Report> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{} is not a bench report: {e}", path.display())))
+}
+
+/// Peer time over ours, per token count (above 1: we are faster).
+fn print_ratios(ours: &Report, peers: &Report) {
+    println!("\nratio = peer time / our time (above 1: moe-hal is faster)");
+    for run in &ours.runs {
+        for peer in peers.runs.iter().filter(|p| p.shape == run.shape && p.dtype == run.dtype) {
+            for r in &run.rows {
+                if let Some(p) = peer.rows.iter().find(|p| p.tokens == r.tokens) {
+                    println!("{:>8} vs {:<24} {:>6} tok  {:>8.3} ms vs {:>8.3} ms  ratio {:.2}", run.backend, peer.backend, r.tokens, r.time_s * 1e3, p.time_s * 1e3, p.time_s / r.time_s);
+                }
+            }
+        }
+    }
+}

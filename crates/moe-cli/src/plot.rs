@@ -1,0 +1,47 @@
+//! The bench plot: time and floor against tokens, log axes, one line per backend and peer.
+
+use crate::bench::Run;
+use moe_hal::{Error, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+pub fn plot(path: &Path, title: &str, runs: &[Run]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::Io(format!("cannot draw {}: {e}", path.display()));
+    let rows = || runs.iter().flat_map(|r| r.rows.iter());
+    if rows().next().is_none() {
+        return Err(Error::InvalidArgument("nothing to plot: every row was skipped".into()));
+    }
+    let (tmin, tmax) = rows().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.tokens as f64), b.max(r.tokens as f64)));
+    let (ymin, ymax) = rows().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.time_s.min(r.floor_s) * 1e3), b.max(r.time_s.max(r.floor_s) * 1e3)));
+    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("MoE layer: {title}"), ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((tmin * 0.8..tmax * 1.25).log_scale(), (ymin * 0.7..ymax * 1.4).log_scale())
+        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc("tokens").y_desc("ms per layer").draw().map_err(|e| err(&e))?;
+    for (i, run) in runs.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = run.rows.iter().map(|r| (r.tokens as f64, r.time_s * 1e3)).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(format!("{} ({})", run.backend, run.device))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| err(&e))?;
+        let floor: Vec<(f64, f64)> = run.rows.iter().map(|r| (r.tokens as f64, r.floor_s * 1e3)).collect();
+        if !floor.is_empty() && run.copy_bandwidth_gbs > 0.0 {
+            chart
+                .draw_series(DashedLineSeries::new(floor, 6, 4, color.mix(0.6).stroke_width(1)))
+                .map_err(|e| err(&e))?
+                .label(format!("floor of {}", run.device))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.mix(0.6)));
+        }
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).draw().map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! `moe run`: one layer of a real checkpoint on one backend.
+
+use crate::backends::{dispatch, Choice, Job};
+use crate::tensor_file::{read_hidden_states, write_output, RunOutput};
+use moe_hal::{ops, Backend, DType, HostLayer, Layer, Result, Tensor};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Hugging Face model directory (config.json + model.safetensors or shards with an index).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The decoder layer whose MoE block to run.
+    #[arg(long)]
+    pub layer: usize,
+    /// Safetensors file holding `hidden_states` [tokens, hidden] (f32, f16 or bf16).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Safetensors file to write: `output` [T, H] f32, `topk_ids` [T, k] i32, `topk_weights` [T, k] f32.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Choice,
+    /// Storage dtype of the weights on the device (default: as in the checkpoint).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+}
+
+struct Forward<'a> {
+    layer: &'a HostLayer,
+    tokens: usize,
+    x: &'a [f32],
+}
+
+struct Result3 {
+    out: Vec<f32>,
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+    backend: String,
+}
+
+impl Job for Forward<'_> {
+    type Output = Result3;
+    fn run<B: Backend>(self, b: &B) -> Result<Result3> {
+        let c = &self.layer.config;
+        let layer = Layer::upload(b, self.layer)?;
+        let x = Tensor::from_f32(b, DType::F32, &[self.tokens, c.hidden], self.x)?;
+        let mut out = Tensor::alloc(b, DType::F32, &[self.tokens, c.hidden])?;
+        let mut ids = Tensor::alloc(b, DType::U32, &[self.tokens, c.top_k])?;
+        let mut w = Tensor::alloc(b, DType::F32, &[self.tokens, c.top_k])?;
+        ops::forward(b, &layer, &x, &mut out, &mut ids, &mut w)?;
+        Ok(Result3 { out: out.to_f32(b)?, ids: ids.to_u32(b)?, weights: w.to_f32(b)?, backend: b.info().device.clone() })
+    }
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let ckpt = moe_checkpoint::load_layer(&args.model, args.layer, args.dtype)?;
+    let layer = &ckpt.layer;
+    let (tokens, hidden, x) = read_hidden_states(&args.input)?;
+    if hidden != layer.config.hidden {
+        return moe_hal::invalid!(
+            "hidden_states in {} has {hidden} columns but layer {} of {} has hidden size {}",
+            args.input.display(),
+            args.layer,
+            args.model.display(),
+            layer.config.hidden
+        );
+    }
+    let r = dispatch(args.backend, Forward { layer, tokens, x: &x })?;
+    if let Some(i) = r.out.iter().position(|v| !v.is_finite()) {
+        return Err(moe_hal::Error::Driver(format!("the backend produced a non-finite output at token {}; nothing was written", i / hidden)));
+    }
+    write_output(&args.output, &RunOutput { tokens, hidden, top_k: layer.config.top_k, output: &r.out, topk_ids: &r.ids, topk_weights: &r.weights })?;
+    eprintln!(
+        "moe run: {} layer {} ({}, {} experts, top-{}), {tokens} tokens on {} -> {}",
+        ckpt.model_type,
+        args.layer,
+        layer.dtype,
+        layer.config.experts,
+        layer.config.top_k,
+        r.backend,
+        args.output.display()
+    );
+    Ok(())
+}

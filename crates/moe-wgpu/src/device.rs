@@ -1,0 +1,227 @@
+//! Adapter choice, device creation, what the backend reports about itself, and errors: the
+//! uncaptured-error handler, device loss, and the device error flags kernels raise.
+
+use std::sync::{Arc, Mutex};
+
+use moe_hal::{BackendInfo, Error, Result};
+
+/// Ranks an adapter: discrete before integrated before virtual before CPU; a native API (Vulkan,
+/// Metal, DX12) before GL. Lower is better.
+fn rank(info: &wgpu::AdapterInfo) -> (u32, u32) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let api = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (ty, api)
+}
+
+/// The adapters of an instance on `backends` that can run compute shaders, best first.
+fn adapters(backends: wgpu::Backends) -> Vec<(wgpu::Instance, wgpu::Adapter)> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    let mut found = pollster::block_on(instance.enumerate_adapters(backends));
+    // Compute shaders with storage buffers are all we need; GL adapters without them are skipped.
+    found.retain(|a| a.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS));
+    found.sort_by_key(|a| rank(&a.get_info()));
+    found.into_iter().map(|a| (instance.clone(), a)).collect()
+}
+
+/// The adapter a [`crate::WgpuBackend`] would use, or a sentence saying why there is none: the
+/// best of the native APIs (Vulkan, Metal, DX12; see [`rank`]), GL only when none has one, or
+/// exactly the APIs `WGPU_BACKEND` names.
+pub(crate) fn best_adapter() -> std::result::Result<(wgpu::Instance, wgpu::Adapter), String> {
+    let tries = match wgpu::Backends::from_env() {
+        Some(b) => vec![b],
+        None => vec![wgpu::Backends::PRIMARY, wgpu::Backends::GL],
+    };
+    for backends in tries {
+        if let Some(best) = adapters(backends).into_iter().next() {
+            return Ok(best);
+        }
+    }
+    Err("no wgpu adapter with compute shaders was found (no Vulkan, Metal, DX12 or GL driver; \
+         on Linux without a GPU, install Mesa's lavapipe, e.g. mesa-vulkan-drivers)"
+        .into())
+}
+
+/// `"<adapter name> (<API>)"`, e.g. `"llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)"`.
+pub(crate) fn describe(info: &wgpu::AdapterInfo) -> String {
+    let api = match info.backend {
+        wgpu::Backend::Vulkan => "Vulkan",
+        wgpu::Backend::Metal => "Metal",
+        wgpu::Backend::Dx12 => "Dx12",
+        wgpu::Backend::Gl => "Gl",
+        wgpu::Backend::BrowserWebGpu => "WebGPU",
+        wgpu::Backend::Noop => "no-op",
+    };
+    format!("{} ({api})", info.name)
+}
+
+/// Total host memory from /proc/meminfo (16 GiB when it cannot be read).
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(16 << 30)
+}
+
+/// The largest device-local Vulkan memory heap, when the adapter is a Vulkan one.
+fn vulkan_device_local_bytes(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: the hal adapter is only read (one query of memory properties on its own physical
+    // device with its own instance); nothing is created or destroyed through it.
+    unsafe {
+        let hal = adapter.as_hal::<wgpu::hal::api::Vulkan>()?;
+        let props = hal.shared_instance().raw_instance().get_physical_device_memory_properties(hal.raw_physical_device());
+        let n = (props.memory_heap_count as usize).min(props.memory_heaps.len());
+        props.memory_heaps[..n]
+            .iter()
+            .filter(|h| h.flags.as_raw() & 1 != 0) // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+            .map(|h| h.size)
+            .max()
+    }
+}
+
+/// Memory the backend may allocate: host memory for a CPU adapter (lavapipe, WARP) or when the
+/// API reports nothing; the largest device-local heap on Vulkan. wgpu has no portable query, so on
+/// Metal and DX12 this is host memory as well (right for Apple's unified memory, an overestimate
+/// for a discrete DX12 GPU).
+pub(crate) fn memory_bytes(adapter: &wgpu::Adapter) -> u64 {
+    let info = adapter.get_info();
+    if info.device_type == wgpu::DeviceType::Cpu {
+        return host_memory_bytes();
+    }
+    vulkan_device_local_bytes(adapter).unwrap_or_else(host_memory_bytes)
+}
+
+/// What the adapter offers that matters to this backend, for [`BackendInfo::features`].
+pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
+    let f = adapter.features();
+    let info = adapter.get_info();
+    let mut out = vec!["f32".to_string(), "f16".into(), "bf16".into()];
+    if f.contains(wgpu::Features::SHADER_F16) {
+        out.push("shader-f16".into());
+    }
+    if f.contains(wgpu::Features::SUBGROUP) {
+        if info.subgroup_min_size == info.subgroup_max_size {
+            out.push(format!("subgroup {}", info.subgroup_min_size));
+        } else {
+            out.push(format!("subgroup {}-{}", info.subgroup_min_size, info.subgroup_max_size));
+        }
+    }
+    if f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        for c in adapter.cooperative_matrix_properties() {
+            out.push(format!("cooperative-matrix {}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type));
+        }
+    }
+    out
+}
+
+/// The subgroup size when the adapter has subgroups: the fixed size, or the largest of its range.
+pub(crate) fn subgroup_size(adapter: &wgpu::Adapter) -> Option<u32> {
+    if !adapter.features().contains(wgpu::Features::SUBGROUP) {
+        return None;
+    }
+    let info = adapter.get_info();
+    (info.subgroup_max_size > 0).then_some(info.subgroup_max_size)
+}
+
+/// Everything that has gone wrong on the device so far, shared with wgpu's callbacks.
+#[derive(Default)]
+pub(crate) struct Faults {
+    /// Errors wgpu raised outside an error scope (validation, out of memory, internal), oldest first.
+    pub errors: Mutex<Vec<Error>>,
+    /// Set once the device is lost.
+    pub lost: Mutex<Option<String>>,
+}
+
+impl Faults {
+    /// Installs the handlers on `device`: errors are recorded (never a panic) and reported by the
+    /// next op, `synchronize` or `download`.
+    pub fn install(self: &Arc<Self>, device: &wgpu::Device) {
+        let me = self.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            me.errors.lock().unwrap_or_else(|p| p.into_inner()).push(map_error(e));
+        }));
+        let me = self.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                *me.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+            }
+        });
+    }
+
+    /// The first recorded failure, if any (and forgets the others: one call, one report).
+    pub fn take(&self) -> Result<()> {
+        if let Some(msg) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Err(Error::DeviceLost(format!("the wgpu device was lost: {msg}")));
+        }
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let first = errors.remove(0);
+        errors.clear();
+        Err(first)
+    }
+}
+
+/// A wgpu error as a moe-hal error: out of memory stays out of memory, everything else is a
+/// driver error with wgpu's description.
+pub(crate) fn map_error(e: wgpu::Error) -> Error {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory("the wgpu device is out of memory".into()),
+        wgpu::Error::Validation { description, .. } => Error::Driver(format!("wgpu validation error: {description}")),
+        wgpu::Error::Internal { description, .. } => Error::Driver(format!("wgpu internal error: {description}")),
+    }
+}
+
+/// Slots of the device error-flag buffer (`errs`, 16 u32). Kernels `atomicOr` a flag and
+/// `atomicMax` the offending value and its bound; the host reads and clears them when it blocks.
+pub(crate) const ERR_WORDS: usize = 16;
+
+/// Turns the flag words read back from the device into the first error they describe.
+pub(crate) fn decode_flags(w: &[u32]) -> Result<()> {
+    if w[0] != 0 {
+        return moe_hal::invalid!("topk_ids holds an expert id >= {} (largest: {}); ids must be below the expert count", w[2], w[1]);
+    }
+    if w[3] & 1 != 0 {
+        return moe_hal::invalid!("expert_offsets must start at 0");
+    }
+    if w[3] & 2 != 0 {
+        return moe_hal::invalid!("expert_offsets are not cumulative (they decrease somewhere)");
+    }
+    if w[3] & 4 != 0 {
+        return moe_hal::invalid!("expert_offsets ends at {} but y has only {} rows", w[4], w[5]);
+    }
+    if w[6] != 0 {
+        return moe_hal::invalid!("token_index holds {} but x has only {} rows", w[7], w[8]);
+    }
+    if w[9] != 0 {
+        return moe_hal::invalid!("row_index holds {} but y has only {} rows", w[10], w[11]);
+    }
+    Ok(())
+}
+
+/// Builds the [`BackendInfo`] of an adapter.
+pub(crate) fn backend_info(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> BackendInfo {
+    BackendInfo {
+        name: "wgpu".into(),
+        device: describe(&adapter.get_info()),
+        memory_bytes: memory_bytes(adapter),
+        max_buffer_bytes: limits.max_buffer_size,
+        subgroup_size: subgroup_size(adapter),
+        features: feature_list(adapter),
+    }
+}

@@ -1,0 +1,175 @@
+//! The WGSL kernels (embedded with `include_str!`), their pipelines (built on first use, cached),
+//! and the helpers that record one dispatch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use moe_hal::DType;
+
+/// One source file per op, named as the trait method.
+pub(crate) const ROUTER_TOPK: &str = include_str!("../../../shaders/wgsl/router_topk.wgsl");
+pub(crate) const PERMUTE: &str = include_str!("../../../shaders/wgsl/permute.wgsl");
+pub(crate) const GROUPED_GEMM: &str = include_str!("../../../shaders/wgsl/grouped_gemm.wgsl");
+pub(crate) const ACTIVATION: &str = include_str!("../../../shaders/wgsl/activation.wgsl");
+pub(crate) const COMBINE: &str = include_str!("../../../shaders/wgsl/combine.wgsl");
+
+/// How a binding is declared: `U` uniform, `R` read-only storage, `W` read-write storage.
+#[derive(Clone, Copy)]
+pub(crate) enum Bind {
+    U,
+    R,
+    W,
+}
+use Bind::{R, U, W};
+
+/// Every kernel: its source, entry point and binding list (binding `i` is `binds[i]`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Kernel {
+    RouterTopk,
+    PermuteRank,
+    PermuteScan,
+    PermuteScatter,
+    GemmPrep,
+    GemmTiled,
+    Gemv,
+    Activation,
+    Combine,
+}
+
+impl Kernel {
+    fn source(self) -> &'static str {
+        match self {
+            Kernel::RouterTopk => ROUTER_TOPK,
+            Kernel::PermuteRank | Kernel::PermuteScan | Kernel::PermuteScatter => PERMUTE,
+            Kernel::GemmPrep | Kernel::GemmTiled | Kernel::Gemv => GROUPED_GEMM,
+            Kernel::Activation => ACTIVATION,
+            Kernel::Combine => COMBINE,
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            Kernel::PermuteRank => "rank",
+            Kernel::PermuteScan => "scan_counts",
+            Kernel::PermuteScatter => "scatter",
+            Kernel::GemmPrep => "prep",
+            Kernel::GemmTiled => "tiled",
+            Kernel::Gemv => "gemv",
+            _ => "main",
+        }
+    }
+
+    pub(crate) fn binds(self) -> &'static [Bind] {
+        match self {
+            Kernel::RouterTopk => &[U, R, R, W, W, W],
+            Kernel::PermuteRank | Kernel::PermuteScan | Kernel::PermuteScatter => &[U, R, W, W, W, W, W, W],
+            Kernel::GemmPrep | Kernel::GemmTiled | Kernel::Gemv => &[U, R, R, R, R, W, W],
+            Kernel::Activation => &[U, R, W],
+            Kernel::Combine => &[U, R, R, R, R, W, W],
+        }
+    }
+}
+
+/// The compile-time variant of a kernel: weight dtype and whether the aligned vector path applies.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct Variant {
+    pub dtype: DType,
+    pub vec: bool,
+}
+
+impl Variant {
+    /// The variant of kernels that have no weights and no vector path.
+    pub const PLAIN: Variant = Variant { dtype: DType::F32, vec: false };
+
+    fn prelude(self) -> String {
+        let dt = match self.dtype {
+            DType::F16 => 1,
+            DType::BF16 => 2,
+            _ => 0,
+        };
+        format!("const DT: u32 = {dt}u;\nconst VEC: bool = {};\n", self.vec)
+    }
+}
+
+/// A compiled kernel.
+pub(crate) struct Pipe {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// Pipelines, built on first use.
+#[derive(Default)]
+pub(crate) struct Pipelines {
+    map: Mutex<HashMap<(Kernel, Variant), Arc<Pipe>>>,
+}
+
+impl Pipelines {
+    /// The pipeline of `kernel` in `variant`, compiling it the first time.
+    pub fn get(&self, device: &wgpu::Device, kernel: Kernel, variant: Variant) -> Arc<Pipe> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((kernel, variant))
+            .or_insert_with(|| {
+                let label = format!("moe-wgpu {kernel:?} {variant:?}");
+                let source = format!("{}{}", variant.prelude(), kernel.source());
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&label),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+                    .binds()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                        binding: i as u32,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: match b {
+                                Bind::U => wgpu::BufferBindingType::Uniform,
+                                Bind::R => wgpu::BufferBindingType::Storage { read_only: true },
+                                Bind::W => wgpu::BufferBindingType::Storage { read_only: false },
+                            },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        },
+                        count: None,
+                    })
+                    .collect();
+                let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&label), entries: &entries });
+                let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(&label),
+                    bind_group_layouts: &[Some(&layout)],
+                    immediate_size: 0,
+                });
+                let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: Some(&pl),
+                    module: &module,
+                    entry_point: Some(kernel.entry()),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &[],
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                });
+                Arc::new(Pipe { pipeline, layout })
+            })
+            .clone()
+    }
+}
+
+/// Uniform parameters of one dispatch: 16 words (64 bytes), read by each shader as its `Params`.
+pub(crate) type Params = [u32; 16];
+
+/// Fills a [`Params`] from its leading words.
+pub(crate) fn params(words: &[u32]) -> Params {
+    let mut p = [0u32; 16];
+    p[..words.len()].copy_from_slice(words);
+    p
+}
+
+/// Splits `total` workgroups over x and y so neither exceeds `max_dim`; kernels rebuild the linear
+/// id as `x + y * num_workgroups.x` and return when it is `>= total`.
+pub(crate) fn grid(total: u32, max_dim: u32) -> (u32, u32) {
+    let x = total.clamp(1, max_dim);
+    (x, total.div_ceil(x).max(1))
+}

@@ -1,0 +1,218 @@
+//! The five ops: each picks its kernels and dispatch sizes from shapes only, records, submits.
+
+use moe_hal::{DType, Result, Routing, Tensor};
+
+use crate::kernels::{grid, params, Kernel, Params, Variant};
+use crate::WgpuBackend;
+
+/// One dispatch: a kernel variant, its parameters, the buffers of bindings 1.. and the grid.
+pub(crate) struct Step<'a> {
+    pub kernel: Kernel,
+    pub variant: Variant,
+    pub params: Params,
+    pub bufs: Vec<&'a wgpu::Buffer>,
+    pub groups: (u32, u32),
+}
+
+/// Workgroups of 256 for a grid-stride loop over `units` items (bounded: the loop does the rest).
+fn stride_groups(units: usize, max_dim: u32) -> (u32, u32) {
+    ((units.div_ceil(256)).clamp(1, max_dim.min(4096) as usize) as u32, 1)
+}
+
+/// Rows per expert at or below which `grouped_gemm` takes the gemv (decode) path.
+pub(crate) const GEMV_ROWS_PER_GROUP: usize = 4;
+
+impl WgpuBackend {
+    fn one<'a>(&self, t: &'a Tensor<Self>, name: &str) -> Result<&'a wgpu::Buffer> {
+        t.buf.single(name, self.chunk)
+    }
+
+    pub(crate) fn op_router_topk(
+        &self,
+        logits: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        routing: &Routing,
+        topk_ids: &mut Tensor<Self>,
+        topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let (t, e) = (logits.shape[0], logits.shape[1]);
+        let k = topk_ids.shape[1];
+        let (mode, n_group, topk_group, norm, scale) = match *routing {
+            Routing::Softmax { norm_topk_prob } => (0u32, 0usize, 0usize, norm_topk_prob, 1.0f32),
+            Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
+                (1, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+            }
+        };
+        let stride = e + n_group;
+        // Tokens per dispatch so the keys scratch fits one binding.
+        let per = ((self.chunk as usize / 4) / stride.max(1)).clamp(1, t);
+        let keys = self.scratch((per * stride * 4) as u64)?;
+        let lb = self.one(logits, "logits")?;
+        let bb = match bias {
+            Some(b) => self.one(b, "e_score_correction_bias")?,
+            None => &self.dummy,
+        };
+        let ib = self.one(topk_ids, "topk_ids")?;
+        let wb = self.one(topk_weights, "topk_weights")?;
+        let mut steps = Vec::new();
+        let mut t0 = 0;
+        while t0 < t {
+            let tb = per.min(t - t0);
+            let p = params(&[
+                tb as u32,
+                t0 as u32,
+                e as u32,
+                k as u32,
+                mode,
+                n_group as u32,
+                topk_group as u32,
+                norm as u32,
+                bias.is_some() as u32,
+                scale.to_bits(),
+                stride as u32,
+            ]);
+            steps.push(Step { kernel: Kernel::RouterTopk, variant: Variant::PLAIN, params: p, bufs: vec![lb, bb, &keys, ib, wb], groups: grid(tb as u32, self.max_dim()) });
+            t0 += tb;
+        }
+        self.run(&steps)
+    }
+
+    pub(crate) fn op_permute(
+        &self,
+        topk_ids: &Tensor<Self>,
+        expert_offsets: &mut Tensor<Self>,
+        row_index: &mut Tensor<Self>,
+        token_index: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let (t, k) = (topk_ids.shape[0], topk_ids.shape[1]);
+        let e = expert_offsets.shape[0] - 1;
+        let pairs = t * k;
+        let tiles = pairs.div_ceil(256);
+        let counts = self.scratch((tiles * (e + 1) * 4) as u64)?;
+        let base = self.scratch(((e + 1) * 4) as u64)?;
+        let ids = self.one(topk_ids, "topk_ids")?;
+        let ri = self.one(row_index, "row_index")?;
+        let ti = self.one(token_index, "token_index")?;
+        let off = self.one(expert_offsets, "expert_offsets")?;
+        let p = params(&[pairs as u32, e as u32, k as u32, tiles as u32]);
+        let bufs = vec![ids, ri, ti, &counts, &base, off, &self.errs];
+        let mut steps = Vec::new();
+        let g = grid(tiles as u32, self.max_dim());
+        if tiles > 0 {
+            steps.push(Step { kernel: Kernel::PermuteRank, variant: Variant::PLAIN, params: p, bufs: bufs.clone(), groups: g });
+        }
+        steps.push(Step { kernel: Kernel::PermuteScan, variant: Variant::PLAIN, params: p, bufs: bufs.clone(), groups: (1, 1) });
+        if tiles > 0 {
+            steps.push(Step { kernel: Kernel::PermuteScatter, variant: Variant::PLAIN, params: p, bufs, groups: g });
+        }
+        self.run(&steps)
+    }
+
+    pub(crate) fn op_grouped_gemm(
+        &self,
+        x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let (mx, k) = (x.shape[0], x.shape[1]);
+        let (m, n) = (y.shape[0], y.shape[1]);
+        let g = expert_offsets.map_or(1, |o| o.shape[0] - 1);
+        let xb = self.one(x, "x")?;
+        let tib = match token_index {
+            Some(t) => self.one(t, "token_index")?,
+            None => &self.dummy,
+        };
+        let ob = match expert_offsets {
+            Some(o) => self.one(o, "expert_offsets")?,
+            None => &self.dummy,
+        };
+        let yb = self.one(y, "y")?;
+        let grouped = expert_offsets.is_some() as u32;
+        let gather = token_index.is_some() as u32;
+        let head = [m as u32, n as u32, k as u32, mx as u32, g as u32, grouped, gather];
+
+        let mut steps = Vec::new();
+        let mut prep = params(&head);
+        prep[13] = (k == 0) as u32;
+        // A plain GEMM with K > 0 has nothing to validate and no tail to zero.
+        let needs_prep = grouped != 0 || gather != 0 || k == 0;
+        steps.extend(needs_prep.then(|| Step {
+            kernel: Kernel::GemmPrep,
+            variant: Variant::PLAIN,
+            params: prep,
+            bufs: vec![xb, tib, &self.dummy, ob, yb, &self.errs],
+            groups: stride_groups((m * n).max(m).max(g), self.max_dim()),
+        }));
+        let gemv = m <= GEMV_ROWS_PER_GROUP * g;
+        if k > 0 {
+            let row_bytes = k * w.dtype.size();
+            for part in &w.buf.parts {
+                let row0 = part.start / row_bytes;
+                let row1 = (part.start + part.bytes) / row_bytes;
+                if row1 <= row0 {
+                    continue;
+                }
+                let (g0, g1) = if grouped != 0 { (row0 / n, row1.div_ceil(n)) } else { (0, 1) };
+                // gemv slots: one per group of this part, or one per row when there are fewer rows.
+                let by_row = gemv && m < g1 - g0;
+                let (kernel, variant, tiles_n, total) = if gemv {
+                    let tiles_n = n.div_ceil(16);
+                    let slots = if by_row { m } else { g1 - g0 };
+                    (Kernel::Gemv, Variant { dtype: w.dtype, vec: k.is_multiple_of(8) }, tiles_n, slots * tiles_n)
+                } else {
+                    let tiles_n = n.div_ceil(64);
+                    (Kernel::GemmTiled, Variant { dtype: w.dtype, vec: k.is_multiple_of(4) }, tiles_n, m.div_ceil(64) * tiles_n)
+                };
+                let mut p = params(&head);
+                p[7] = g0 as u32;
+                p[8] = g1 as u32;
+                p[9] = row0 as u32;
+                p[10] = row1 as u32;
+                p[11] = tiles_n as u32;
+                p[12] = total as u32;
+                p[14] = by_row as u32;
+                steps.push(Step { kernel, variant, params: p, bufs: vec![xb, tib, &part.buf, ob, yb, &self.errs], groups: grid(total as u32, self.max_dim()) });
+            }
+        }
+        self.run(&steps)
+    }
+
+    pub(crate) fn op_activation(&self, gate_up: &Tensor<Self>, h: &mut Tensor<Self>) -> Result<()> {
+        let (m, i) = (h.shape[0], h.shape[1]);
+        let vec = i.is_multiple_of(4);
+        let units = if vec { m * i / 4 } else { m * i };
+        let p = params(&[m as u32, i as u32]);
+        let bufs = vec![self.one(gate_up, "gate_up")?, self.one(h, "h")?];
+        self.run(&[Step { kernel: Kernel::Activation, variant: Variant { dtype: DType::F32, vec }, params: p, bufs, groups: stride_groups(units, self.max_dim()) }])
+    }
+
+    pub(crate) fn op_combine(
+        &self,
+        y: &Tensor<Self>,
+        row_index: &Tensor<Self>,
+        topk_weights: &Tensor<Self>,
+        shared: Option<&Tensor<Self>>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let (t, k) = (topk_weights.shape[0], topk_weights.shape[1]);
+        let h = out.shape[1];
+        let vec = h.is_multiple_of(4);
+        let units = if vec { t * h / 4 } else { t * h };
+        let p = params(&[t as u32, h as u32, k as u32, y.shape[0] as u32, shared.is_some() as u32]);
+        let sb = match shared {
+            Some(s) => self.one(s, "shared")?,
+            None => &self.dummy,
+        };
+        let bufs = vec![
+            self.one(y, "y")?,
+            self.one(row_index, "row_index")?,
+            self.one(topk_weights, "topk_weights")?,
+            sb,
+            self.one(out, "out")?,
+            &self.errs,
+        ];
+        self.run(&[Step { kernel: Kernel::Combine, variant: Variant { dtype: DType::F32, vec }, params: p, bufs, groups: stride_groups(units, self.max_dim()) }])
+    }
+}

@@ -1,0 +1,383 @@
+//! Every op against `moe-cpu` on random data with shapes off tile boundaries, every dtype, whole
+//! layers, split weights, and the data-dependent errors. Runs on whatever adapter `new` finds
+//! (lavapipe in CI); without one the tests fail, so a missing driver is not mistaken for a pass.
+
+use moe_cpu::CpuBackend;
+use moe_hal::{ops, Backend, DType, Error, HostLayer, HostTensor, Layer, MoeConfig, Routing, Tensor};
+
+use crate::buffer::{padded, plan};
+use crate::WgpuBackend;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn gpu() -> WgpuBackend {
+    WgpuBackend::new().expect("no wgpu adapter: these tests need one (lavapipe: mesa-vulkan-drivers)")
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite output");
+    (num.sqrt() / den.sqrt().max(1e-30)) as f32
+}
+
+fn f32s<B: Backend>(b: &B, dtype: DType, shape: &[usize], v: &[f32]) -> Tensor<B> {
+    Tensor::from_f32(b, dtype, shape, v).unwrap()
+}
+
+fn u32s<B: Backend>(b: &B, shape: &[usize], v: &[u32]) -> Tensor<B> {
+    Tensor::from_u32(b, shape, v).unwrap()
+}
+
+/// A tensor filled with NaN bytes, so an unwritten element shows.
+fn poisoned<B: Backend>(b: &B, dtype: DType, shape: &[usize]) -> Tensor<B> {
+    let n: usize = shape.iter().product();
+    Tensor::upload(b, dtype, shape, &vec![0xffu8; n * dtype.size()]).unwrap()
+}
+
+#[test]
+fn buffer_plan_splits_on_expert_then_row_boundaries() {
+    assert_eq!(plan(DType::F32, &[4, 3, 5], 1024).unwrap(), vec![(0, 240)]);
+    assert_eq!(plan(DType::F32, &[4, 3, 5], 128).unwrap(), vec![(0, 120), (120, 120)]);
+    assert_eq!(plan(DType::F32, &[2, 3, 5], 48).unwrap(), vec![(0, 40), (40, 40), (80, 40)]);
+    assert_eq!(plan(DType::BF16, &[0, 7], 16).unwrap(), vec![(0, 0)]);
+    assert!(plan(DType::F32, &[100], 64).is_err());
+    assert_eq!(padded(0), 16);
+    assert_eq!(padded(17), 32);
+}
+
+#[test]
+fn info_and_round_trip() {
+    let b = gpu();
+    let i = b.info();
+    eprintln!("{i:?}");
+    assert_eq!(i.name, "wgpu");
+    assert!(i.memory_bytes > 0 && i.max_buffer_bytes > 0);
+    assert!(crate::available().is_ok());
+    for (dtype, n) in [(DType::F16, 7usize), (DType::BF16, 1), (DType::F32, 0), (DType::U32, 5)] {
+        let bytes: Vec<u8> = (0..n * dtype.size()).map(|i| i as u8 ^ 0x5a).collect();
+        let t = Tensor::upload(&b, dtype, &[n], &bytes).unwrap();
+        assert_eq!(t.to_bytes(&b).unwrap(), bytes);
+    }
+    let t = Tensor::alloc(&b, DType::F32, &[0, 3]).unwrap();
+    assert!(t.to_bytes(&b).unwrap().is_empty());
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_routing(b: &WgpuBackend, cpu: &CpuBackend, t: usize, e: usize, k: usize, routing: Routing, logits: &[f32], bias: Option<&[f32]>) {
+    let g = {
+        let l = f32s(b, DType::F32, &[t, e], logits);
+        let bi = bias.map(|v| f32s(b, DType::F32, &[e], v));
+        let mut ids = poisoned(b, DType::U32, &[t, k]);
+        let mut w = poisoned(b, DType::F32, &[t, k]);
+        ops::router_topk(b, &l, bi.as_ref(), &routing, &mut ids, &mut w).unwrap();
+        (ids.to_u32(b).unwrap(), w.to_f32(b).unwrap())
+    };
+    let c = {
+        let l = f32s(cpu, DType::F32, &[t, e], logits);
+        let bi = bias.map(|v| f32s(cpu, DType::F32, &[e], v));
+        let mut ids = Tensor::alloc(cpu, DType::U32, &[t, k]).unwrap();
+        let mut w = Tensor::alloc(cpu, DType::F32, &[t, k]).unwrap();
+        ops::router_topk(cpu, &l, bi.as_ref(), &routing, &mut ids, &mut w).unwrap();
+        (ids.to_u32(cpu).unwrap(), w.to_f32(cpu).unwrap())
+    };
+    assert_eq!(g.0, c.0, "ids differ: t {t} e {e} k {k} {routing:?}");
+    for (x, y) in g.1.iter().zip(&c.1) {
+        let ok = (x.is_nan() && y.is_nan()) || (x - y).abs() <= 1e-5 * y.abs().max(1e-3);
+        assert!(ok, "weights differ: {x} vs {y} (t {t} e {e} k {k} {routing:?})");
+    }
+}
+
+#[test]
+fn router_topk_matches_host() {
+    let b = gpu();
+    let cpu = CpuBackend::new();
+    let mut r = Rng(7);
+    let softmax = Routing::Softmax { norm_topk_prob: true };
+    for (t, e, k) in [(1, 1, 1), (7, 8, 2), (33, 16, 16), (5, 129, 7), (3, 384, 8), (2, 384, 384)] {
+        let l = r.vec(t * e, 4.0);
+        check_routing(&b, &cpu, t, e, k, softmax, &l, None);
+        check_routing(&b, &cpu, t, e, k, Routing::Softmax { norm_topk_prob: false }, &l, None);
+    }
+    // DeepSeek-V3-like and Kimi-K2-like grouped sigmoid routing, and odd groupings.
+    for (t, e, k, ng, tg) in [(9, 256, 8, 8, 4), (3, 384, 8, 1, 1), (5, 12, 3, 4, 2), (4, 6, 2, 6, 3), (2, 16, 16, 4, 4)] {
+        let l = r.vec(t * e, 3.0);
+        let bias = r.vec(e, 0.5);
+        let routing = Routing::SigmoidGrouped { n_group: ng, topk_group: tg, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        check_routing(&b, &cpu, t, e, k, routing, &l, Some(&bias));
+        let routing = Routing::SigmoidGrouped { n_group: ng, topk_group: tg, norm_topk_prob: false, routed_scaling_factor: 1.0 };
+        check_routing(&b, &cpu, t, e, k, routing, &l, None);
+    }
+    // Ties go to the lower index; NaN ranks below everything; -0 equals +0.
+    let l = vec![1.0, 3.0, 3.0, f32::NAN, 3.0, -0.0, 0.0, 2.0];
+    check_routing(&b, &cpu, 1, 8, 4, Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1.0 }, &l, None);
+    check_routing(&b, &cpu, 1, 8, 8, Routing::SigmoidGrouped { n_group: 4, topk_group: 4, norm_topk_prob: false, routed_scaling_factor: 1.0 }, &l, None);
+    let l = vec![0.5, 2.0, 2.0, -1.0, 2.0, 0.0, 0.0, 1.0];
+    check_routing(&b, &cpu, 1, 8, 5, softmax, &l, None);
+    let l = vec![0.5, f32::NAN, 2.0, -1.0];
+    check_routing(&b, &cpu, 1, 4, 3, softmax, &l, None);
+}
+
+fn permute_on<B: Backend>(b: &B, t: usize, k: usize, e: usize, ids: &[u32]) -> moe_hal::Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+    let idt = u32s(b, &[t, k], ids);
+    let mut off = poisoned(b, DType::U32, &[e + 1]);
+    let mut ri = poisoned(b, DType::U32, &[t * k]);
+    let mut ti = poisoned(b, DType::U32, &[t * k]);
+    ops::permute(b, &idt, &mut off, &mut ri, &mut ti)?;
+    b.synchronize()?;
+    Ok((off.to_u32(b)?, ri.to_u32(b)?, ti.to_u32(b)?))
+}
+
+#[test]
+fn permute_matches_host_and_flags_bad_ids() {
+    let b = gpu();
+    let cpu = CpuBackend::new();
+    let mut r = Rng(11);
+    for (t, k, e) in [(0, 2, 4), (1, 1, 1), (7, 2, 16), (33, 8, 8), (129, 3, 384), (300, 4, 5), (1000, 8, 256)] {
+        // Distinct experts per token (as routing gives), some experts idle.
+        let used = (e / 2).max(k);
+        let mut ids = Vec::with_capacity(t * k);
+        for _ in 0..t {
+            let mut row: Vec<u32> = Vec::new();
+            while row.len() < k {
+                let c = r.below(used) as u32;
+                if !row.contains(&c) {
+                    row.push(c);
+                }
+            }
+            ids.extend(row);
+        }
+        assert_eq!(permute_on(&b, t, k, e, &ids).unwrap(), permute_on(&cpu, t, k, e, &ids).unwrap(), "t {t} k {k} e {e}");
+    }
+    // k = E: every token picks every expert.
+    let ids: Vec<u32> = (0..5).flat_map(|_| (0..6u32).rev()).collect();
+    assert_eq!(permute_on(&b, 5, 6, 6, &ids).unwrap(), permute_on(&cpu, 5, 6, 6, &ids).unwrap());
+    // An id >= E is an InvalidArgument at the next blocking call, and the flag is then cleared.
+    let err = permute_on(&b, 2, 2, 16, &[1, 3, 99, 2]).unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains(">= 16")), "{err}");
+    b.synchronize().unwrap();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_on<B: Backend>(
+    b: &B,
+    dtype: DType,
+    x: &[f32],
+    mx: usize,
+    k: usize,
+    ti: Option<&[u32]>,
+    w: &[f32],
+    wshape: &[usize],
+    off: Option<&[u32]>,
+    m: usize,
+    n: usize,
+) -> moe_hal::Result<Vec<f32>> {
+    let xt = f32s(b, DType::F32, &[mx, k], x);
+    let tit = ti.map(|v| u32s(b, &[v.len()], v));
+    let wt = f32s(b, dtype, wshape, w);
+    let ot = off.map(|v| u32s(b, &[v.len()], v));
+    let mut y = poisoned(b, DType::F32, &[m, n]);
+    ops::grouped_gemm(b, &xt, tit.as_ref(), &wt, ot.as_ref(), &mut y)?;
+    y.to_f32(b)
+}
+
+fn random_offsets(r: &mut Rng, g: usize, rows: usize) -> Vec<u32> {
+    // Random cumulative offsets over `rows` rows with idle groups.
+    let mut cuts: Vec<u32> = (0..g - 1).map(|_| r.below(rows + 1) as u32).collect();
+    cuts.sort();
+    let mut off = vec![0u32];
+    off.extend(cuts);
+    off.push(rows as u32);
+    if g > 2 {
+        off[2] = off[1]; // group 1 idle
+    }
+    off
+}
+
+#[test]
+fn grouped_gemm_matches_host() {
+    let b = gpu();
+    let split = gpu().with_binding_limit(4096);
+    let cpu = CpuBackend::new();
+    let mut r = Rng(3);
+    // (M, N, K, G): gemv (M <= 4G) and tiled paths, sizes off 64/16/8/4 boundaries.
+    let shapes = [(1, 5, 129, 1), (3, 8, 64, 1), (2, 6, 7, 1), (7, 65, 33, 1), (33, 64, 128, 1), (129, 17, 129, 1), (127, 70, 64, 4), (129, 33, 7, 3), (7, 16, 64, 8), (33, 9, 130, 16)];
+    for &(m, n, k, g) in &shapes {
+        for dtype in DType::FLOATS {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-5 * 4.0 };
+            let grouped = g > 1 || n % 2 == 1;
+            let wshape: Vec<usize> = if grouped { vec![g, n, k] } else { vec![n, k] };
+            let w = r.vec(wshape.iter().product(), 1.0);
+            // With a gather index (rows read from unsorted x) and without.
+            for gather in [false, true] {
+                let mx = if gather { m / 2 + 1 } else { m };
+                let x = r.vec(mx * k, 1.0);
+                let ti: Option<Vec<u32>> = gather.then(|| (0..m).map(|_| r.below(mx) as u32).collect());
+                // Offsets ending before M leave zero rows at the end.
+                let off = grouped.then(|| random_offsets(&mut r, g, if m > 3 { m - 2 } else { m }));
+                let want = gemm_on(&cpu, dtype, &x, mx, k, ti.as_deref(), &w, &wshape, off.as_deref(), m, n).unwrap();
+                for (name, be) in [("one binding", &b), ("split", &split)] {
+                    let got = gemm_on(be, dtype, &x, mx, k, ti.as_deref(), &w, &wshape, off.as_deref(), m, n).unwrap();
+                    let err = rel_l2(&got, &want);
+                    assert!(err <= tol, "{name} {dtype} m {m} n {n} k {k} g {g} gather {gather}: rel l2 {err}");
+                    if let Some(o) = &off {
+                        let end = *o.last().unwrap() as usize;
+                        assert!(got[end * n..].iter().all(|v| *v == 0.0), "rows past expert_offsets[G] must be zero");
+                    }
+                }
+            }
+        }
+    }
+    // A plain [N, K] weight split on rows (as a too-large router or shared expert would be), both paths.
+    for (m, n, k) in [(2, 37, 24), (70, 37, 21)] {
+        for dtype in DType::FLOATS {
+            let w = r.vec(n * k, 1.0);
+            let x = r.vec(m * k, 1.0);
+            let want = gemm_on(&cpu, dtype, &x, m, k, None, &w, &[n, k], None, m, n).unwrap();
+            let wt = Tensor::<WgpuBackend> { buf: b.make_buffer_within(dtype, &[n, k], Some(&dtype.encode(&w)), 256).unwrap(), dtype, shape: vec![n, k] };
+            assert!(wt.buf.parts() > 2);
+            let mut y = poisoned(&b, DType::F32, &[m, n]);
+            ops::grouped_gemm(&b, &f32s(&b, DType::F32, &[m, k], &x), None, &wt, None, &mut y).unwrap();
+            let err = rel_l2(&y.to_f32(&b).unwrap(), &want);
+            assert!(err < 1e-4, "split [N, K] {dtype} m {m}: rel l2 {err}");
+        }
+    }
+    // The expert cap splits 3-D weights only.
+    let wt = f32s(&split, DType::F32, &[4, 70, 64], &vec![0.0; 4 * 70 * 64]);
+    assert!(wt.buf.parts() > 4);
+    assert_eq!(f32s(&split, DType::F32, &[129, 130], &vec![0.0; 129 * 130]).buf.parts(), 1);
+    // K = 0: y is zeros.
+    let got = gemm_on(&b, DType::F32, &[], 3, 0, None, &[], &[2, 4, 0], Some(&[0, 1, 3]), 3, 4).unwrap();
+    assert_eq!(got, vec![0.0; 12]);
+}
+
+#[test]
+fn grouped_gemm_flags_bad_offsets_and_indices() {
+    let b = gpu();
+    let (m, n, k, g) = (6, 4, 8, 3);
+    let x = vec![1.0; m * k];
+    let w = vec![1.0; g * n * k];
+    type Case<'a> = (&'a [u32], Option<&'a [u32]>, &'a str);
+    let cases: [Case; 4] = [
+        (&[0, 4, 2, 6], None, "cumulative"),
+        (&[1, 2, 3, 6], None, "start at 0"),
+        (&[0, 2, 4, 9], None, "ends at 9"),
+        (&[0, 2, 4, 6], Some(&[0, 1, 2, 3, 4, 77]), "token_index holds 77"),
+    ];
+    for (off, ti, msg) in cases {
+        let err = gemm_on(&b, DType::BF16, &x, m, k, ti, &w, &[g, n, k], Some(off), m, n).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(s) if s.contains(msg)), "{msg}: {err}");
+    }
+    b.synchronize().unwrap();
+}
+
+#[test]
+fn activation_and_combine_match_host() {
+    let b = gpu();
+    let cpu = CpuBackend::new();
+    let mut r = Rng(5);
+    for (m, i) in [(1, 1), (7, 33), (33, 64), (129, 3)] {
+        let gu = r.vec(m * 2 * i, 6.0);
+        let got = {
+            let mut h = poisoned(&b, DType::F32, &[m, i]);
+            ops::activation(&b, &f32s(&b, DType::F32, &[m, 2 * i], &gu), &mut h).unwrap();
+            h.to_f32(&b).unwrap()
+        };
+        let mut h = Tensor::alloc(&cpu, DType::F32, &[m, i]).unwrap();
+        ops::activation(&cpu, &f32s(&cpu, DType::F32, &[m, 2 * i], &gu), &mut h).unwrap();
+        assert!(rel_l2(&got, &h.to_f32(&cpu).unwrap()) < 1e-6, "activation m {m} i {i}");
+    }
+    for (t, k, h, shared) in [(1, 1, 1, false), (7, 2, 33, true), (33, 8, 64, true), (5, 3, 7, false)] {
+        let y = r.vec(t * k * h, 1.0);
+        let tw = r.vec(t * k, 1.0);
+        let mut ri: Vec<u32> = (0..(t * k) as u32).collect();
+        for i in (1..ri.len()).rev() {
+            ri.swap(i, r.below(i + 1));
+        }
+        let sh = r.vec(t * h, 1.0);
+        let got = {
+            let s = shared.then(|| f32s(&b, DType::F32, &[t, h], &sh));
+            let mut out = poisoned(&b, DType::F32, &[t, h]);
+            ops::combine(&b, &f32s(&b, DType::F32, &[t * k, h], &y), &u32s(&b, &[t * k], &ri), &f32s(&b, DType::F32, &[t, k], &tw), s.as_ref(), &mut out).unwrap();
+            out.to_f32(&b).unwrap()
+        };
+        let s = shared.then(|| f32s(&cpu, DType::F32, &[t, h], &sh));
+        let mut out = Tensor::alloc(&cpu, DType::F32, &[t, h]).unwrap();
+        ops::combine(&cpu, &f32s(&cpu, DType::F32, &[t * k, h], &y), &u32s(&cpu, &[t * k], &ri), &f32s(&cpu, DType::F32, &[t, k], &tw), s.as_ref(), &mut out).unwrap();
+        assert!(rel_l2(&got, &out.to_f32(&cpu).unwrap()) < 1e-6, "combine t {t} k {k} h {h}");
+    }
+    // A row_index past the rows of y is flagged, not read.
+    let mut out = poisoned(&b, DType::F32, &[1, 4]);
+    ops::combine(&b, &f32s(&b, DType::F32, &[2, 4], &[1.0; 8]), &u32s(&b, &[2], &[0, 5]), &f32s(&b, DType::F32, &[1, 2], &[1.0, 1.0]), None, &mut out).unwrap();
+    let err = b.synchronize().unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(s) if s.contains("row_index holds 5")), "{err}");
+}
+
+fn random_layer(r: &mut Rng, config: MoeConfig, dtype: DType) -> HostLayer {
+    let (h, i, e, s) = (config.hidden, config.intermediate, config.experts, config.shared_intermediate);
+    let t = |shape: &[usize], scale: f32, r: &mut Rng| HostTensor::from_f32(dtype, shape, &r.vec(shape.iter().product(), scale)).unwrap();
+    let router = t(&[e, h], 1.0, r);
+    let gate_up = t(&[e, 2 * i, h], 0.3, r);
+    let down = t(&[e, h, i], 0.3, r);
+    let bias = matches!(config.routing, Routing::SigmoidGrouped { .. }).then(|| HostTensor::from_f32(DType::F32, &[e], &r.vec(e, 0.1)).unwrap());
+    let (sgu, sd) = if s > 0 { (Some(t(&[2 * s, h], 0.3, r)), Some(t(&[h, s], 0.3, r))) } else { (None, None) };
+    HostLayer { config, dtype, router, bias, gate_up, down, shared_gate_up: sgu, shared_down: sd }
+}
+
+fn forward_on<B: Backend>(b: &B, layer: &HostLayer, x: &[f32], t: usize) -> (Vec<f32>, Vec<u32>) {
+    let c = &layer.config;
+    let l = Layer::upload(b, layer).unwrap();
+    let xt = f32s(b, DType::F32, &[t, c.hidden], x);
+    let mut out = poisoned(b, DType::F32, &[t, c.hidden]);
+    let mut ids = poisoned(b, DType::U32, &[t, c.top_k]);
+    let mut w = poisoned(b, DType::F32, &[t, c.top_k]);
+    ops::forward(b, &l, &xt, &mut out, &mut ids, &mut w).unwrap();
+    (out.to_f32(b).unwrap(), ids.to_u32(b).unwrap())
+}
+
+#[test]
+fn forward_matches_host() {
+    let b = gpu();
+    let split = gpu().with_binding_limit(8192);
+    let cpu = CpuBackend::new();
+    let mut r = Rng(9);
+    let deepseek = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    let configs = [
+        (MoeConfig { hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 }, 7),
+        (MoeConfig { hidden: 72, intermediate: 24, experts: 16, top_k: 4, routing: deepseek, shared_intermediate: 48 }, 33),
+        (MoeConfig { hidden: 33, intermediate: 7, experts: 6, top_k: 6, routing: Routing::Softmax { norm_topk_prob: false }, shared_intermediate: 5 }, 3),
+        (MoeConfig { hidden: 64, intermediate: 16, experts: 32, top_k: 8, routing: deepseek, shared_intermediate: 16 }, 1),
+    ];
+    for (config, t) in configs {
+        for dtype in DType::FLOATS {
+            let layer = random_layer(&mut r, config.clone(), dtype);
+            let x = r.vec(t * config.hidden, 1.0);
+            let (want, want_ids) = forward_on(&cpu, &layer, &x, t);
+            for (name, be) in [("one binding", &b), ("split", &split)] {
+                let (got, ids) = forward_on(be, &layer, &x, t);
+                assert_eq!(ids, want_ids, "{name} {dtype} {config:?}");
+                let err = rel_l2(&got, &want);
+                assert!(err < 1e-4, "{name} {dtype} t {t} {config:?}: rel l2 {err}");
+            }
+        }
+    }
+}

@@ -1,0 +1,423 @@
+// grouped_gemm: y [M, N] f32 = x[src(r)] . w[g]^T for the rows r of each group g.
+//
+// The host prepends two constants to this file:
+//   const DT: u32   storage dtype of w: 0 f32, 1 f16, 2 bf16 (read from u32 words; f16 with
+//                   unpack2x16float, bf16 as the high half of an f32). Accumulation is f32.
+//   const VEC: bool the aligned path: K % 4 == 0 (tiled) or K % 8 == 0 (gemv), so rows start on
+//                   whole vectors and loads are vec4; otherwise element loads with bounds checks.
+//
+// Entry points (the host picks one from shapes only, never from device data):
+//   prep   validates expert_offsets and token_index (flags in errs, no out-of-bounds access) and
+//          writes zeros to the rows past expert_offsets[G]. Runs once per call.
+//   tiled  many rows per expert: a 64x64 tile of y per workgroup, 16-deep K slices of x and w
+//          staged in workgroup memory, a 4x4 block of outputs per invocation. A tile finds the
+//          groups its rows belong to by binary search in expert_offsets and loops over them.
+//   gemv   few rows per expert (decode): a workgroup owns 16 weight rows of one expert and streams
+//          them once (coalesced vec4 loads, 32 invocations per row), for up to 4 of the expert's
+//          token rows at a time; partial sums are reduced in workgroup memory. The grid has one
+//          slot per group, or, when M < G (decode: most experts idle), one slot per row of y where
+//          only the first row of each group works, so idle experts cost no launch at all.
+// Both run once per native part of w, which holds the rows [row0, row1) of the [G * N, K] view
+// (whole experts unless one expert exceeds a binding); columns outside it are left to other parts.
+
+struct Params {
+    m: u32,       // rows of y
+    n: u32,       // columns of y (rows of one expert's weight)
+    k: u32,       // reduction length
+    mx: u32,      // rows of x
+    g: u32,       // groups G (1 without offsets)
+    grouped: u32, // expert_offsets given
+    gather: u32,  // token_index given
+    g0: u32,      // first group of this part
+    g1: u32,      // one past the last group of this part
+    row0: u32,    // first row of the [G * N, K] view in this part
+    row1: u32,    // one past the last
+    tiles_n: u32, // column tiles per row tile (tiled) or per group (gemv)
+    total_wg: u32,// workgroups that do work
+    zero_all: u32,// prep: zero every row (K = 0)
+    by_row: u32,  // gemv: workgroup slots are rows of y (M < G), not groups
+    _p1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> ti: array<u32>;
+@group(0) @binding(3) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> off: array<u32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read_write> errs: array<atomic<u32>>;
+
+// ---- shared helpers ----
+
+// expert_offsets[g] clamped to M (the whole range without offsets).
+fn offset(g: u32) -> u32 {
+    if (p.grouped == 0u) {
+        return select(0u, p.m, g > 0u);
+    }
+    return min(off[g], p.m);
+}
+
+// The group of row r: the largest g < G with offset(g) <= r (0 when none). Always < G, whatever
+// the offsets hold.
+fn group_of(r: u32) -> u32 {
+    var lo = 1u;
+    var hi = p.g;
+    while (lo < hi) {
+        let mid = (lo + hi) / 2u;
+        if (offset(mid) > r) {
+            hi = mid;
+        } else {
+            lo = mid + 1u;
+        }
+    }
+    return lo - 1u;
+}
+
+// The x row holding row r of y; p.mx when out of range (read as zeros, flagged by prep).
+fn source(r: u32) -> u32 {
+    if (p.gather != 0u) {
+        return min(ti[r], p.mx);
+    }
+    return r;
+}
+
+fn x1(row: u32, col: u32) -> f32 {
+    let i = row * p.k + col;
+    return x[i >> 2u][i & 3u];
+}
+
+// Weight element i (local to this part) as f32.
+fn w1(i: u32) -> f32 {
+    if (DT == 0u) {
+        return bitcast<f32>(w[i >> 2u][i & 3u]);
+    }
+    let word = w[i >> 3u][(i >> 1u) & 3u];
+    let h = select(word & 0xffffu, word >> 16u, (i & 1u) != 0u);
+    if (DT == 1u) {
+        return unpack2x16float(h).x;
+    }
+    return bitcast<f32>(h << 16u);
+}
+
+fn unpack2(word: u32) -> vec2<f32> {
+    if (DT == 1u) {
+        return unpack2x16float(word);
+    }
+    return vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
+}
+
+// Four weight elements from i, i % 4 == 0.
+fn w4(i: u32) -> vec4<f32> {
+    if (DT == 0u) {
+        return bitcast<vec4<f32>>(w[i >> 2u]);
+    }
+    let v = w[i >> 3u];
+    let pair = select(v.xy, v.zw, (i & 4u) != 0u);
+    return vec4<f32>(unpack2(pair.x), unpack2(pair.y));
+}
+
+// The columns of group g that this part holds, intersected with [c0, c1).
+fn cols(g: u32, c0: u32, c1: u32) -> vec2<u32> {
+    let gn = g * p.n;
+    var lo = c0;
+    if (p.row0 > gn) {
+        lo = max(lo, p.row0 - gn);
+    }
+    var hi = min(c1, p.n);
+    hi = min(hi, p.row1 - min(p.row1, gn));
+    return vec2<u32>(lo, hi);
+}
+
+// ---- prep: validation and the zero tail ----
+
+@compute @workgroup_size(256)
+fn prep(@builtin(global_invocation_id) gid3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i0 = gid3.x;
+    let stride = nwg.x * 256u;
+    if (p.grouped != 0u) {
+        if (i0 == 0u) {
+            if (off[0] != 0u) {
+                atomicOr(&errs[3], 1u);
+            }
+            if (off[p.g] > p.m) {
+                atomicOr(&errs[3], 4u);
+                atomicMax(&errs[4], off[p.g]);
+                atomicMax(&errs[5], p.m);
+            }
+        }
+        for (var g = i0; g < p.g; g += stride) {
+            if (off[g + 1u] < off[g]) {
+                atomicOr(&errs[3], 2u);
+            }
+        }
+    }
+    if (p.gather != 0u) {
+        for (var r = i0; r < p.m; r += stride) {
+            if (ti[r] >= p.mx) {
+                atomicOr(&errs[6], 1u);
+                atomicMax(&errs[7], ti[r]);
+                atomicMax(&errs[8], p.mx);
+            }
+        }
+    }
+    var end = offset(p.g);
+    if (p.zero_all != 0u) {
+        end = 0u;
+    }
+    for (var i = end * p.n + i0; i < p.m * p.n; i += stride) {
+        y[i] = 0.0;
+    }
+}
+
+// ---- tiled: many rows per group ----
+
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
+var<workgroup> xs: array<vec4<f32>, 256>; // [BK][BM / 4]
+var<workgroup> ws: array<vec4<f32>, 256>; // [BK][BN / 4]
+
+fn load_x4(ok: bool, src: u32, kk: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (!ok) {
+        return v;
+    }
+    if (VEC) {
+        if (kk < p.k) {
+            v = x[(src * p.k + kk) >> 2u];
+        }
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (kk + j < p.k) {
+                v[j] = x1(src, kk + j);
+            }
+        }
+    }
+    return v;
+}
+
+fn load_w4(ok: bool, wrow: u32, kk: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (!ok) {
+        return v;
+    }
+    if (VEC) {
+        if (kk < p.k) {
+            v = w4(wrow * p.k + kk);
+        }
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (kk + j < p.k) {
+                v[j] = w1(wrow * p.k + kk + j);
+            }
+        }
+    }
+    return v;
+}
+
+@compute @workgroup_size(256)
+fn tiled(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let wid = wid3.x + wid3.y * nwg.x;
+    if (wid >= p.total_wg) {
+        return;
+    }
+    let m0 = (wid / p.tiles_n) * BM;
+    let n0 = (wid % p.tiles_n) * BN;
+    let m_end = min(m0 + BM, p.m);
+    let ga = max(group_of(m0), p.g0);
+    let gb = min(group_of(m_end - 1u) + 1u, p.g1);
+
+    let tx = lid % 16u; // output columns n0 + 4 tx ..
+    let ty = lid / 16u; // output rows m0 + 4 ty ..
+    let lr = lid / 4u;  // the x row / w row this invocation stages
+    let lk = (lid % 4u) * 4u;
+
+    for (var g = ga; g < gb; g++) {
+        let r_lo = max(offset(g), m0);
+        let r_hi = min(offset(g + 1u), m_end);
+        let c = cols(g, n0, n0 + BN);
+        if (r_lo >= r_hi || c.x >= c.y) {
+            continue;
+        }
+        let xr = m0 + lr;
+        var x_ok = xr >= r_lo && xr < r_hi;
+        var src = 0u;
+        if (x_ok) {
+            src = source(xr);
+            x_ok = src < p.mx;
+        }
+        let wn = n0 + lr;
+        let w_ok = wn >= c.x && wn < c.y;
+        let wrow = g * p.n + wn - p.row0;
+
+        var acc0 = vec4<f32>(0.0);
+        var acc1 = vec4<f32>(0.0);
+        var acc2 = vec4<f32>(0.0);
+        var acc3 = vec4<f32>(0.0);
+        for (var k0 = 0u; k0 < p.k; k0 += BK) {
+            let xv = load_x4(x_ok, src, k0 + lk);
+            let wv = load_w4(w_ok, wrow, k0 + lk);
+            for (var j = 0u; j < 4u; j++) {
+                xs[(lk + j) * 16u + lr / 4u][lr % 4u] = xv[j];
+                ws[(lk + j) * 16u + lr / 4u][lr % 4u] = wv[j];
+            }
+            workgroupBarrier();
+            for (var kk = 0u; kk < BK; kk++) {
+                let a = xs[kk * 16u + ty];
+                let b = ws[kk * 16u + tx];
+                acc0 += a.x * b;
+                acc1 += a.y * b;
+                acc2 += a.z * b;
+                acc3 += a.w * b;
+            }
+            workgroupBarrier();
+        }
+        let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+        for (var i = 0u; i < 4u; i++) {
+            let r = m0 + ty * 4u + i;
+            if (r < r_lo || r >= r_hi) {
+                continue;
+            }
+            for (var j = 0u; j < 4u; j++) {
+                let col = n0 + tx * 4u + j;
+                if (col >= c.x && col < c.y) {
+                    y[r * p.n + col] = accs[i][j];
+                }
+            }
+        }
+    }
+}
+
+// ---- gemv: few rows per group ----
+
+const TEAM: u32 = 32u;  // invocations per weight row
+const NR: u32 = 2u;     // weight rows per team
+const RB: u32 = 4u;     // token rows per pass
+const COLS: u32 = 16u;  // weight rows per workgroup: 256 / TEAM * NR
+var<workgroup> red: array<f32, 2048>; // [NR * RB][256]
+
+struct V8 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+// Eight weight elements from i, i % 8 == 0.
+fn w8(i: u32) -> V8 {
+    if (DT == 0u) {
+        return V8(bitcast<vec4<f32>>(w[i >> 2u]), bitcast<vec4<f32>>(w[(i >> 2u) + 1u]));
+    }
+    let v = w[i >> 3u];
+    return V8(vec4<f32>(unpack2(v.x), unpack2(v.y)), vec4<f32>(unpack2(v.z), unpack2(v.w)));
+}
+
+@compute @workgroup_size(256)
+fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let wid = wid3.x + wid3.y * nwg.x;
+    if (wid >= p.total_wg) {
+        return;
+    }
+    let nb = (wid % p.tiles_n) * COLS;
+    let slot = wid / p.tiles_n;
+    var g = p.g0 + slot;
+    if (p.by_row != 0u) {
+        g = group_of(slot);
+        if (g < p.g0 || offset(g) != slot) {
+            return; // not the first row of its group: another workgroup has the group
+        }
+    }
+    if (g >= p.g1) {
+        return;
+    }
+    let r_lo = offset(g);
+    let r_hi = max(offset(g + 1u), r_lo);
+    let c = cols(g, nb, nb + COLS);
+    if (r_lo >= r_hi || c.x >= c.y) {
+        return; // an idle expert costs one launch
+    }
+    let team = lid / TEAM;
+    let lane = lid % TEAM;
+    var wok: array<bool, NR>;
+    var wrow: array<u32, NR>;
+    for (var i = 0u; i < NR; i++) {
+        let n = nb + team * NR + i;
+        wok[i] = n >= c.x && n < c.y;
+        wrow[i] = g * p.n + n - p.row0;
+    }
+
+    for (var rb = r_lo; rb < r_hi; rb += RB) {
+        var acc: array<f32, 8>; // [NR][RB]
+        var xok: array<bool, RB>;
+        var src: array<u32, RB>;
+        for (var q = 0u; q < RB; q++) {
+            acc[q] = 0.0;
+            acc[RB + q] = 0.0;
+            let r = rb + q;
+            xok[q] = r < r_hi;
+            src[q] = 0u;
+            if (xok[q]) {
+                src[q] = source(r);
+                xok[q] = src[q] < p.mx;
+            }
+        }
+        if (VEC) {
+            for (var kk = lane * 8u; kk < p.k; kk += TEAM * 8u) {
+                var xa: array<vec4<f32>, RB>;
+                var xb: array<vec4<f32>, RB>;
+                for (var q = 0u; q < RB; q++) {
+                    xa[q] = vec4<f32>(0.0);
+                    xb[q] = vec4<f32>(0.0);
+                    if (xok[q]) {
+                        let xi = (src[q] * p.k + kk) >> 2u;
+                        xa[q] = x[xi];
+                        xb[q] = x[xi + 1u];
+                    }
+                }
+                for (var i = 0u; i < NR; i++) {
+                    if (!wok[i]) {
+                        continue;
+                    }
+                    let wv = w8(wrow[i] * p.k + kk);
+                    for (var q = 0u; q < RB; q++) {
+                        acc[i * RB + q] += dot(xa[q], wv.a) + dot(xb[q], wv.b);
+                    }
+                }
+            }
+        } else {
+            for (var kk = lane; kk < p.k; kk += TEAM) {
+                for (var i = 0u; i < NR; i++) {
+                    if (!wok[i]) {
+                        continue;
+                    }
+                    let wv = w1(wrow[i] * p.k + kk);
+                    for (var q = 0u; q < RB; q++) {
+                        if (xok[q]) {
+                            acc[i * RB + q] += x1(src[q], kk) * wv;
+                        }
+                    }
+                }
+            }
+        }
+        for (var j = 0u; j < NR * RB; j++) {
+            red[j * 256u + lid] = acc[j];
+        }
+        workgroupBarrier();
+        if (lid < COLS * RB) {
+            let col = lid / RB;
+            let q = lid % RB;
+            let t = col / NR;
+            let i = col % NR;
+            var s = 0.0;
+            for (var l = 0u; l < TEAM; l++) {
+                s += red[(i * RB + q) * 256u + t * TEAM + l];
+            }
+            let r = rb + q;
+            let n = nb + col;
+            if (r < r_hi && n >= c.x && n < c.y) {
+                y[r * p.n + n] = s;
+            }
+        }
+        workgroupBarrier();
+    }
+}

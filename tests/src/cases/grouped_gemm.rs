@@ -1,0 +1,121 @@
+//! `grouped_gemm` for weights in f32, f16 and bf16: the dense router GEMM, grouped expert GEMMs
+//! with and without the gather index, empty experts, rows past the last offset (written as zero),
+//! M = 0 and 1, sizes one off every tile boundary (15/16/17 .. 127/128/129), K = 7168.
+
+use crate::check::*;
+use crate::oracle;
+use crate::rng::Rng;
+use crate::runner::Case;
+use moe_hal::{ops, Backend, DType, Op};
+
+/// How the rows of `y` map onto groups of weights.
+#[derive(Debug, Clone)]
+pub enum Layout {
+    /// One plain GEMM, `w [N, K]`, no offsets: `M = Mx` rows.
+    Dense { m: usize },
+    /// `w [G, N, K]` with `sizes[g]` rows per group and `tail` rows past the last offset; with
+    /// `gather`, each row reads a random row of `x [mx, K]`, else `x` has `M` rows.
+    Grouped { sizes: Vec<usize>, tail: usize, gather: Option<usize> },
+    /// The gate/up projection of a layer: the plan of `tokens` tokens routed to `top_k` of
+    /// `experts` experts, rows gathered by the plan's token_index.
+    Planned { tokens: usize, experts: usize, top_k: usize },
+}
+
+/// Group name of the grouped_gemm cases for `dtype`.
+pub fn group(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "grouped_gemm_f16",
+        DType::BF16 => "grouped_gemm_bf16",
+        _ => "grouped_gemm_f32",
+    }
+}
+
+/// Builds the data for `layout`, runs `grouped_gemm` with weights in `dtype`, compares with the
+/// oracle, and checks rows past the last offset are exactly zero.
+pub fn check_gemm<B: Backend>(b: &B, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
+    let mut rng = Rng::from_name(seed);
+    // (rows of x, rows of y, groups, offsets, gather index)
+    let (mx, m, g, offsets, gather): (usize, usize, usize, Option<Vec<u32>>, Option<Vec<u32>>) = match layout {
+        Layout::Dense { m } => (*m, *m, 1, None, None),
+        Layout::Grouped { sizes, tail, gather } => {
+            let m = sizes.iter().sum::<usize>() + tail;
+            let mut off = vec![0u32];
+            for s in sizes {
+                off.push(off.last().unwrap() + *s as u32);
+            }
+            let mx = gather.unwrap_or(m);
+            let ti = gather.map(|mx| (0..m).map(|_| rng.below(mx) as u32).collect());
+            (mx, m, sizes.len(), Some(off), ti)
+        }
+        Layout::Planned { tokens, experts, top_k } => {
+            let ids = super::random_ids(&mut rng, *tokens, *experts, *top_k);
+            let plan = oracle::permute(&ids, *top_k, *experts).map_err(Fail::Wrong)?;
+            (*tokens, tokens * top_k, *experts, Some(plan.expert_offsets), Some(plan.token_index))
+        }
+    };
+    let x = rng.vec_f32(mx * k, 1.0);
+    let wv = rng.vec_f32(g * n * k, 1.0 / (k as f64).sqrt());
+    let w_shape: Vec<usize> = if offsets.is_some() { vec![g, n, k] } else { vec![n, k] };
+
+    let xt = f32_tensor(b, &[mx, k], &x)?;
+    let (wt, w64) = weight_tensor(b, dtype, &w_shape, &wv)?;
+    let ot = offsets.as_ref().map(|o| u32_tensor(b, &[g + 1], o)).transpose()?;
+    let tt = gather.as_ref().map(|t| u32_tensor(b, &[m], t)).transpose()?;
+    let mut y = poisoned_f32(b, &[m, n])?;
+    ops::grouped_gemm(b, &xt, tt.as_ref(), &wt, ot.as_ref(), &mut y).ctx("grouped_gemm")?;
+    let got = read_f32(b, &y)?;
+    let want = oracle::grouped_gemm(&oracle::widen(&x), k, gather.as_deref(), &w64, n, offsets.as_deref(), m).map_err(Fail::Wrong)?;
+    let err = close("y", &got, &want, op_tolerance(Some(dtype), k))?;
+    if let Some(off) = &offsets {
+        let end = *off.last().unwrap() as usize * n;
+        if let Some(i) = got[end..].iter().position(|&v| v != 0.0) {
+            return wrong!("y: row {} is past expert_offsets[G] = {} and must be written as zero, element {} is {}", (end + i) / n, off.last().unwrap(), (end + i) % n, got[end + i]);
+        }
+    }
+    Ok(err)
+}
+
+fn case<B: Backend>(dtype: DType, name: &str, layout: Layout, n: usize, k: usize) -> Case<B> {
+    let group = group(dtype);
+    let shape = match &layout {
+        Layout::Dense { m } => format!("M={m} N={n} K={k} dense"),
+        Layout::Grouped { sizes, tail, gather } => {
+            let g = if sizes.len() <= 8 { format!("{sizes:?}") } else { format!("{} groups", sizes.len()) };
+            format!("M={} N={n} K={k} rows/group {g}{}{}", sizes.iter().sum::<usize>() + tail, if *tail > 0 { format!(" +{tail} past end") } else { String::new() }, gather.map_or(String::new(), |mx| format!(" gather from {mx}")))
+        }
+        Layout::Planned { tokens, experts, top_k } => format!("T={tokens} E={experts} k={top_k} N={n} K={k} gather"),
+    };
+    let seed = format!("{group}/{name}");
+    Case::new(group, name, Op::GroupedGemm, Some(dtype), shape, move |b: &B| check_gemm(b, dtype, &layout, n, k, &seed))
+}
+
+/// The grouped_gemm cases for one weight dtype.
+pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
+    let grouped = |sizes: &[usize], tail: usize, gather: Option<usize>| Layout::Grouped { sizes: sizes.to_vec(), tail, gather };
+    let mut sparse = vec![0usize; 64];
+    sparse[5] = 2;
+    sparse[63] = 1;
+    vec![
+        case(dtype, "dense_router_m33", Layout::Dense { m: 33 }, 63, 129),
+        case(dtype, "dense_m1_n257", Layout::Dense { m: 1 }, 257, 127),
+        case(dtype, "dense_m17_n16_k31", Layout::Dense { m: 17 }, 16, 31),
+        case(dtype, "dense_m16_n17_k33", Layout::Dense { m: 16 }, 17, 33),
+        case(dtype, "dense_m0", Layout::Dense { m: 0 }, 8, 16),
+        case(dtype, "grouped_e8_empty_groups", grouped(&[5, 0, 17, 1, 0, 0, 33, 2], 0, None), 33, 65),
+        case(dtype, "grouped_down_off_tiles", grouped(&[16, 15, 17, 0], 0, None), 129, 63),
+        case(dtype, "grouped_tiles_64_128", grouped(&[64, 1], 0, None), 129, 128),
+        case(dtype, "grouped_m65_k127", grouped(&[32, 33], 0, None), 64, 127),
+        case(dtype, "grouped_rows_past_end", grouped(&[2, 3, 1], 4, None), 31, 32),
+        case(dtype, "grouped_one_group_m100", grouped(&[100], 0, None), 48, 96),
+        case(dtype, "grouped_e64_two_used", grouped(&sparse, 0, None), 32, 64),
+        case(dtype, "grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),
+        case(dtype, "gather_gate_up", Layout::Planned { tokens: 13, experts: 16, top_k: 3 }, 66, 129),
+        case(dtype, "gather_t1_e256_k8", Layout::Planned { tokens: 1, experts: 256, top_k: 8 }, 32, 64),
+        case(dtype, "gather_repeated_rows_past_end", grouped(&[3, 0, 4], 2, Some(5)), 17, 33),
+        case(dtype, "gather_k7168", grouped(&[2, 0, 3], 0, Some(4)), 17, 7168),
+    ]
+}
+
+pub fn cases<B: Backend>() -> Vec<Case<B>> {
+    DType::FLOATS.iter().flat_map(|&d| cases_for(d)).collect()
+}
