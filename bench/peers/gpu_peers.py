@@ -23,10 +23,14 @@ is not timed, and the script exits 1.
     python bench/peers/gpu_peers.py --preset deepseek-v3 --json gpu-peers.json
     moe bench --backend wgpu --preset deepseek-v3 --compare gpu-peers.json
 
+--tune picks the Triton block config per token count by timing 8 candidates; --cuda-graphs also
+times each peer replaying one captured CUDA graph per batch (runs named <peer>+cudagraph).
+
 --dry-run runs what can run without a GPU: the routing against its spec, the reference against a
 per-pair f64 loop, the block alignment's invariants, the grouped_mm peer on the CPU, the Triton
-kernel under TRITON_INTERPRET=1 (f32 and f16; the interpreter cannot do bf16 dots), then the whole
-benchmark path on the CPU at a tiny shape.
+kernel under TRITON_INTERPRET=1 (f32 and f16; the interpreter cannot do bf16 dots), an
+ahead-of-time compile of the kernel for sm90, then the whole benchmark path on the CPU at a tiny
+shape.
 """
 
 from __future__ import annotations

@@ -45,6 +45,12 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error (a bug in moe, please report it): {info}");
     }));
+    // Mesa's Vulkan drivers complain on stderr when XDG_RUNTIME_DIR is unset (as in CI and
+    // containers) although compute needs no display; give them a harmless value.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: nothing else runs yet: no thread can read the environment concurrently.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Demo(demo::DemoArgs::default())) {
         Command::Demo(a) => demo::demo(&a),

@@ -228,3 +228,57 @@ fn demo_runs_and_checks_itself() {
         assert!(s.contains(needle), "{needle} missing from:\n{s}");
     }
 }
+
+/// `moe conform` writes a complete support matrix (Markdown and JSON) with every cell passing, for
+/// every backend checked here.
+#[test]
+fn conform_writes_a_complete_passing_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    for backend in backends() {
+        let base = dir.path().join(format!("matrix-{backend}"));
+        let o = moe(&["conform", "--backend", &backend, "--report", base.to_str().unwrap()]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{backend}: {out}{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.with_extension("json")).unwrap()).unwrap();
+        let cases = json["cases"].as_array().unwrap();
+        assert!(cases.len() > 100, "{backend}: only {} cases", cases.len());
+        for c in cases {
+            assert_eq!(c["result"], "pass", "{backend}: {c}");
+        }
+        let md = std::fs::read_to_string(base.with_extension("md")).unwrap();
+        for op in ["router_topk", "permute", "grouped_gemm", "activation", "combine", "forward"] {
+            assert!(md.contains(&format!("| {op} |")), "{backend}: {op} missing from the matrix");
+        }
+        let passing_rows = md.lines().filter(|l| l.split('|').map(str::trim).nth(5) == Some("pass")).count();
+        assert_eq!(passing_rows, cases.len(), "{backend}: every case is a passing row");
+    }
+    // A filter that matches nothing is an error, not an empty success.
+    let o = moe(&["conform", "--backend", "cpu", "--filter", "no-such-case"]);
+    assert!(!o.status.success() && stderr(&o).contains("no conformance case"));
+}
+
+/// The bench is a tool, not a timed test: this only proves it runs end to end on a tiny shape
+/// (table, JSON, plot, comparison).
+#[test]
+fn bench_runs_end_to_end_on_a_tiny_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("b.json");
+    let svg = dir.path().join("b.svg");
+    let o = moe(&["bench", "--backend", "cpu", "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4", "--tokens", "1,3", "--iters", "2", "--warmup", "1", "--json", json.to_str().unwrap(), "--plot", svg.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(out.contains("of floor") && out.contains("GB/s"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["runs"][0]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let (t, f) = (r["time_s"].as_f64().unwrap(), r["floor_s"].as_f64().unwrap());
+        assert!(t > 0.0 && f > 0.0 && r["bytes"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let o = moe(&["bench", "--backend", "cpu", "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4", "--tokens", "1,3", "--iters", "2", "--warmup", "1", "--compare", json.to_str().unwrap()]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ratio"), "{}", stderr(&o));
+    // Bad flags are one sentence.
+    let o = moe(&["bench", "--backend", "cpu", "--tokens", "0"]);
+    assert!(!o.status.success() && stderr(&o).starts_with("error: "), "{}", stderr(&o));
+}

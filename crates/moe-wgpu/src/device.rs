@@ -78,7 +78,7 @@ fn host_memory_bytes() -> u64 {
 }
 
 /// The largest device-local Vulkan memory heap, when the adapter is a Vulkan one.
-fn vulkan_device_local_bytes(adapter: &wgpu::Adapter) -> Option<u64> {
+pub(crate) fn vulkan_device_local_bytes(adapter: &wgpu::Adapter) -> Option<u64> {
     // SAFETY: the hal adapter is only read (one query of memory properties on its own physical
     // device with its own instance); nothing is created or destroyed through it.
     unsafe {
@@ -110,6 +110,10 @@ pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
     let f = adapter.features();
     let info = adapter.get_info();
     let mut out = vec!["f32".to_string(), "f16".into(), "bf16".into()];
+    // A software rasteriser (lavapipe, WARP): `moe --backend auto` prefers the CPU backend then.
+    if info.device_type == wgpu::DeviceType::Cpu {
+        out.push("software-adapter".into());
+    }
     if f.contains(wgpu::Features::SHADER_F16) {
         out.push("shader-f16".into());
     }

@@ -145,10 +145,7 @@ impl Pipelines {
                     layout: Some(&pl),
                     module: &module,
                     entry_point: Some(kernel.entry()),
-                    compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: &[],
-                        zero_initialize_workgroup_memory: false,
-                    },
+                    compilation_options: wgpu::PipelineCompilationOptions { constants: &[], zero_initialize_workgroup_memory: false },
                     cache: None,
                 });
                 Arc::new(Pipe { pipeline, layout })

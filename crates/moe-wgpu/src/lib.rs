@@ -64,14 +64,15 @@
 //! |---|---|---|
 //! | `router_topk` | one workgroup (64) per token; keys in a scratch buffer, so any `E` (384 and beyond) | all |
 //! | `permute` | `rank` (tile of 256 pairs: stable in-tile rank + per-tile counts), `scan_counts` (one workgroup), `scatter` | all |
-//! | `grouped_gemm` | `prep`: validates offsets and gather indices, zeros rows past `expert_offsets[G]` | all |
-//! | | `gemv`: a workgroup streams 16 weight rows of one expert once (vec4 loads), up to 4 token rows per pass | `M <= 4 G` (decode; `G = 1` without offsets) |
+//! | `grouped_gemm` | `prep`: validates offsets and gather indices, zeros rows past `expert_offsets[G]` | with offsets or a gather index |
+//! | | `gemv`: a workgroup streams 16 weight rows of one expert once (vec4 loads), up to 4 token rows per pass; one grid slot per expert, or per row of `y` when `M < G` so idle experts launch nothing | `M <= 4 G` (decode; `G = 1` without offsets) |
 //! | | `tiled`: 64x64 output tile, 16-deep K slices of x and w in workgroup memory, 4x4 outputs per invocation, groups found by binary search in `expert_offsets` | `M > 4 G` (prefill) |
 //! | `activation` | grid-stride SwiGLU (vec4 when `I % 4 == 0`) | all |
 //! | `combine` | grid-stride weighted sum in slot order (vec4 when `H % 4 == 0`) | all |
 //!
 //! Weights are read from u32 words in the shader: f16 with `unpack2x16float` (core WGSL, no
-//! `SHADER_F16` needed), bf16 as the high half of an f32. Every product accumulates in f32. The
+//! `SHADER_F16` needed; f16 subnormals decode exactly on lavapipe, which the tests check), bf16 as
+//! the high half of an f32. Every product accumulates in f32. The
 //! vector paths need `K % 4 == 0` (tiled) or `K % 8 == 0` (gemv), which every real model has; other
 //! `K` take element loads with bounds checks.
 //!
@@ -84,6 +85,8 @@
 //! are listed in [`moe_hal::BackendInfo::features`]); those paths, SwiGLU fused into the gate/up
 //! GEMM, and tuning tile sizes per device are future work.
 
+#![warn(missing_docs)]
+
 mod buffer;
 mod device;
 mod kernels;
@@ -94,7 +97,7 @@ mod tests;
 use std::sync::{Arc, Mutex};
 
 pub use buffer::WgpuBuffer;
-use buffer::{padded, Part};
+use buffer::{Part, padded};
 use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 
 /// Probes for an adapter without creating a device: `Ok(description)` (e.g.
@@ -153,7 +156,8 @@ impl WgpuBackend {
             usage,
             mapped_at_creation: false,
         });
-        let dummy = device.create_buffer(&wgpu::BufferDescriptor { label: Some("moe-wgpu dummy"), size: 16, usage, mapped_at_creation: false });
+        let dummy =
+            device.create_buffer(&wgpu::BufferDescriptor { label: Some("moe-wgpu dummy"), size: 16, usage, mapped_at_creation: false });
         let backend = WgpuBackend {
             info,
             device,
@@ -399,15 +403,35 @@ impl Backend for WgpuBackend {
         self.faults.take()
     }
 
-    fn router_topk(&self, logits: &Tensor<Self>, bias: Option<&Tensor<Self>>, routing: &Routing, topk_ids: &mut Tensor<Self>, topk_weights: &mut Tensor<Self>) -> Result<()> {
+    fn router_topk(
+        &self,
+        logits: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        routing: &Routing,
+        topk_ids: &mut Tensor<Self>,
+        topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
         self.op_router_topk(logits, bias, routing, topk_ids, topk_weights)
     }
 
-    fn permute(&self, topk_ids: &Tensor<Self>, expert_offsets: &mut Tensor<Self>, row_index: &mut Tensor<Self>, token_index: &mut Tensor<Self>) -> Result<()> {
+    fn permute(
+        &self,
+        topk_ids: &Tensor<Self>,
+        expert_offsets: &mut Tensor<Self>,
+        row_index: &mut Tensor<Self>,
+        token_index: &mut Tensor<Self>,
+    ) -> Result<()> {
         self.op_permute(topk_ids, expert_offsets, row_index, token_index)
     }
 
-    fn grouped_gemm(&self, x: &Tensor<Self>, token_index: Option<&Tensor<Self>>, w: &Tensor<Self>, expert_offsets: Option<&Tensor<Self>>, y: &mut Tensor<Self>) -> Result<()> {
+    fn grouped_gemm(
+        &self,
+        x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
         self.op_grouped_gemm(x, token_index, w, expert_offsets, y)
     }
 
@@ -415,7 +439,14 @@ impl Backend for WgpuBackend {
         self.op_activation(gate_up, h)
     }
 
-    fn combine(&self, y: &Tensor<Self>, row_index: &Tensor<Self>, topk_weights: &Tensor<Self>, shared: Option<&Tensor<Self>>, out: &mut Tensor<Self>) -> Result<()> {
+    fn combine(
+        &self,
+        y: &Tensor<Self>,
+        row_index: &Tensor<Self>,
+        topk_weights: &Tensor<Self>,
+        shared: Option<&Tensor<Self>>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()> {
         self.op_combine(y, row_index, topk_weights, shared, out)
     }
 }

@@ -2,8 +2,8 @@
 
 use moe_hal::{DType, Result, Routing, Tensor};
 
-use crate::kernels::{grid, params, Kernel, Params, Variant};
 use crate::WgpuBackend;
+use crate::kernels::{Kernel, Params, Variant, grid, params};
 
 /// One dispatch: a kernel variant, its parameters, the buffers of bindings 1.. and the grid.
 pub(crate) struct Step<'a> {
@@ -71,7 +71,13 @@ impl WgpuBackend {
                 scale.to_bits(),
                 stride as u32,
             ]);
-            steps.push(Step { kernel: Kernel::RouterTopk, variant: Variant::PLAIN, params: p, bufs: vec![lb, bb, &keys, ib, wb], groups: grid(tb as u32, self.max_dim()) });
+            steps.push(Step {
+                kernel: Kernel::RouterTopk,
+                variant: Variant::PLAIN,
+                params: p,
+                bufs: vec![lb, bb, &keys, ib, wb],
+                groups: grid(tb as u32, self.max_dim()),
+            });
             t0 += tb;
         }
         self.run(&steps)
@@ -173,7 +179,13 @@ impl WgpuBackend {
                 p[11] = tiles_n as u32;
                 p[12] = total as u32;
                 p[14] = by_row as u32;
-                steps.push(Step { kernel, variant, params: p, bufs: vec![xb, tib, &part.buf, ob, yb, &self.errs], groups: grid(total as u32, self.max_dim()) });
+                steps.push(Step {
+                    kernel,
+                    variant,
+                    params: p,
+                    bufs: vec![xb, tib, &part.buf, ob, yb, &self.errs],
+                    groups: grid(total as u32, self.max_dim()),
+                });
             }
         }
         self.run(&steps)
@@ -185,7 +197,13 @@ impl WgpuBackend {
         let units = if vec { m * i / 4 } else { m * i };
         let p = params(&[m as u32, i as u32]);
         let bufs = vec![self.one(gate_up, "gate_up")?, self.one(h, "h")?];
-        self.run(&[Step { kernel: Kernel::Activation, variant: Variant { dtype: DType::F32, vec }, params: p, bufs, groups: stride_groups(units, self.max_dim()) }])
+        self.run(&[Step {
+            kernel: Kernel::Activation,
+            variant: Variant { dtype: DType::F32, vec },
+            params: p,
+            bufs,
+            groups: stride_groups(units, self.max_dim()),
+        }])
     }
 
     pub(crate) fn op_combine(
@@ -213,6 +231,12 @@ impl WgpuBackend {
             self.one(out, "out")?,
             &self.errs,
         ];
-        self.run(&[Step { kernel: Kernel::Combine, variant: Variant { dtype: DType::F32, vec }, params: p, bufs, groups: stride_groups(units, self.max_dim()) }])
+        self.run(&[Step {
+            kernel: Kernel::Combine,
+            variant: Variant { dtype: DType::F32, vec },
+            params: p,
+            bufs,
+            groups: stride_groups(units, self.max_dim()),
+        }])
     }
 }

@@ -3,10 +3,10 @@
 //! (lavapipe in CI); without one the tests fail, so a missing driver is not mistaken for a pass.
 
 use moe_cpu::CpuBackend;
-use moe_hal::{ops, Backend, DType, Error, HostLayer, HostTensor, Layer, MoeConfig, Routing, Tensor};
+use moe_hal::{Backend, DType, Error, HostLayer, HostTensor, Layer, MoeConfig, Routing, Tensor, ops};
 
-use crate::buffer::{padded, plan};
 use crate::WgpuBackend;
+use crate::buffer::{padded, plan};
 
 struct Rng(u64);
 
@@ -73,6 +73,13 @@ fn info_and_round_trip() {
     assert_eq!(i.name, "wgpu");
     assert!(i.memory_bytes > 0 && i.max_buffer_bytes > 0);
     assert!(crate::available().is_ok());
+    // The Vulkan heap query (used for memory_bytes on GPUs) works on this adapter too.
+    let (_, adapter) = crate::device::best_adapter().unwrap();
+    if adapter.get_info().backend == wgpu::Backend::Vulkan {
+        let heap = crate::device::vulkan_device_local_bytes(&adapter);
+        eprintln!("largest device-local Vulkan heap: {heap:?}");
+        assert!(heap.is_some_and(|h| h > 0));
+    }
     for (dtype, n) in [(DType::F16, 7usize), (DType::BF16, 1), (DType::F32, 0), (DType::U32, 5)] {
         let bytes: Vec<u8> = (0..n * dtype.size()).map(|i| i as u8 ^ 0x5a).collect();
         let t = Tensor::upload(&b, dtype, &[n], &bytes).unwrap();
@@ -129,8 +136,26 @@ fn router_topk_matches_host() {
     }
     // Ties go to the lower index; NaN ranks below everything; -0 equals +0.
     let l = vec![1.0, 3.0, 3.0, f32::NAN, 3.0, -0.0, 0.0, 2.0];
-    check_routing(&b, &cpu, 1, 8, 4, Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1.0 }, &l, None);
-    check_routing(&b, &cpu, 1, 8, 8, Routing::SigmoidGrouped { n_group: 4, topk_group: 4, norm_topk_prob: false, routed_scaling_factor: 1.0 }, &l, None);
+    check_routing(
+        &b,
+        &cpu,
+        1,
+        8,
+        4,
+        Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1.0 },
+        &l,
+        None,
+    );
+    check_routing(
+        &b,
+        &cpu,
+        1,
+        8,
+        8,
+        Routing::SigmoidGrouped { n_group: 4, topk_group: 4, norm_topk_prob: false, routed_scaling_factor: 1.0 },
+        &l,
+        None,
+    );
     let l = vec![0.5, 2.0, 2.0, -1.0, 2.0, 0.0, 0.0, 1.0];
     check_routing(&b, &cpu, 1, 8, 5, softmax, &l, None);
     let l = vec![0.5, f32::NAN, 2.0, -1.0];
@@ -220,7 +245,18 @@ fn grouped_gemm_matches_host() {
     let cpu = CpuBackend::new();
     let mut r = Rng(3);
     // (M, N, K, G): gemv (M <= 4G) and tiled paths, sizes off 64/16/8/4 boundaries.
-    let shapes = [(1, 5, 129, 1), (3, 8, 64, 1), (2, 6, 7, 1), (7, 65, 33, 1), (33, 64, 128, 1), (129, 17, 129, 1), (127, 70, 64, 4), (129, 33, 7, 3), (7, 16, 64, 8), (33, 9, 130, 16)];
+    let shapes = [
+        (1, 5, 129, 1),
+        (3, 8, 64, 1),
+        (2, 6, 7, 1),
+        (7, 65, 33, 1),
+        (33, 64, 128, 1),
+        (129, 17, 129, 1),
+        (127, 70, 64, 4),
+        (129, 33, 7, 3),
+        (7, 16, 64, 8),
+        (33, 9, 130, 16),
+    ];
     for &(m, n, k, g) in &shapes {
         for dtype in DType::FLOATS {
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-5 * 4.0 };
@@ -253,7 +289,11 @@ fn grouped_gemm_matches_host() {
             let w = r.vec(n * k, 1.0);
             let x = r.vec(m * k, 1.0);
             let want = gemm_on(&cpu, dtype, &x, m, k, None, &w, &[n, k], None, m, n).unwrap();
-            let wt = Tensor::<WgpuBackend> { buf: b.make_buffer_within(dtype, &[n, k], Some(&dtype.encode(&w)), 256).unwrap(), dtype, shape: vec![n, k] };
+            let wt = Tensor::<WgpuBackend> {
+                buf: b.make_buffer_within(dtype, &[n, k], Some(&dtype.encode(&w)), 256).unwrap(),
+                dtype,
+                shape: vec![n, k],
+            };
             assert!(wt.buf.parts() > 2);
             let mut y = poisoned(&b, DType::F32, &[m, n]);
             ops::grouped_gemm(&b, &f32s(&b, DType::F32, &[m, k], &x), None, &wt, None, &mut y).unwrap();
@@ -265,9 +305,34 @@ fn grouped_gemm_matches_host() {
     let wt = f32s(&split, DType::F32, &[4, 70, 64], &vec![0.0; 4 * 70 * 64]);
     assert!(wt.buf.parts() > 4);
     assert_eq!(f32s(&split, DType::F32, &[129, 130], &vec![0.0; 129 * 130]).buf.parts(), 1);
-    // K = 0: y is zeros.
-    let got = gemm_on(&b, DType::F32, &[], 3, 0, None, &[], &[2, 4, 0], Some(&[0, 1, 3]), 3, 4).unwrap();
-    assert_eq!(got, vec![0.0; 12]);
+}
+
+#[test]
+fn f16_and_bf16_decode_exactly() {
+    // Subnormal, tiny, huge, negative and signed-zero weights; x = one-hot picks each one.
+    let b = gpu();
+    for (dtype, vals) in [
+        (DType::F16, [6.0e-8f32, -6.0e-8, 3.0e-5, -4.0e-6, -2.5, 65504.0, -0.0, 1.0e-3]),
+        (DType::BF16, [1.0e-40f32, -6.0e-8, 3.0e-5, 1.0e-30, -2.5, 65504.0, -0.0, 1.5e38]),
+    ] {
+        let stored = dtype.decode(&dtype.encode(&vals));
+        let n = vals.len();
+        let mut x = vec![0.0f32; n * n];
+        for i in 0..n {
+            x[i * n + i] = 1.0;
+        }
+        // y[i] = x[i] . w[0] = w[0][i].
+        let got = gemm_on(&b, dtype, &x, n, n, None, &vals, &[1, n], None, n, 1).unwrap();
+        for i in 0..n {
+            assert_eq!(
+                got[i].to_bits() & 0x7fff_ffff,
+                stored[i].to_bits() & 0x7fff_ffff,
+                "{dtype} value {} decoded as {}",
+                stored[i],
+                got[i]
+            );
+        }
+    }
 }
 
 #[test]
@@ -317,17 +382,41 @@ fn activation_and_combine_match_host() {
         let got = {
             let s = shared.then(|| f32s(&b, DType::F32, &[t, h], &sh));
             let mut out = poisoned(&b, DType::F32, &[t, h]);
-            ops::combine(&b, &f32s(&b, DType::F32, &[t * k, h], &y), &u32s(&b, &[t * k], &ri), &f32s(&b, DType::F32, &[t, k], &tw), s.as_ref(), &mut out).unwrap();
+            ops::combine(
+                &b,
+                &f32s(&b, DType::F32, &[t * k, h], &y),
+                &u32s(&b, &[t * k], &ri),
+                &f32s(&b, DType::F32, &[t, k], &tw),
+                s.as_ref(),
+                &mut out,
+            )
+            .unwrap();
             out.to_f32(&b).unwrap()
         };
         let s = shared.then(|| f32s(&cpu, DType::F32, &[t, h], &sh));
         let mut out = Tensor::alloc(&cpu, DType::F32, &[t, h]).unwrap();
-        ops::combine(&cpu, &f32s(&cpu, DType::F32, &[t * k, h], &y), &u32s(&cpu, &[t * k], &ri), &f32s(&cpu, DType::F32, &[t, k], &tw), s.as_ref(), &mut out).unwrap();
+        ops::combine(
+            &cpu,
+            &f32s(&cpu, DType::F32, &[t * k, h], &y),
+            &u32s(&cpu, &[t * k], &ri),
+            &f32s(&cpu, DType::F32, &[t, k], &tw),
+            s.as_ref(),
+            &mut out,
+        )
+        .unwrap();
         assert!(rel_l2(&got, &out.to_f32(&cpu).unwrap()) < 1e-6, "combine t {t} k {k} h {h}");
     }
     // A row_index past the rows of y is flagged, not read.
     let mut out = poisoned(&b, DType::F32, &[1, 4]);
-    ops::combine(&b, &f32s(&b, DType::F32, &[2, 4], &[1.0; 8]), &u32s(&b, &[2], &[0, 5]), &f32s(&b, DType::F32, &[1, 2], &[1.0, 1.0]), None, &mut out).unwrap();
+    ops::combine(
+        &b,
+        &f32s(&b, DType::F32, &[2, 4], &[1.0; 8]),
+        &u32s(&b, &[2], &[0, 5]),
+        &f32s(&b, DType::F32, &[1, 2], &[1.0, 1.0]),
+        None,
+        &mut out,
+    )
+    .unwrap();
     let err = b.synchronize().unwrap_err();
     assert!(matches!(&err, Error::InvalidArgument(s) if s.contains("row_index holds 5")), "{err}");
 }
@@ -338,7 +427,8 @@ fn random_layer(r: &mut Rng, config: MoeConfig, dtype: DType) -> HostLayer {
     let router = t(&[e, h], 1.0, r);
     let gate_up = t(&[e, 2 * i, h], 0.3, r);
     let down = t(&[e, h, i], 0.3, r);
-    let bias = matches!(config.routing, Routing::SigmoidGrouped { .. }).then(|| HostTensor::from_f32(DType::F32, &[e], &r.vec(e, 0.1)).unwrap());
+    let bias =
+        matches!(config.routing, Routing::SigmoidGrouped { .. }).then(|| HostTensor::from_f32(DType::F32, &[e], &r.vec(e, 0.1)).unwrap());
     let (sgu, sd) = if s > 0 { (Some(t(&[2 * s, h], 0.3, r)), Some(t(&[h, s], 0.3, r))) } else { (None, None) };
     HostLayer { config, dtype, router, bias, gate_up, down, shared_gate_up: sgu, shared_down: sd }
 }
@@ -362,9 +452,29 @@ fn forward_matches_host() {
     let mut r = Rng(9);
     let deepseek = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
     let configs = [
-        (MoeConfig { hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 }, 7),
+        (
+            MoeConfig {
+                hidden: 64,
+                intermediate: 32,
+                experts: 8,
+                top_k: 2,
+                routing: Routing::Softmax { norm_topk_prob: true },
+                shared_intermediate: 0,
+            },
+            7,
+        ),
         (MoeConfig { hidden: 72, intermediate: 24, experts: 16, top_k: 4, routing: deepseek, shared_intermediate: 48 }, 33),
-        (MoeConfig { hidden: 33, intermediate: 7, experts: 6, top_k: 6, routing: Routing::Softmax { norm_topk_prob: false }, shared_intermediate: 5 }, 3),
+        (
+            MoeConfig {
+                hidden: 33,
+                intermediate: 7,
+                experts: 6,
+                top_k: 6,
+                routing: Routing::Softmax { norm_topk_prob: false },
+                shared_intermediate: 5,
+            },
+            3,
+        ),
         (MoeConfig { hidden: 64, intermediate: 16, experts: 32, top_k: 8, routing: deepseek, shared_intermediate: 16 }, 1),
     ];
     for (config, t) in configs {
