@@ -183,8 +183,13 @@ pub fn report_line(info: &CaseInfo, outcome: &Outcome) -> String {
 pub type Slot = OnceLock<Result<Box<dyn Any + Send + Sync>, String>>;
 
 /// Whether the comma-separated list in `MOE_REQUIRE_BACKENDS` names `backend`.
+///
+/// A suite instance named `<backend>_<variant>` (e.g. `cpu_f64`, `wgpu_split`) is a variant of
+/// `<backend>` and is required whenever `<backend>` is.
 pub fn backend_required(backend: &str) -> bool {
-    std::env::var("MOE_REQUIRE_BACKENDS").is_ok_and(|v| v.split(',').any(|n| n.trim() == backend))
+    std::env::var("MOE_REQUIRE_BACKENDS").is_ok_and(|v| {
+        v.split(',').map(str::trim).filter(|n| !n.is_empty()).any(|n| backend == n || backend.strip_prefix(n).is_some_and(|rest| rest.starts_with('_')))
+    })
 }
 
 /// The body of each `#[test]` the macro makes: build (once) or fetch the backend, run `group`,

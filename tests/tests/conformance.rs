@@ -3,7 +3,10 @@
 
 moe_conformance::suite!(cpu, Ok(moe_cpu::CpuBackend::new()));
 moe_conformance::suite!(cpu_f64, Ok(moe_cpu::CpuBackend::new().with_accumulate(moe_hal::host::Accumulate::F64)));
-// moe_conformance::suite!(wgpu, moe_wgpu::WgpuBackend::new());
+moe_conformance::suite!(wgpu, moe_wgpu::WgpuBackend::new());
+// The same backend with weights split over many small native buffers, as DeepSeek-V3's 22.5 GB of
+// experts are on a real GPU: every grouped GEMM then runs once per chunk.
+moe_conformance::suite!(wgpu_split, moe_wgpu::WgpuBackend::new().map(|b| b.with_binding_limit(64 << 10)));
 
 /// Random small layers: `ops::forward` on the CPU backend against the oracle.
 mod properties {

@@ -105,11 +105,18 @@ pub(crate) fn memory_bytes(adapter: &wgpu::Adapter) -> u64 {
     vulkan_device_local_bytes(adapter).unwrap_or_else(host_memory_bytes)
 }
 
-/// What the adapter offers that matters to this backend, for [`BackendInfo::features`].
+/// What the adapter offers that matters to this backend, for [`BackendInfo::features`]: the
+/// storage dtypes, `software-adapter` for a CPU adapter (lavapipe, WARP), `shader-f16`,
+/// `subgroup <size or range>`, and one `cooperative-matrix MxNxK ab->cr` per configuration. Only
+/// the dtypes are used by the kernels today; the rest says what a faster path could use.
 pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
     let f = adapter.features();
     let info = adapter.get_info();
     let mut out = vec!["f32".to_string(), "f16".into(), "bf16".into()];
+    if info.device_type == wgpu::DeviceType::Cpu {
+        // A software rasteriser (lavapipe, WARP): correct, but slower than the CPU backend.
+        out.push("software-adapter".into());
+    }
     // A software rasteriser (lavapipe, WARP): `moe --backend auto` prefers the CPU backend then.
     if info.device_type == wgpu::DeviceType::Cpu {
         out.push("software-adapter".into());

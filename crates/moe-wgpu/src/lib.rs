@@ -22,9 +22,10 @@
 //! only reports what the adapter says. [`available`] is a cheap probe (no device is created) for a
 //! `moe devices` listing.
 //!
-//! `memory_bytes` is host memory for a CPU adapter (lavapipe), the largest device-local heap on
-//! Vulkan (read through wgpu-hal), and host memory elsewhere (wgpu has no portable query: right for
-//! Apple's unified memory, an overestimate for a discrete DX12 GPU).
+//! `features` names `software-adapter` for a CPU adapter (lavapipe), so a caller choosing the
+//! fastest device can skip it. `memory_bytes` is host memory for a CPU adapter (lavapipe), the
+//! largest device-local heap on Vulkan (read through wgpu-hal), and host memory elsewhere (wgpu has
+//! no portable query: right for Apple's unified memory, an overestimate for a discrete DX12 GPU).
 //!
 //! ## Buffers and splitting
 //!
@@ -103,8 +104,11 @@ use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 /// Probes for an adapter without creating a device: `Ok(description)` (e.g.
 /// `"llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)"`) or `Err(why not)`, for a device listing.
 pub fn available() -> std::result::Result<String, String> {
-    let (_, adapter) = device::best_adapter()?;
-    Ok(device::describe(&adapter.get_info()))
+    let probe = || {
+        let (_, adapter) = device::best_adapter()?;
+        Ok(device::describe(&adapter.get_info()))
+    };
+    std::panic::catch_unwind(probe).unwrap_or_else(|_| Err("the wgpu driver panicked while listing adapters".into()))
 }
 
 /// The WGSL backend: one wgpu device and queue, its kernels, and its error state. See the crate
@@ -132,8 +136,14 @@ impl WgpuBackend {
     /// Opens the highest-performance adapter (see the crate docs) with its own limits.
     ///
     /// No adapter is [`Error::Unavailable`] with a sentence; a device that cannot be created is
-    /// [`Error::Driver`].
+    /// [`Error::Driver`]; a panic inside wgpu or the driver while opening it is caught and
+    /// reported as [`Error::Unavailable`].
     pub fn new() -> Result<WgpuBackend> {
+        std::panic::catch_unwind(Self::open)
+            .unwrap_or_else(|_| Err(Error::Unavailable("the wgpu driver panicked while opening the adapter".into())))
+    }
+
+    fn open() -> Result<WgpuBackend> {
         let (_instance, adapter) = device::best_adapter().map_err(Error::Unavailable)?;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -249,20 +259,32 @@ impl WgpuBackend {
         Ok(WgpuBuffer { parts, bytes })
     }
 
-    /// Waits for all submitted work and copies `bytes` of `src` from offset 0 into `dst`.
+    /// Submits `encoder` (which copies into `staging`), waits for it, and copies the first
+    /// `dst.len()` bytes of `staging` into `dst`.
+    ///
+    /// The map callback may be run by another thread's `poll` (tests and callers share one
+    /// backend across threads), possibly just after this thread's `poll` returned, so the result
+    /// comes through a channel and this thread polls again until it arrives.
     fn read_back(&self, encoder: wgpu::CommandEncoder, staging: &wgpu::Buffer, dst: &mut [u8]) -> Result<()> {
-        self.queue.submit([encoder.finish()]);
-        let done: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>> = Default::default();
-        let slot = done.clone();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r));
-        let polled = self.device.poll(wgpu::PollType::wait_indefinitely());
-        self.faults.take()?;
-        polled.map_err(|e| Error::Driver(format!("waiting for the device failed: {e}")))?;
-        match done.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Error::Driver(format!("cannot map a read-back buffer: {e}"))),
-            None => return Err(Error::Driver("the device finished waiting but a read-back never completed".into())),
-        }
+        use std::sync::mpsc;
+        use std::time::{Duration, Instant};
+        let index = self.queue.submit([encoder.finish()]);
+        let (tx, rx) = mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        let start = Instant::now();
+        let mapped = loop {
+            let polled = self.device.poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: None });
+            self.faults.take()?;
+            polled.map_err(|e| Error::Driver(format!("waiting for the device failed: {e}")))?;
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(r) => break r,
+                Err(mpsc::RecvTimeoutError::Timeout) if start.elapsed() < Duration::from_secs(60) => continue,
+                Err(_) => return Err(Error::Driver("the device finished its work but a read-back never completed".into())),
+            }
+        };
+        mapped.map_err(|e| Error::Driver(format!("cannot map a read-back buffer: {e}")))?;
         {
             let view = staging.get_mapped_range(..).map_err(|e| Error::Driver(format!("cannot read a mapped buffer: {e}")))?;
             dst.copy_from_slice(&view[..dst.len()]);

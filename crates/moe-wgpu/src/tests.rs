@@ -72,6 +72,9 @@ fn info_and_round_trip() {
     eprintln!("{i:?}");
     assert_eq!(i.name, "wgpu");
     assert!(i.memory_bytes > 0 && i.max_buffer_bytes > 0);
+    if i.device.contains("llvmpipe") {
+        assert!(i.features.iter().any(|f| f == "software-adapter"));
+    }
     assert!(crate::available().is_ok());
     // The Vulkan heap query (used for memory_bytes on GPUs) works on this adapter too.
     let (_, adapter) = crate::device::best_adapter().unwrap();
@@ -490,4 +493,27 @@ fn forward_matches_host() {
             }
         }
     }
+}
+
+#[test]
+fn one_backend_shared_by_threads() {
+    // Read-backs from several threads at once: a map callback may run on another thread's poll.
+    let b = gpu();
+    std::thread::scope(|s| {
+        for seed in 1..5u64 {
+            let b = &b;
+            s.spawn(move || {
+                let mut r = Rng(seed * 77);
+                for _ in 0..25 {
+                    let v = r.vec(1000, 1.0);
+                    let t = f32s(b, DType::F32, &[1, 1000], &v);
+                    let mut h = poisoned(b, DType::F32, &[1, 500]);
+                    ops::activation(b, &t, &mut h).unwrap();
+                    assert_eq!(t.to_f32(b).unwrap(), v);
+                    assert!(h.to_f32(b).unwrap().iter().all(|x| x.is_finite()));
+                    b.synchronize().unwrap();
+                }
+            });
+        }
+    });
 }
