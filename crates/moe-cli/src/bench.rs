@@ -263,7 +263,7 @@ impl Job for Measure<'_> {
             let batch = t * c.hidden;
             let pool = (((256usize << 20) / (4 * batch).max(1)).max(2)).min(args.iters.max(2));
             let xs: Vec<Tensor<B>> = (0..pool)
-                .map(|p| Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ (p as u64 + 1) * 0x9E37 ^ t as u64)))
+                .map(|p| Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ ((p as u64 + 1) * 0x9E37) ^ t as u64)))
                 .collect::<Result<_>>()?;
             let mut out = Tensor::alloc(b, DType::F32, &[t, c.hidden])?;
             let mut ids = Tensor::alloc(b, DType::U32, &[t, c.top_k])?;
@@ -369,13 +369,11 @@ pub fn config(args: &BenchArgs) -> Result<MoeConfig> {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let c = config(args)?;
-    if let Some(p) = &args.plot {
-        if p.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return moe_hal::invalid!("--plot writes SVG; name the file *.svg (got {})", p.display());
-        }
+    if let Some(p) = args.plot.as_ref().filter(|p| p.extension().and_then(|e| e.to_str()) != Some("svg")) {
+        return moe_hal::invalid!("--plot writes SVG; name the file *.svg (got {}); convert it with e.g. rsvg-convert for a PNG", p.display());
     }
-    let peers = args.compare.as_ref().map(|p| read_report(p)).transpose()?;
-    println!("moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration", args.preset.map_or("custom/deepseek-v3".into(), |p| format!("{p:?}")), shape_name(&c), args.dtype, args.tokens, args.warmup, args.iters);
+    let peers = args.compare.as_ref().map(read_report).transpose()?;
+    println!("moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration", args.preset.and_then(|p| clap::ValueEnum::to_possible_value(&p)).map_or("deepseek-v3 (default)".into(), |v| v.get_name().to_string()), shape_name(&c), args.dtype, args.tokens, args.warmup, args.iters);
     let total = (args.backends.len() * args.tokens.len() * (args.warmup + args.iters)) as u64;
     let progress = indicatif::ProgressBar::new(total);
     progress.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} iterations {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));

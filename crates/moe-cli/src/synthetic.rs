@@ -1,29 +1,8 @@
 //! Seeded synthetic layers and inputs for the demo and the benchmark.
 
+use moe_conformance::Rng;
 use moe_hal::{DType, HostLayer, HostTensor, MoeConfig, Result, Routing};
 use rayon::prelude::*;
-
-/// SplitMix64: tiny, fast, and the same stream on every machine.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 /// `n` values uniform in [-scale, scale), generated in parallel chunks so that large layers
 /// are quick to make; the stream depends only on `seed`.
@@ -32,7 +11,7 @@ pub fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut v = vec![0f32; n];
     v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
         let mut rng = Rng::new(seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        out.iter_mut().for_each(|x| *x = rng.uniform() * scale);
+        out.iter_mut().for_each(|x| *x = rng.uniform(-1.0, 1.0) as f32 * scale);
     });
     v
 }

@@ -72,7 +72,7 @@ impl CpuBackend {
     /// A backend on all of rayon's threads, accumulating in f32.
     pub fn new() -> Self {
         let threads = rayon::current_num_threads();
-        let memory = host_memory_bytes();
+        let memory = moe_hal::host::memory_bytes();
         CpuBackend {
             info: BackendInfo {
                 name: "cpu".into(),
@@ -93,17 +93,6 @@ impl CpuBackend {
     }
 }
 
-/// Total host memory from /proc/meminfo; 16 GiB when it cannot be read.
-fn host_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(16 << 30)
-}
 
 impl Backend for CpuBackend {
     type Buffer = CpuBuffer;

@@ -5,8 +5,22 @@
 //! of bounds; shapes were checked by [`crate::ops`].
 
 use crate::{invalid, Result, Routing};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+/// Total host memory in bytes, from /proc/meminfo; 16 GiB where it cannot be read. The memory
+/// figure of the CPU backend and of devices that share host memory (lavapipe, unified memory).
+pub fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(16 << 30)
+}
 
 /// A weight tensor's elements in their storage dtype.
 #[derive(Clone, Copy)]
@@ -36,10 +50,33 @@ impl Weights<'_> {
         let n = out.len();
         match self {
             Weights::F32(w) => out.copy_from_slice(&w[start..start + n]),
-            Weights::F16(w) => out.iter_mut().zip(&w[start..start + n]).for_each(|(o, v)| *o = v.to_f32()),
-            Weights::BF16(w) => out.iter_mut().zip(&w[start..start + n]).for_each(|(o, v)| *o = v.to_f32()),
+            // half's slice conversions use F16C/AVX where the CPU has them (detected at run time).
+            Weights::F16(w) => w[start..start + n].convert_to_f32_slice(out),
+            Weights::BF16(w) => widen_bf16(&w[start..start + n], out),
         }
     }
+}
+
+/// bf16 is the top half of an f32: widening is a 16-bit shift (exact, NaN included), which the
+/// compiler vectorises; AVX2 when the CPU has it.
+fn widen_bf16(w: &[bf16], out: &mut [f32]) {
+    #[inline(always)]
+    fn generic(w: &[bf16], out: &mut [f32]) {
+        for (o, v) in out.iter_mut().zip(w) {
+            *o = f32::from_bits((v.to_bits() as u32) << 16);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(w: &[bf16], out: &mut [f32]) {
+        generic(w, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { avx2(w, out) };
+    }
+    generic(w, out)
 }
 
 /// Accumulator precision of the host GEMM.
@@ -174,21 +211,67 @@ pub fn check_offsets(expert_offsets: &[u32], rows: usize) -> Result<()> {
     Ok(())
 }
 
-#[inline]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+/// Dot products of one activation row `x` with the `nb` weight rows of `w` (`nb * k` values):
+/// four weight rows at a time, so each load of `x` feeds four multiply-adds, with eight partial
+/// sums per row (independent chains the compiler vectorises). Summation order is fixed, so the
+/// result does not depend on which instruction set runs it.
+#[inline(always)]
+fn row_times_block_generic(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    let nb = out.len();
+    let chunks = k / 8;
+    let mut j = 0;
+    while j + 4 <= nb {
+        let rows = [&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k], &w[(j + 2) * k..(j + 3) * k], &w[(j + 3) * k..(j + 4) * k]];
+        let mut acc = [[0f32; 8]; 4];
+        for c in 0..chunks {
+            let xs = &x[c * 8..c * 8 + 8];
+            for (r, row) in rows.iter().enumerate() {
+                let ws = &row[c * 8..c * 8 + 8];
+                for l in 0..8 {
+                    acc[r][l] += xs[l] * ws[l];
+                }
+            }
         }
+        for (r, row) in rows.iter().enumerate() {
+            let a = &acc[r];
+            let mut tail = 0f32;
+            for i in chunks * 8..k {
+                tail += x[i] * row[i];
+            }
+            out[j + r] = (a[0] + a[4]) + (a[1] + a[5]) + (a[2] + a[6]) + (a[3] + a[7]) + tail;
+        }
+        j += 4;
     }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
+    for (jj, o) in out.iter_mut().enumerate().skip(j) {
+        let row = &w[jj * k..(jj + 1) * k];
+        let mut a = [0f32; 8];
+        for c in 0..chunks {
+            for l in 0..8 {
+                a[l] += x[c * 8 + l] * row[c * 8 + l];
+            }
+        }
+        let mut tail = 0f32;
+        for i in chunks * 8..k {
+            tail += x[i] * row[i];
+        }
+        *o = (a[0] + a[4]) + (a[1] + a[5]) + (a[2] + a[6]) + (a[3] + a[7]) + tail;
     }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+/// The same code compiled for AVX2 (8-wide vectors instead of SSE2's 4), chosen at run time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_times_block_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    row_times_block_generic(x, w, k, out)
+}
+
+fn row_times_block(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { row_times_block_avx2(x, w, k, out) };
+    }
+    row_times_block_generic(x, w, k, out)
 }
 
 #[inline]
@@ -220,14 +303,12 @@ pub fn grouped_gemm(
     accumulate: Accumulate,
 ) -> Result<()> {
     let m = y.len() / n;
-    let mx = if k == 0 { 0 } else { x.len() / k };
+    let mx = x.len().checked_div(k).unwrap_or(0);
     let whole = [0u32, m as u32];
     let offsets = expert_offsets.unwrap_or(&whole);
     check_offsets(offsets, m)?;
-    if let Some(ti) = token_index {
-        if let Some(r) = ti.iter().position(|&t| t as usize >= mx) {
-            return invalid!("token_index[{r}] = {} but x has only {mx} rows", ti[r]);
-        }
+    if let Some((r, t)) = token_index.and_then(|ti| ti.iter().enumerate().find(|(_, t)| **t as usize >= mx)) {
+        return invalid!("token_index[{r}] = {t} but x has only {mx} rows");
     }
     let end = offsets[offsets.len() - 1] as usize;
     y[end * n..].fill(0.0);
@@ -239,23 +320,23 @@ pub fn grouped_gemm(
         .collect();
     let out = Out(y.as_mut_ptr());
     tasks.into_par_iter().for_each(|(g, n0)| {
+        // Capture the whole `Out` (which is Sync), not its raw-pointer field (which is not).
+        #[allow(clippy::redundant_locals)]
         let out = out;
         let nb = block.min(n - n0);
         let mut wf = vec![0f32; nb * k];
         w.widen((g * n + n0) * k, &mut wf);
+        let mut dots = vec![0f32; nb];
         for r in offsets[g] as usize..offsets[g + 1] as usize {
             let src = token_index.map_or(r, |ti| ti[r] as usize);
             let xr = &x[src * k..(src + 1) * k];
-            for j in 0..nb {
-                let wr = &wf[j * k..(j + 1) * k];
-                let v = match accumulate {
-                    Accumulate::F32 => dot_f32(xr, wr),
-                    Accumulate::F64 => dot_f64(xr, wr),
-                };
-                // SAFETY: (r, n0 + j) is inside y and belongs to this task alone: rows r are
-                // this group's, columns n0..n0+nb this block's.
-                unsafe { *out.0.add(r * n + n0 + j) = v };
+            match accumulate {
+                Accumulate::F32 => row_times_block(xr, &wf, k, &mut dots),
+                Accumulate::F64 => dots.iter_mut().enumerate().for_each(|(j, d)| *d = dot_f64(xr, &wf[j * k..(j + 1) * k])),
             }
+            // SAFETY: row r, columns n0..n0+nb of y belong to this task alone: rows r are this
+            // group's, columns n0..n0+nb this block's.
+            unsafe { std::ptr::copy_nonoverlapping(dots.as_ptr(), out.0.add(r * n + n0), nb) };
         }
     });
     Ok(())

@@ -79,7 +79,7 @@ impl MoeConfig {
             return invalid!("top-k must be between 1 and the expert count {}, got {}", self.experts, self.top_k);
         }
         if let Routing::SigmoidGrouped { n_group, topk_group, routed_scaling_factor, .. } = self.routing {
-            if n_group == 0 || self.experts % n_group != 0 {
+            if n_group == 0 || !self.experts.is_multiple_of(n_group) {
                 return invalid!("n_group {n_group} must divide the expert count {}", self.experts);
             }
             if topk_group == 0 || topk_group > n_group {
@@ -171,42 +171,19 @@ pub struct HostLayer {
 impl HostLayer {
     /// Checks every tensor against the config; the error names the tensor and both shapes.
     pub fn validate(&self) -> Result<()> {
-        let c = &self.config;
-        c.validate()?;
-        if !self.dtype.is_float() {
-            return invalid!("layer weights must be f32, f16 or bf16, not {}", self.dtype);
-        }
-        let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared_intermediate);
-        let check = |name: &str, t: &HostTensor, dtype: DType, shape: &[usize]| -> Result<()> {
-            if t.dtype != dtype || t.shape != shape {
-                return invalid!("{name} must be {dtype} {shape:?}, got {} {:?}", t.dtype, t.shape);
+        let all = [Some(&self.router), self.bias.as_ref(), Some(&self.gate_up), Some(&self.down), self.shared_gate_up.as_ref(), self.shared_down.as_ref()];
+        for t in all.into_iter().flatten() {
+            if t.data.len() != t.len() * t.dtype.size() {
+                return invalid!("a {} tensor of shape {:?} holds {} bytes, expected {}", t.dtype, t.shape, t.data.len(), t.len() * t.dtype.size());
             }
-            if t.data.len() != t.len() * dtype.size() {
-                return invalid!("{name} holds {} bytes, expected {}", t.data.len(), t.len() * dtype.size());
-            }
-            Ok(())
-        };
-        if !self.router.dtype.is_float() {
-            return invalid!("router weight must be f32, f16 or bf16, not {}", self.router.dtype);
         }
-        check("router weight", &self.router, self.router.dtype, &[e, h])?;
-        check("expert gate/up weights", &self.gate_up, self.dtype, &[e, 2 * i, h])?;
-        check("expert down weights", &self.down, self.dtype, &[e, h, i])?;
-        match (&c.routing, &self.bias) {
-            (Routing::Softmax { .. }, Some(_)) => return invalid!("softmax routing takes no e_score_correction_bias"),
-            (_, Some(b)) => check("e_score_correction_bias", b, DType::F32, &[e])?,
-            _ => {}
-        }
-        match (s, &self.shared_gate_up, &self.shared_down) {
-            (0, None, None) => {}
-            (0, _, _) => return invalid!("shared expert weights given but shared_intermediate is 0"),
-            (_, Some(gu), Some(d)) => {
-                check("shared expert gate/up weights", gu, self.dtype, &[2 * s, h])?;
-                check("shared expert down weights", d, self.dtype, &[h, s])?;
-            }
-            _ => return invalid!("shared_intermediate is {s} but the shared expert weights are missing"),
-        }
-        Ok(())
+        let m = |t: &HostTensor| Meta { dtype: t.dtype, shape: t.shape.clone() };
+        check_layout(
+            &self.config,
+            self.dtype,
+            [m(&self.router), m(&self.gate_up), m(&self.down)],
+            [self.bias.as_ref().map(m), self.shared_gate_up.as_ref().map(m), self.shared_down.as_ref().map(m)],
+        )
     }
 
     /// Converts every weight to another storage dtype (through f32, rounding to nearest even); an
@@ -290,35 +267,56 @@ impl<B: Backend + ?Sized> Layer<B> {
     /// Checks every resident tensor against the config (the fields are public, so a caller may
     /// have assembled a layer by hand).
     pub fn validate(&self) -> Result<()> {
-        let c = &self.config;
-        c.validate()?;
-        let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared_intermediate);
-        let check = |name: &str, t: &Tensor<B>, dtype: DType, shape: &[usize]| -> Result<()> {
-            if t.dtype != dtype || t.shape != shape {
-                return invalid!("{name} must be {dtype} {shape:?}, got {} {:?}", t.dtype, t.shape);
-            }
-            Ok(())
-        };
-        if !self.router.dtype.is_float() {
-            return invalid!("router weight must be f32, f16 or bf16, not {}", self.router.dtype);
+        let m = |t: &Tensor<B>| Meta { dtype: t.dtype, shape: t.shape.clone() };
+        check_layout(
+            &self.config,
+            self.dtype,
+            [m(&self.router), m(&self.gate_up), m(&self.down)],
+            [self.bias.as_ref().map(m), self.shared_gate_up.as_ref().map(m), self.shared_down.as_ref().map(m)],
+        )
+    }
+}
+
+/// The dtype and shape of one of a layer's tensors, wherever it lives.
+struct Meta {
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+/// The one check of a layer's tensors against its config, for [`HostLayer`] and [`Layer`]:
+/// `[router, gate_up, down]` and the optional `[bias, shared_gate_up, shared_down]`.
+fn check_layout(c: &MoeConfig, dtype: DType, required: [Meta; 3], optional: [Option<Meta>; 3]) -> Result<()> {
+    c.validate()?;
+    if !dtype.is_float() {
+        return invalid!("layer weights must be f32, f16 or bf16, not {dtype}");
+    }
+    let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared_intermediate);
+    let check = |name: &str, t: &Meta, dtype: DType, shape: &[usize]| -> Result<()> {
+        if t.dtype != dtype || t.shape != shape {
+            return invalid!("{name} must be {dtype} {shape:?}, got {} {:?}", t.dtype, t.shape);
         }
-        check("router weight", &self.router, self.router.dtype, &[e, h])?;
-        check("expert gate/up weights", &self.gate_up, self.dtype, &[e, 2 * i, h])?;
-        check("expert down weights", &self.down, self.dtype, &[e, h, i])?;
-        if let Some(b) = &self.bias {
-            if matches!(c.routing, Routing::Softmax { .. }) {
-                return invalid!("softmax routing takes no e_score_correction_bias");
-            }
-            check("e_score_correction_bias", b, DType::F32, &[e])?;
+        Ok(())
+    };
+    let [router, gate_up, down] = required;
+    let [bias, shared_gate_up, shared_down] = optional;
+    if !router.dtype.is_float() {
+        return invalid!("router weight must be f32, f16 or bf16, not {}", router.dtype);
+    }
+    check("router weight", &router, router.dtype, &[e, h])?;
+    check("expert gate/up weights", &gate_up, dtype, &[e, 2 * i, h])?;
+    check("expert down weights", &down, dtype, &[e, h, i])?;
+    match (&c.routing, &bias) {
+        (Routing::Softmax { .. }, Some(_)) => return invalid!("softmax routing takes no e_score_correction_bias"),
+        (_, Some(b)) => check("e_score_correction_bias", b, DType::F32, &[e])?,
+        _ => {}
+    }
+    match (s, &shared_gate_up, &shared_down) {
+        (0, None, None) => Ok(()),
+        (0, _, _) => invalid!("shared expert weights given but shared_intermediate is 0"),
+        (_, Some(gu), Some(d)) => {
+            check("shared expert gate/up weights", gu, dtype, &[2 * s, h])?;
+            check("shared expert down weights", d, dtype, &[h, s])
         }
-        match (s, &self.shared_gate_up, &self.shared_down) {
-            (0, None, None) => Ok(()),
-            (0, _, _) => invalid!("shared expert weights given but shared_intermediate is 0"),
-            (_, Some(gu), Some(d)) => {
-                check("shared expert gate/up weights", gu, self.dtype, &[2 * s, h])?;
-                check("shared expert down weights", d, self.dtype, &[h, s])
-            }
-            _ => invalid!("shared_intermediate is {s} but the shared expert weights are missing"),
-        }
+        _ => invalid!("shared_intermediate is {s} but the shared expert weights are missing"),
     }
 }

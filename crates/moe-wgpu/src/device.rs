@@ -65,17 +65,6 @@ pub(crate) fn describe(info: &wgpu::AdapterInfo) -> String {
     format!("{} ({api})", info.name)
 }
 
-/// Total host memory from /proc/meminfo (16 GiB when it cannot be read).
-fn host_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(16 << 30)
-}
 
 /// The largest device-local Vulkan memory heap, when the adapter is a Vulkan one.
 pub(crate) fn vulkan_device_local_bytes(adapter: &wgpu::Adapter) -> Option<u64> {
@@ -100,9 +89,9 @@ pub(crate) fn vulkan_device_local_bytes(adapter: &wgpu::Adapter) -> Option<u64> 
 pub(crate) fn memory_bytes(adapter: &wgpu::Adapter) -> u64 {
     let info = adapter.get_info();
     if info.device_type == wgpu::DeviceType::Cpu {
-        return host_memory_bytes();
+        return moe_hal::host::memory_bytes();
     }
-    vulkan_device_local_bytes(adapter).unwrap_or_else(host_memory_bytes)
+    vulkan_device_local_bytes(adapter).unwrap_or_else(moe_hal::host::memory_bytes)
 }
 
 /// What the adapter offers that matters to this backend, for [`BackendInfo::features`]: the

@@ -64,7 +64,7 @@ impl FallbackBackend {
     /// A new backend. A real port opens its device here and returns
     /// [`Error::Unavailable`] when there is none (the suite then skips it with that sentence).
     pub fn new() -> Self {
-        let memory = host_memory_bytes();
+        let memory = moe_hal::host::memory_bytes();
         FallbackBackend {
             info: BackendInfo {
                 name: Self::NAME.into(),
@@ -78,17 +78,6 @@ impl FallbackBackend {
     }
 }
 
-/// Total host memory from /proc/meminfo; 16 GiB when it cannot be read.
-fn host_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(16 << 30)
-}
 
 impl Backend for FallbackBackend {
     type Buffer = HostBuffer;
