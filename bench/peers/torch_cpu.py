@@ -8,7 +8,7 @@ timed iteration takes the next batch from a pool of distinct random inputs, so t
 every time, as in bench.rs. Weights are stored in --dtype and multiplied in it (torch's own CPU
 kernels; a slow bf16 path is the peer's honest number). The host copy bandwidth is measured in the
 same run with a 256 MiB tensor copy; the peak is bench.rs's documented estimate, threads x 2.5 GHz
-x 32 FLOP/cycle. Before timing, the loop is checked against an fp32 reference (rel L2 < 2e-2).
+x 32 FLOP/cycle (64 with AVX-512). Before timing, the loop is checked against an fp32 reference (rel L2 < 2e-2).
 
     python bench/peers/torch_cpu.py --preset qwen3-30b-a3b --tokens 1,16,128 --json cpu-peers.json
     moe bench --backend cpu --preset qwen3-30b-a3b --tokens 1,16,128 --compare cpu-peers.json
@@ -169,8 +169,11 @@ def main() -> None:
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
     else:
-        peak = threads * 2.5e9 * 32
-        peak_source = f"CPU estimate: {threads} threads x 2.5 GHz x 32 FLOP/cycle"
+        # bench.rs's estimate: two FMA units of 8 (AVX2) or 16 (AVX-512) f32 lanes per core.
+        flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+        per_cycle = 64 if "avx512f" in flags else 32
+        peak = threads * 2.5e9 * per_cycle
+        peak_source = f"CPU estimate: {threads} threads x 2.5 GHz x {per_cycle} FLOP/cycle"
     print(f"{BACKEND}: {device}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({'given' if args.bandwidth_gbs else 'measured now'}), "
           f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source}); load average {load_before}")

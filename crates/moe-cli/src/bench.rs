@@ -149,7 +149,7 @@ pub struct Report {
 /// |---|---|---|---|
 /// | NVIDIA H200 | 791 TFLOP/s | 67 TFLOP/s | bf16: measured dense matmul on the project's H200; f32: NVIDIA spec (no tensor cores) |
 /// | NVIDIA H100 SXM | 989 TFLOP/s | 67 TFLOP/s | NVIDIA spec, dense |
-/// | host CPU | threads x 2.5 GHz x 32 FLOP/cycle | same | estimate: AVX2, two 8-wide f32 FMA units per core; weights are widened to f32 |
+/// | host CPU | threads x 2.5 GHz x 32 FLOP/cycle (64 with AVX-512) | same | estimate: two FMA units of 8 (AVX2) or 16 (AVX-512) f32 lanes per core |
 pub fn peak_flops(info: &BackendInfo, dtype: DType) -> Option<(f64, String)> {
     let d = info.device.to_ascii_uppercase();
     let half = dtype != DType::F32;
@@ -161,9 +161,19 @@ pub fn peak_flops(info: &BackendInfo, dtype: DType) -> Option<(f64, String)> {
     }
     if info.name == "cpu" {
         let threads = rayon::current_num_threads() as f64;
-        return Some((threads * 2.5e9 * 32.0, format!("CPU estimate: {threads} threads x 2.5 GHz x 32 FLOP/cycle")));
+        let per_cycle = cpu_flops_per_cycle();
+        return Some((threads * 2.5e9 * per_cycle, format!("CPU estimate: {threads} threads x 2.5 GHz x {per_cycle} FLOP/cycle")));
     }
     None
+}
+
+/// f32 FLOPs per cycle per core: two FMA units, 16 lanes each with AVX-512, else 8.
+fn cpu_flops_per_cycle() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return 64.0;
+    }
+    32.0
 }
 
 fn shape_name(c: &MoeConfig) -> String {

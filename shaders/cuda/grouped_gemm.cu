@@ -1,0 +1,796 @@
+// grouped_gemm: y [M, N] f32 = x[src(r)] . w[g]^T for the rows r of each group g.
+//
+// Self-contained (NVRTC has no system headers): no #include; f16/bf16 weights are read as raw
+// 16-bit words and converted with PTX cvt (f16) or a shift (bf16); tensor cores are reached
+// through inline PTX (mma.sync), so neither cuda_fp16.h nor cuda_bf16.h is needed.
+//
+// * x is f32 [Mx, K]; src(r) = token_index[r] when a gather index is given, else r.
+// * w is [G, N, K] (or [N, K] with G = 1 and no offsets), stored f32 (DT 0), f16 (DT 1) or bf16
+//   (DT 2); every product accumulates in f32.
+// * With offsets, group g owns rows expert_offsets[g] .. expert_offsets[g + 1] of y; offsets are
+//   clamped to M, a decreasing pair is an empty group, a gather index >= Mx reads zeros, so no
+//   data can make a kernel read or write out of bounds. gemm_prep flags bad data in errs[3..9].
+//
+// Kernels (the host picks them from shapes only, never from device data):
+//   gemm_prep   validates offsets and the gather index, writes zeros to rows past
+//               expert_offsets[G]. Runs when there are offsets or a gather index.
+//   gemm_plan   one block: tile_start[g] = the number of BM-row tiles of the groups before g
+//               (exclusive scan of ceil(rows_g / BM)), tile_start[G] = all tiles. A row tile never
+//               spans two groups, so each tile reads only its own expert's weights.
+//   mma_*       tensor cores, f16/bf16 weights (sm_80+): a BM x 128 tile of y per block of 8
+//               warps (2 x 4; a warp owns (BM / 2) x 32), K in slices of 32 staged in shared memory
+//               (x converted to the weight dtype on the way in, weights copied with 16-byte loads),
+//               the next slice prefetched into registers while the tensor cores work on this one;
+//               mma.sync.m16n8k16 with f32 accumulators. BM = 64 or 128.
+//   simt_*      the same schedule on plain f32 FMA: a 64 x 64 tile, 4 x 4 outputs per thread.
+//               f32 weights always take it (never TF32: it would break the f32 tolerance), and
+//               f16/bf16 on GPUs older than sm_80.
+//   gemv_*      decode: few rows per group. A block owns 8 * NR weight rows of one expert and
+//               streams them once with 16-byte loads (a warp reads 512 contiguous bytes of a row per
+//               step), applying them to up to 4 token rows at a time; warps reduce with shuffles.
+//               Blocks of idle experts exit at once. Slots are groups, or (when M < G: most
+//               experts idle) rows of y, where only a group's first row does the work.
+// Block order (mma_*, simt_*): super-columns of 8 column tiles, row tiles inside, so the blocks
+// running together share one weight slab (in L2) across the row tiles of an expert.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+
+struct GemmParams {
+    u32 m;         // rows of y
+    u32 n;         // columns of y (rows of one group's weight)
+    u32 k;         // reduction length
+    u32 mx;        // rows of x
+    u32 g;         // groups G (1 without offsets)
+    u32 grouped;   // expert_offsets given
+    u32 gather;    // token_index given
+    u32 tiles_n;   // column tiles (mma, simt) or weight-row blocks (gemv)
+    u32 max_tiles; // row tiles the grid covers (mma, simt: shape-only worst case) or slots (gemv)
+    u32 by_row;    // gemv: a slot is a row of y (M < G), not a group
+    u32 bm;        // gemm_plan: rows per tile
+    u32 pad0, pad1, pad2, pad3, pad4;
+};
+
+// ---- shared helpers ----
+
+// expert_offsets[g] clamped to M (the whole range without offsets).
+__device__ __forceinline__ u32 offset_at(const GemmParams& p, const u32* __restrict__ off, u32 g) {
+    if (!p.grouped) {
+        return g == 0u ? 0u : p.m;
+    }
+    u32 v = off[g];
+    return v < p.m ? v : p.m;
+}
+
+// The group of row r: the largest g < G with offset(g) <= r (0 when none); always < G.
+__device__ __forceinline__ u32 group_of_row(const GemmParams& p, const u32* __restrict__ off, u32 r) {
+    u32 lo = 1u, hi = p.g;
+    while (lo < hi) {
+        u32 mid = (lo + hi) >> 1;
+        if (offset_at(p, off, mid) > r) {
+            hi = mid;
+        } else {
+            lo = mid + 1u;
+        }
+    }
+    return lo - 1u;
+}
+
+// The x row holding row r of y; Mx when out of range (read as zeros).
+__device__ __forceinline__ u32 source_row(const GemmParams& p, const u32* __restrict__ ti, u32 r) {
+    if (p.gather) {
+        u32 s = ti[r];
+        return s < p.mx ? s : p.mx;
+    }
+    return r;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float x) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) {
+    return __uint_as_float(((u32)h) << 16);
+}
+
+// Round to nearest even; NaN stays a (quiet) NaN; overflow becomes infinity.
+__device__ __forceinline__ u16 f32_to_bf16(float x) {
+    u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+        return (u16)((b >> 16) | 0x40u);
+    }
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return (u16)(b >> 16);
+}
+
+template <int DT>
+__device__ __forceinline__ float half_to_f32(u16 h) {
+    return DT == 1 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+template <int DT>
+__device__ __forceinline__ u16 f32_to_half(float x) {
+    return DT == 1 ? f32_to_f16(x) : f32_to_bf16(x);
+}
+
+// One weight element as f32.
+template <int DT>
+__device__ __forceinline__ float w_at(const void* __restrict__ w, u64 i) {
+    if (DT == 0) {
+        return ((const float*)w)[i];
+    }
+    return half_to_f32<DT>(((const u16*)w)[i]);
+}
+
+// Eight weight elements from i (i % 8 == 0, so the load is 16-byte aligned for 16-bit dtypes).
+template <int DT>
+__device__ __forceinline__ void w_load8(const void* __restrict__ w, u64 i, float* out) {
+    if (DT == 0) {
+        const float4* p4 = (const float4*)((const float*)w + i);
+        float4 a = __ldg(p4);
+        float4 b = __ldg(p4 + 1);
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    } else {
+        uint4 v = __ldg((const uint4*)((const u16*)w + i));
+        u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            out[2 * j] = half_to_f32<DT>((u16)(words[j] & 0xffffu));
+            out[2 * j + 1] = half_to_f32<DT>((u16)(words[j] >> 16));
+        }
+    }
+}
+
+// ---- gemm_prep: validation and the zero tail ----
+
+extern "C" __global__ void __launch_bounds__(256)
+gemm_prep(const GemmParams p, const u32* __restrict__ ti, const u32* __restrict__ off,
+          float* __restrict__ y, u32* __restrict__ errs) {
+    const u64 i0 = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    if (p.grouped) {
+        if (i0 == 0) {
+            if (off[0] != 0u) {
+                atomicOr(&errs[3], 1u);
+            }
+            if (off[p.g] > p.m) {
+                atomicOr(&errs[3], 4u);
+                atomicMax(&errs[4], off[p.g]);
+                atomicMax(&errs[5], p.m);
+            }
+        }
+        for (u64 g = i0; g < p.g; g += stride) {
+            if (off[g + 1] < off[g]) {
+                atomicOr(&errs[3], 2u);
+            }
+        }
+    }
+    if (p.gather) {
+        for (u64 r = i0; r < p.m; r += stride) {
+            u32 s = ti[r];
+            if (s >= p.mx) {
+                atomicOr(&errs[6], 1u);
+                atomicMax(&errs[7], s);
+                atomicMax(&errs[8], p.mx);
+            }
+        }
+    }
+    const u64 end = (u64)offset_at(p, off, p.g) * p.n;
+    const u64 total = (u64)p.m * p.n;
+    for (u64 i = end + i0; i < total; i += stride) {
+        y[i] = 0.0f;
+    }
+}
+
+// ---- gemm_plan: row tiles per group ----
+
+extern "C" __global__ void __launch_bounds__(1024)
+gemm_plan(const GemmParams p, const u32* __restrict__ off, u32* __restrict__ tile_start) {
+    __shared__ u32 warp_sums[32];
+    __shared__ u32 carry_s;
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    if (tid == 0) {
+        carry_s = 0u;
+    }
+    __syncthreads();
+    for (u32 base = 0; base < p.g; base += 1024u) {
+        const u32 g = base + tid;
+        u32 cnt = 0u;
+        if (g < p.g) {
+            u32 lo = offset_at(p, off, g), hi = offset_at(p, off, g + 1u);
+            cnt = hi > lo ? (hi - lo + p.bm - 1u) / p.bm : 0u;
+        }
+        u32 v = cnt;
+        for (int o = 1; o < 32; o <<= 1) {
+            u32 t = __shfl_up_sync(0xffffffffu, v, o);
+            if (lane >= (u32)o) {
+                v += t;
+            }
+        }
+        if (lane == 31u) {
+            warp_sums[warp] = v;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            u32 w = warp_sums[lane];
+            for (int o = 1; o < 32; o <<= 1) {
+                u32 t = __shfl_up_sync(0xffffffffu, w, o);
+                if (lane >= (u32)o) {
+                    w += t;
+                }
+            }
+            warp_sums[lane] = w;
+        }
+        __syncthreads();
+        const u32 incl = v + (warp > 0 ? warp_sums[warp - 1] : 0u);
+        const u32 carry = carry_s;
+        if (g < p.g) {
+            tile_start[g] = carry + incl - cnt;
+        }
+        __syncthreads();
+        if (tid == 1023u) {
+            carry_s = carry + incl;
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        tile_start[p.g] = carry_s;
+    }
+}
+
+// ---- the row tile and column tile of a block (mma, simt) ----
+
+#define SUPER_N 8u
+
+struct Tile {
+    u32 g;     // group
+    u32 m0;    // first row
+    u32 m_end; // one past the last row
+    u32 n0;    // first column
+};
+
+// False when this block has no tile (fewer tiles than the worst case the grid was sized for).
+template <int BM, int BN>
+__device__ __forceinline__ bool find_tile(const GemmParams& p, const u32* __restrict__ off,
+                                          const u32* __restrict__ tile_start, Tile& tile) {
+    const u32 wid = blockIdx.x;
+    const u32 per_sc = SUPER_N * p.max_tiles;
+    const u32 sc = wid / per_sc;
+    const u32 within = wid - sc * per_sc;
+    const u32 left = p.tiles_n - sc * SUPER_N;
+    const u32 width = left < SUPER_N ? left : SUPER_N;
+    const u32 t = within / width;
+    const u32 nt = sc * SUPER_N + within % width;
+    if (t >= p.max_tiles || nt >= p.tiles_n) {
+        return false;
+    }
+    tile.n0 = nt * BN;
+    if (!p.grouped) {
+        tile.g = 0u;
+        tile.m0 = t * BM;
+        if (tile.m0 >= p.m) {
+            return false;
+        }
+        tile.m_end = tile.m0 + BM < p.m ? tile.m0 + BM : p.m;
+        return true;
+    }
+    if (t >= tile_start[p.g]) {
+        return false;
+    }
+    u32 lo = 0u, hi = p.g; // the largest g < G with tile_start[g] <= t
+    while (hi - lo > 1u) {
+        u32 mid = (lo + hi) >> 1;
+        if (tile_start[mid] <= t) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    tile.g = lo;
+    const u32 r_lo = offset_at(p, off, lo), r_hi = offset_at(p, off, lo + 1u);
+    tile.m0 = r_lo + (t - tile_start[lo]) * BM;
+    tile.m_end = tile.m0 + BM < r_hi ? tile.m0 + BM : r_hi;
+    return tile.m0 < tile.m_end;
+}
+
+// ---- mma: tensor cores (f16 / bf16 weights) ----
+
+#define MMA_BN 128
+#define MMA_BK 32
+#define MMA_LDS (MMA_BK + 8) // 16-bit elements per shared row: 80 bytes, conflict-free fragment reads
+
+template <int DT>
+__device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (DT == 2) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#endif
+}
+
+// MT: m16 tiles per warp (BM = 32 * MT: 2 warps along M, 4 along N, a warp owns 16 MT x 32).
+template <int DT, int MT, bool VEC>
+__device__ __forceinline__ void mma_body(const GemmParams& p, const float* __restrict__ x,
+                                         const u32* __restrict__ ti, const u16* __restrict__ w,
+                                         const u32* __restrict__ off, const u32* __restrict__ tile_start,
+                                         float* __restrict__ y, u16* As, u16* Bs) {
+    constexpr int BM = 32 * MT;
+    Tile tile;
+    if (!find_tile<BM, MMA_BN>(p, off, tile_start, tile)) {
+        return;
+    }
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 wm = warp >> 2, wn = warp & 3u;
+    const u32 gid = lane >> 2, tig = lane & 3u;
+    const u32 K = p.k, N = p.n;
+    const u16* wg = w + (u64)tile.g * N * K;
+
+    // What this thread stages: MT float4 of x (rows), 2 x 8 weights (rows of w).
+    u32 a_src[MT];
+    bool a_ok[MT];
+#pragma unroll
+    for (int i = 0; i < MT; i++) {
+        u32 idx = tid + 256u * i;
+        u32 r = tile.m0 + (idx >> 3);
+        a_ok[i] = r < tile.m_end;
+        a_src[i] = 0u;
+        if (a_ok[i]) {
+            a_src[i] = source_row(p, ti, r);
+            a_ok[i] = a_src[i] < p.mx;
+        }
+    }
+    bool b_ok[2];
+    const u16* b_row[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        u32 idx = tid + 256u * i;
+        u32 n = tile.n0 + (idx >> 2);
+        b_ok[i] = n < N;
+        b_row[i] = wg + (u64)(b_ok[i] ? n : 0u) * K;
+    }
+
+    float4 ra[MT];
+    uint4 rb[2];
+    auto load = [&](u32 k0) {
+#pragma unroll
+        for (int i = 0; i < MT; i++) {
+            u32 kk = k0 + ((tid + 256u * i) & 7u) * 4u;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (a_ok[i]) {
+                const float* xr = x + (u64)a_src[i] * K;
+                if (VEC) {
+                    if (kk < K) {
+                        v = __ldg((const float4*)(xr + kk));
+                    }
+                } else {
+                    if (kk < K) v.x = xr[kk];
+                    if (kk + 1u < K) v.y = xr[kk + 1u];
+                    if (kk + 2u < K) v.z = xr[kk + 2u];
+                    if (kk + 3u < K) v.w = xr[kk + 3u];
+                }
+            }
+            ra[i] = v;
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            u32 kk = k0 + ((tid + 256u * i) & 3u) * 8u;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (b_ok[i]) {
+                if (VEC) {
+                    if (kk < K) {
+                        v = __ldg((const uint4*)(b_row[i] + kk));
+                    }
+                } else {
+                    u32 h[8];
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        h[j] = kk + j < K ? (u32)b_row[i][kk + j] : 0u;
+                    }
+                    v = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+                }
+            }
+            rb[i] = v;
+        }
+    };
+    auto store = [&]() {
+#pragma unroll
+        for (int i = 0; i < MT; i++) {
+            u32 idx = tid + 256u * i;
+            u32 row = idx >> 3, c = (idx & 7u) * 4u;
+            u32 lo = (u32)f32_to_half<DT>(ra[i].x) | ((u32)f32_to_half<DT>(ra[i].y) << 16);
+            u32 hi = (u32)f32_to_half<DT>(ra[i].z) | ((u32)f32_to_half<DT>(ra[i].w) << 16);
+            *(uint2*)(As + row * MMA_LDS + c) = make_uint2(lo, hi);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            u32 idx = tid + 256u * i;
+            u32 row = idx >> 2, c = (idx & 3u) * 8u;
+            *(uint4*)(Bs + row * MMA_LDS + c) = rb[i];
+        }
+    };
+
+    float acc[MT][4][4];
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+    load(0u);
+    for (u32 k0 = 0; k0 < K; k0 += MMA_BK) {
+        store();
+        __syncthreads();
+        if (k0 + MMA_BK < K) {
+            load(k0 + MMA_BK); // in flight while the tensor cores work
+        }
+#pragma unroll
+        for (int kk = 0; kk < MMA_BK; kk += 16) {
+            u32 a[MT][4], b[4][2];
+#pragma unroll
+            for (int i = 0; i < MT; i++) {
+                const u16* base = As + (wm * (16 * MT) + i * 16 + gid) * MMA_LDS + kk + tig * 2;
+                a[i][0] = *(const u32*)(base);
+                a[i][1] = *(const u32*)(base + 8 * MMA_LDS);
+                a[i][2] = *(const u32*)(base + 8);
+                a[i][3] = *(const u32*)(base + 8 * MMA_LDS + 8);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const u16* base = Bs + (wn * 32 + j * 8 + gid) * MMA_LDS + kk + tig * 2;
+                b[j][0] = *(const u32*)(base);
+                b[j][1] = *(const u32*)(base + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < MT; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) mma16816<DT>(acc[i][j], a[i], b[j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < MT; i++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 c0 = tile.n0 + wn * 32 + j * 8 + tig * 2;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const u32 r = tile.m0 + wm * (16 * MT) + i * 16 + gid + h * 8;
+                if (r < tile.m_end) {
+                    float* yr = y + (u64)r * N;
+                    if (c0 < N) yr[c0] = acc[i][j][2 * h];
+                    if (c0 + 1u < N) yr[c0 + 1u] = acc[i][j][2 * h + 1];
+                }
+            }
+        }
+    }
+}
+
+#define MMA_KERNEL(NAME, DT, MT, VEC)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                                \
+    NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
+         const u16* __restrict__ w, const u32* __restrict__ off, const u32* __restrict__ tile_start,  \
+         float* __restrict__ y) {                                                                     \
+        __shared__ __align__(16) u16 As[32 * MT * MMA_LDS];                                           \
+        __shared__ __align__(16) u16 Bs[MMA_BN * MMA_LDS];                                            \
+        mma_body<DT, MT, VEC>(p, x, ti, w, off, tile_start, y, As, Bs);                              \
+    }
+
+MMA_KERNEL(mma_f16_m64_vec, 1, 2, true)
+MMA_KERNEL(mma_f16_m64_any, 1, 2, false)
+MMA_KERNEL(mma_f16_m128_vec, 1, 4, true)
+MMA_KERNEL(mma_f16_m128_any, 1, 4, false)
+MMA_KERNEL(mma_bf16_m64_vec, 2, 2, true)
+MMA_KERNEL(mma_bf16_m64_any, 2, 2, false)
+MMA_KERNEL(mma_bf16_m128_vec, 2, 4, true)
+MMA_KERNEL(mma_bf16_m128_any, 2, 4, false)
+
+// ---- simt: plain f32 FMA tiles ----
+
+#define SIMT_BM 64
+#define SIMT_BN 64
+#define SIMT_BK 16
+
+// VEC: K % 4 == 0 (rows start on 16-byte boundaries for f32 x and f32 w, 8-byte for 16-bit w).
+template <int DT, bool VEC>
+__device__ __forceinline__ void simt_body(const GemmParams& p, const float* __restrict__ x,
+                                          const u32* __restrict__ ti, const void* __restrict__ w,
+                                          const u32* __restrict__ off, const u32* __restrict__ tile_start,
+                                          float* __restrict__ y, float* xs, float* ws) {
+    Tile tile;
+    if (!find_tile<SIMT_BM, SIMT_BN>(p, off, tile_start, tile)) {
+        return;
+    }
+    const u32 tid = threadIdx.x;
+    const u32 K = p.k, N = p.n;
+    const u32 tx = tid & 15u; // output columns n0 + 4 tx ..
+    const u32 ty = tid >> 4;  // output rows m0 + 4 ty ..
+    const u32 lr = tid >> 2;  // the x row / w row this thread stages
+    const u32 lk = (tid & 3u) * 4u;
+
+    const u32 xr_ = tile.m0 + lr;
+    bool x_ok = xr_ < tile.m_end;
+    u32 src = 0u;
+    if (x_ok) {
+        src = source_row(p, ti, xr_);
+        x_ok = src < p.mx;
+    }
+    const u32 wn = tile.n0 + lr;
+    const bool w_ok = wn < N;
+    const u64 wrow = ((u64)tile.g * N + (w_ok ? wn : 0u)) * K;
+
+    float xv[4], wv[4];
+    auto load = [&](u32 k0) {
+        const u32 kk = k0 + lk;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            xv[j] = 0.0f;
+            wv[j] = 0.0f;
+        }
+        if (x_ok && kk < K) {
+            const float* xr = x + (u64)src * K;
+            if (VEC) {
+                float4 v = __ldg((const float4*)(xr + kk));
+                xv[0] = v.x; xv[1] = v.y; xv[2] = v.z; xv[3] = v.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; j++) xv[j] = kk + j < K ? xr[kk + j] : 0.0f;
+            }
+        }
+        if (w_ok && kk < K) {
+            if (VEC && DT == 0) {
+                float4 v = __ldg((const float4*)((const float*)w + wrow + kk));
+                wv[0] = v.x; wv[1] = v.y; wv[2] = v.z; wv[3] = v.w;
+            } else if (VEC) {
+                uint2 v = __ldg((const uint2*)((const u16*)w + wrow + kk));
+                wv[0] = half_to_f32<DT>((u16)(v.x & 0xffffu));
+                wv[1] = half_to_f32<DT>((u16)(v.x >> 16));
+                wv[2] = half_to_f32<DT>((u16)(v.y & 0xffffu));
+                wv[3] = half_to_f32<DT>((u16)(v.y >> 16));
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; j++) wv[j] = kk + j < K ? w_at<DT>(w, wrow + kk + j) : 0.0f;
+            }
+        }
+    };
+
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+
+    load(0u);
+    for (u32 k0 = 0; k0 < K; k0 += SIMT_BK) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            xs[(lk + j) * SIMT_BM + lr] = xv[j];
+            ws[(lk + j) * SIMT_BN + lr] = wv[j];
+        }
+        __syncthreads();
+        if (k0 + SIMT_BK < K) {
+            load(k0 + SIMT_BK);
+        }
+#pragma unroll
+        for (int kk = 0; kk < SIMT_BK; kk++) {
+            const float4 a = *(const float4*)(xs + kk * SIMT_BM + ty * 4);
+            const float4 b = *(const float4*)(ws + kk * SIMT_BN + tx * 4);
+            const float av[4] = {a.x, a.y, a.z, a.w};
+            const float bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const u32 r = tile.m0 + ty * 4 + i;
+        if (r >= tile.m_end) {
+            continue;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 c = tile.n0 + tx * 4 + j;
+            if (c < N) {
+                y[(u64)r * N + c] = acc[i][j];
+            }
+        }
+    }
+}
+
+#define SIMT_KERNEL(NAME, DT, VEC)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                \
+    NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
+         const void* __restrict__ w, const u32* __restrict__ off, const u32* __restrict__ tile_start, \
+         float* __restrict__ y) {                                                                     \
+        __shared__ __align__(16) float xs[SIMT_BK * SIMT_BM];                                         \
+        __shared__ __align__(16) float ws[SIMT_BK * SIMT_BN];                                         \
+        simt_body<DT, VEC>(p, x, ti, w, off, tile_start, y, xs, ws);                                 \
+    }
+
+SIMT_KERNEL(simt_f32_vec, 0, true)
+SIMT_KERNEL(simt_f32_any, 0, false)
+SIMT_KERNEL(simt_f16_vec, 1, true)
+SIMT_KERNEL(simt_f16_any, 1, false)
+SIMT_KERNEL(simt_bf16_vec, 2, true)
+SIMT_KERNEL(simt_bf16_any, 2, false)
+
+// ---- gemv: decode, each touched expert's weights streamed once ----
+
+#define GEMV_RB 4 // token rows per pass
+
+// NR: weight rows per warp (a block owns 8 * NR rows). VEC: K % 8 == 0 (16-byte loads).
+template <int DT, int NR, bool VEC>
+__device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __restrict__ x,
+                                          const u32* __restrict__ ti, const void* __restrict__ w,
+                                          const u32* __restrict__ off, float* __restrict__ y) {
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 nt = blockIdx.x % p.tiles_n;
+    const u32 slot = blockIdx.x / p.tiles_n;
+    if (slot >= p.max_tiles) {
+        return;
+    }
+    u32 g = slot;
+    if (p.by_row) {
+        if (slot >= p.m) {
+            return;
+        }
+        g = group_of_row(p, off, slot);
+        if (offset_at(p, off, g) != slot) {
+            return; // not the first row of its group: another block has the group
+        }
+    }
+    if (g >= p.g) {
+        return;
+    }
+    const u32 r_lo = offset_at(p, off, g), r_hi = offset_at(p, off, g + 1u);
+    if (r_hi <= r_lo) {
+        return; // an idle expert costs nothing but this check
+    }
+    const u32 K = p.k, N = p.n;
+    const u32 n_base = nt * (8u * NR) + warp * NR;
+    if (n_base >= N) {
+        return; // no warp-wide barrier below: a warp may leave on its own
+    }
+    u64 wrow[NR];
+    bool wok[NR];
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+        wok[i] = n_base + i < N;
+        wrow[i] = ((u64)g * N + (wok[i] ? n_base + i : n_base)) * K;
+    }
+
+    for (u32 rb = r_lo; rb < r_hi; rb += GEMV_RB) {
+        u64 xrow[GEMV_RB];
+        bool xok[GEMV_RB];
+#pragma unroll
+        for (int q = 0; q < GEMV_RB; q++) {
+            const u32 r = rb + q;
+            xok[q] = r < r_hi;
+            u32 src = 0u;
+            if (xok[q]) {
+                src = source_row(p, ti, r);
+                xok[q] = src < p.mx;
+            }
+            xrow[q] = (u64)(xok[q] ? src : 0u) * K;
+        }
+        float acc[NR][GEMV_RB];
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+#pragma unroll
+            for (int q = 0; q < GEMV_RB; q++) acc[i][q] = 0.0f;
+
+        if (VEC) {
+#pragma unroll 2
+            for (u32 kk = lane * 8u; kk < K; kk += 256u) {
+                float xv[GEMV_RB][8];
+#pragma unroll
+                for (int q = 0; q < GEMV_RB; q++) {
+                    if (xok[q]) {
+                        const float4* x4 = (const float4*)(x + xrow[q] + kk);
+                        float4 a = __ldg(x4);
+                        float4 b = __ldg(x4 + 1);
+                        xv[q][0] = a.x; xv[q][1] = a.y; xv[q][2] = a.z; xv[q][3] = a.w;
+                        xv[q][4] = b.x; xv[q][5] = b.y; xv[q][6] = b.z; xv[q][7] = b.w;
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < 8; j++) xv[q][j] = 0.0f;
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < NR; i++) {
+                    if (!wok[i]) {
+                        continue;
+                    }
+                    float wv[8];
+                    w_load8<DT>(w, wrow[i] + kk, wv);
+#pragma unroll
+                    for (int q = 0; q < GEMV_RB; q++)
+#pragma unroll
+                        for (int j = 0; j < 8; j++) acc[i][q] = fmaf(xv[q][j], wv[j], acc[i][q]);
+                }
+            }
+        } else {
+            for (u32 kk = lane; kk < K; kk += 32u) {
+                float xv[GEMV_RB];
+#pragma unroll
+                for (int q = 0; q < GEMV_RB; q++) xv[q] = xok[q] ? x[xrow[q] + kk] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < NR; i++) {
+                    if (!wok[i]) {
+                        continue;
+                    }
+                    const float wv = w_at<DT>(w, wrow[i] + kk);
+#pragma unroll
+                    for (int q = 0; q < GEMV_RB; q++) acc[i][q] = fmaf(xv[q], wv, acc[i][q]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+#pragma unroll
+            for (int q = 0; q < GEMV_RB; q++) {
+                float v = acc[i][q];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                acc[i][q] = v;
+            }
+        if (lane == 0) {
+#pragma unroll
+            for (int q = 0; q < GEMV_RB; q++) {
+                const u32 r = rb + q;
+                if (r >= r_hi) {
+                    continue;
+                }
+#pragma unroll
+                for (int i = 0; i < NR; i++) {
+                    if (wok[i]) {
+                        y[(u64)r * N + n_base + i] = acc[i][q];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define GEMV_KERNEL(NAME, DT, NR, VEC)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                                \
+    NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
+         const void* __restrict__ w, const u32* __restrict__ off, float* __restrict__ y) {            \
+        gemv_body<DT, NR, VEC>(p, x, ti, w, off, y);                                                  \
+    }
+
+GEMV_KERNEL(gemv_f32_r1_vec, 0, 1, true)
+GEMV_KERNEL(gemv_f32_r1_any, 0, 1, false)
+GEMV_KERNEL(gemv_f32_r4_vec, 0, 4, true)
+GEMV_KERNEL(gemv_f32_r4_any, 0, 4, false)
+GEMV_KERNEL(gemv_f16_r1_vec, 1, 1, true)
+GEMV_KERNEL(gemv_f16_r1_any, 1, 1, false)
+GEMV_KERNEL(gemv_f16_r4_vec, 1, 4, true)
+GEMV_KERNEL(gemv_f16_r4_any, 1, 4, false)
+GEMV_KERNEL(gemv_bf16_r1_vec, 2, 1, true)
+GEMV_KERNEL(gemv_bf16_r1_any, 2, 1, false)
+GEMV_KERNEL(gemv_bf16_r4_vec, 2, 4, true)
+GEMV_KERNEL(gemv_bf16_r4_any, 2, 4, false)
