@@ -21,7 +21,9 @@
 //               warps (2 x 4; a warp owns (BM / 2) x 32), K in slices of 32 staged in shared memory
 //               (x converted to the weight dtype on the way in, weights copied with 16-byte loads),
 //               the next slice prefetched into registers while the tensor cores work on this one;
-//               mma.sync.m16n8k16 with f32 accumulators. BM = 64 or 128.
+//               mma.sync.m16n8k16 with f32 accumulators. BM = 64 or 128. mma_split_*: the same
+//               with each activation as two 16-bit parts (hi + lo, two MMAs per product), for dense
+//               GEMMs (the router, the shared expert), whose activations must stay f32-accurate.
 //   simt_*      the same schedule on plain f32 FMA: a 64 x 64 tile, 4 x 4 outputs per thread.
 //               f32 weights always take it (never TF32: it would break the f32 tolerance), and
 //               f16/bf16 on GPUs older than sm_80.
@@ -87,15 +89,23 @@ __device__ __forceinline__ u32 source_row(const GemmParams& p, const u32* __rest
 }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef MOE_EMULATOR
+    return emu_f16_to_f32(h); // the CPU emulator (crates/moe-cuda/emu) has no PTX
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float x) {
+#ifdef MOE_EMULATOR
+    return emu_f32_to_f16(x);
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return h;
+#endif
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
@@ -311,7 +321,9 @@ __device__ __forceinline__ bool find_tile(const GemmParams& p, const u32* __rest
 
 template <int DT>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MOE_EMULATOR)
+    emu_mma16816(DT == 2, c, a, b); // the CPU emulator: the same fragment layout, exchanged per warp
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     if (DT == 2) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -327,11 +339,15 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
 }
 
 // MT: m16 tiles per warp (BM = 32 * MT: 2 warps along M, 4 along N, a warp owns 16 MT x 32).
-template <int DT, int MT, bool VEC>
+// SPLIT: each activation is staged as two 16-bit parts, hi = round(x) and lo = round(x - hi), and
+// every product is issued twice (hi . w + lo . w): the activations keep about 16 significant bits
+// (relative error ~2^-17 instead of 2^-9 for bf16), for GEMMs whose output must be f32-accurate
+// (the router's logits decide the routing). Al holds the lo parts.
+template <int DT, int MT, bool VEC, bool SPLIT>
 __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __restrict__ x,
                                          const u32* __restrict__ ti, const u16* __restrict__ w,
                                          const u32* __restrict__ off, const u32* __restrict__ tile_start,
-                                         float* __restrict__ y, u16* As, u16* Bs) {
+                                         float* __restrict__ y, u16* As, u16* Al, u16* Bs) {
     constexpr int BM = 32 * MT;
     Tile tile;
     if (!find_tile<BM, MMA_BN>(p, off, tile_start, tile)) {
@@ -415,9 +431,17 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
         for (int i = 0; i < MT; i++) {
             u32 idx = tid + 256u * i;
             u32 row = idx >> 3, c = (idx & 7u) * 4u;
-            u32 lo = (u32)f32_to_half<DT>(ra[i].x) | ((u32)f32_to_half<DT>(ra[i].y) << 16);
-            u32 hi = (u32)f32_to_half<DT>(ra[i].z) | ((u32)f32_to_half<DT>(ra[i].w) << 16);
-            *(uint2*)(As + row * MMA_LDS + c) = make_uint2(lo, hi);
+            const float v[4] = {ra[i].x, ra[i].y, ra[i].z, ra[i].w};
+            u16 h[4], l[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                h[q] = f32_to_half<DT>(v[q]);
+                l[q] = SPLIT ? f32_to_half<DT>(v[q] - half_to_f32<DT>(h[q])) : (u16)0;
+            }
+            *(uint2*)(As + row * MMA_LDS + c) = make_uint2((u32)h[0] | ((u32)h[1] << 16), (u32)h[2] | ((u32)h[3] << 16));
+            if (SPLIT) {
+                *(uint2*)(Al + row * MMA_LDS + c) = make_uint2((u32)l[0] | ((u32)l[1] << 16), (u32)l[2] | ((u32)l[3] << 16));
+            }
         }
 #pragma unroll
         for (int i = 0; i < 2; i++) {
@@ -463,6 +487,20 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
             for (int i = 0; i < MT; i++)
 #pragma unroll
                 for (int j = 0; j < 4; j++) mma16816<DT>(acc[i][j], a[i], b[j]);
+            if (SPLIT) {
+#pragma unroll
+                for (int i = 0; i < MT; i++) {
+                    const u16* base = Al + (wm * (16 * MT) + i * 16 + gid) * MMA_LDS + kk + tig * 2;
+                    a[i][0] = *(const u32*)(base);
+                    a[i][1] = *(const u32*)(base + 8 * MMA_LDS);
+                    a[i][2] = *(const u32*)(base + 8);
+                    a[i][3] = *(const u32*)(base + 8 * MMA_LDS + 8);
+                }
+#pragma unroll
+                for (int i = 0; i < MT; i++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++) mma16816<DT>(acc[i][j], a[i], b[j]);
+            }
         }
         __syncthreads();
     }
@@ -485,24 +523,33 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
     }
 }
 
-#define MMA_KERNEL(NAME, DT, MT, VEC)                                                                   \
+#define MMA_KERNEL(NAME, DT, MT, VEC, SPLIT)                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                                \
     NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
          const u16* __restrict__ w, const u32* __restrict__ off, const u32* __restrict__ tile_start,  \
          float* __restrict__ y) {                                                                     \
         __shared__ __align__(16) u16 As[32 * MT * MMA_LDS];                                           \
+        __shared__ __align__(16) u16 Al[SPLIT ? 32 * MT * MMA_LDS : 8];                               \
         __shared__ __align__(16) u16 Bs[MMA_BN * MMA_LDS];                                            \
-        mma_body<DT, MT, VEC>(p, x, ti, w, off, tile_start, y, As, Bs);                              \
+        mma_body<DT, MT, VEC, SPLIT>(p, x, ti, w, off, tile_start, y, As, Al, Bs);                    \
     }
 
-MMA_KERNEL(mma_f16_m64_vec, 1, 2, true)
-MMA_KERNEL(mma_f16_m64_any, 1, 2, false)
-MMA_KERNEL(mma_f16_m128_vec, 1, 4, true)
-MMA_KERNEL(mma_f16_m128_any, 1, 4, false)
-MMA_KERNEL(mma_bf16_m64_vec, 2, 2, true)
-MMA_KERNEL(mma_bf16_m64_any, 2, 2, false)
-MMA_KERNEL(mma_bf16_m128_vec, 2, 4, true)
-MMA_KERNEL(mma_bf16_m128_any, 2, 4, false)
+MMA_KERNEL(mma_f16_m64_vec, 1, 2, true, false)
+MMA_KERNEL(mma_f16_m64_any, 1, 2, false, false)
+MMA_KERNEL(mma_f16_m128_vec, 1, 4, true, false)
+MMA_KERNEL(mma_f16_m128_any, 1, 4, false, false)
+MMA_KERNEL(mma_bf16_m64_vec, 2, 2, true, false)
+MMA_KERNEL(mma_bf16_m64_any, 2, 2, false, false)
+MMA_KERNEL(mma_bf16_m128_vec, 2, 4, true, false)
+MMA_KERNEL(mma_bf16_m128_any, 2, 4, false, false)
+MMA_KERNEL(mma_split_f16_m64_vec, 1, 2, true, true)
+MMA_KERNEL(mma_split_f16_m64_any, 1, 2, false, true)
+MMA_KERNEL(mma_split_f16_m128_vec, 1, 4, true, true)
+MMA_KERNEL(mma_split_f16_m128_any, 1, 4, false, true)
+MMA_KERNEL(mma_split_bf16_m64_vec, 2, 2, true, true)
+MMA_KERNEL(mma_split_bf16_m64_any, 2, 2, false, true)
+MMA_KERNEL(mma_split_bf16_m128_vec, 2, 4, true, true)
+MMA_KERNEL(mma_split_bf16_m128_any, 2, 4, false, true)
 
 // ---- simt: plain f32 FMA tiles ----
 
@@ -621,7 +668,7 @@ __device__ __forceinline__ void simt_body(const GemmParams& p, const float* __re
 }
 
 #define SIMT_KERNEL(NAME, DT, VEC)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256)                                                \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                \
     NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
          const void* __restrict__ w, const u32* __restrict__ off, const u32* __restrict__ tile_start, \
          float* __restrict__ y) {                                                                     \

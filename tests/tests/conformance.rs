@@ -7,6 +7,10 @@ moe_conformance::suite!(wgpu, moe_wgpu::WgpuBackend::new());
 // The same backend with weights split over many small native buffers, as DeepSeek-V3's 22.5 GB of
 // experts are on a real GPU: every grouped GEMM then runs once per chunk.
 moe_conformance::suite!(wgpu_split, moe_wgpu::WgpuBackend::new().map(|b| b.with_binding_limit(64 << 10)));
+moe_conformance::suite!(cuda, moe_cuda::CudaBackend::new());
+// The CUDA kernels compiled as C++ and run on the CPU (crates/moe-cuda/emu): no GPU needed, so
+// CI proves their logic on every run; a GPU run is still what proves them on the device.
+moe_conformance::suite!(cuda_emulator, moe_cuda::CudaBackend::emulator());
 
 /// Random small layers: `ops::forward` on the CPU backend against the oracle.
 mod properties {

@@ -4,7 +4,7 @@
 //! the command describes its work as a [`Job`] (a generic method) and [`dispatch`] calls it with
 //! the concrete backend.
 
-use moe_hal::{Backend, Error, Result};
+use moe_hal::{Backend, Result};
 
 /// A backend named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -23,9 +23,6 @@ pub trait Job {
     fn run<B: Backend>(self, backend: &B) -> Result<Self::Output>;
 }
 
-/// The CUDA backend is a separate issue; until it lands this build has no CUDA code at all.
-const NO_CUDA: &str = "the CUDA backend is not part of this build yet (crates/moe-cuda has not landed)";
-
 fn wgpu() -> Result<moe_wgpu::WgpuBackend> {
     moe_wgpu::WgpuBackend::new()
 }
@@ -41,11 +38,15 @@ pub fn dispatch<J: Job>(choice: Choice, job: J) -> Result<J::Output> {
     match choice {
         Choice::Cpu => job.run(&moe_cpu::CpuBackend::new()),
         Choice::Wgpu => job.run(&wgpu()?),
-        Choice::Cuda => Err(Error::Unavailable(NO_CUDA.into())),
+        Choice::Cuda => job.run(&moe_cuda::CudaBackend::new()?),
         Choice::Cann => job.run(&moe_cann::CannBackend::new()?),
-        Choice::Auto => match wgpu() {
-            Ok(b) if is_hardware(&b) => job.run(&b),
-            _ => job.run(&moe_cpu::CpuBackend::new()),
+        // CUDA where there is a CUDA GPU, else a hardware adapter through wgpu, else the CPU.
+        Choice::Auto => match moe_cuda::CudaBackend::new() {
+            Ok(b) => job.run(&b),
+            Err(_) => match wgpu() {
+                Ok(b) if is_hardware(&b) => job.run(&b),
+                _ => job.run(&moe_cpu::CpuBackend::new()),
+            },
         },
     }
 }
@@ -68,7 +69,7 @@ pub fn describe_all() -> Vec<(String, std::result::Result<String, String>)> {
     vec![
         ("cpu".into(), describe(&|| Ok(moe_cpu::CpuBackend::new().info().clone()))),
         ("wgpu".into(), describe(&|| Ok(wgpu()?.info().clone()))),
-        ("cuda".into(), Err(NO_CUDA.into())),
+        ("cuda".into(), describe(&|| Ok(moe_cuda::CudaBackend::new()?.info().clone()))),
         ("cann".into(), describe(&|| Ok(moe_cann::CannBackend::new()?.info().clone()))),
     ]
 }

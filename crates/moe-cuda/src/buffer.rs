@@ -31,7 +31,7 @@ impl CudaBuffer {
     }
 
     /// The raw `CUdeviceptr`, for interoperation with other CUDA code on the same context and
-    /// stream ordering (see [`crate::CudaBackend::synchronize`] before touching it elsewhere).
+    /// stream ordering (call `moe_hal::Backend::synchronize` on the backend before touching it elsewhere).
     pub fn device_ptr(&self) -> u64 {
         self.ptr
     }

@@ -167,22 +167,22 @@ pub(crate) fn driver_library() -> std::result::Result<(), String> {
 
 /// Whether a driver error leaves the context unusable (CUDA's "sticky" errors).
 fn is_sticky(e: CUresult) -> bool {
-    use CUresult::*;
+    // Fully qualified: a misspelt variant must not compile into a catch-all binding.
     matches!(
         e,
-        CUDA_ERROR_ILLEGAL_ADDRESS
-            | CUDA_ERROR_LAUNCH_FAILED
-            | CUDA_ERROR_HARDWARE_STACK_ERROR
-            | CUDA_ERROR_ILLEGAL_INSTRUCTION
-            | CUDA_ERROR_MISALIGNED_ADDRESS
-            | CUDA_ERROR_INVALID_ADDRESS_SPACE
-            | CUDA_ERROR_INVALID_PC
-            | CUDA_ERROR_ECC_UNCORRECTABLE
-            | CUDA_ERROR_ASSERT
-            | CUDA_ERROR_LAUNCH_TIMEOUT
-            | CUDA_ERROR_CONTEXT_IS_DESTROYED
-            | CUDA_ERROR_EXTERNAL_DEVICE
-            | CUDA_ERROR_DEVICE_UNAVAILABLE
+        CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUresult::CUDA_ERROR_LAUNCH_FAILED
+            | CUresult::CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUresult::CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUresult::CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUresult::CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUresult::CUDA_ERROR_INVALID_PC
+            | CUresult::CUDA_ERROR_ECC_UNCORRECTABLE
+            | CUresult::CUDA_ERROR_ASSERT
+            | CUresult::CUDA_ERROR_LAUNCH_TIMEOUT
+            | CUresult::CUDA_ERROR_CONTEXT_IS_DESTROYED
+            | CUresult::CUDA_ERROR_EXTERNAL_DEVICE
+            | CUresult::CUDA_ERROR_DEVICE_UNAVAILABLE
     )
 }
 
@@ -191,13 +191,16 @@ fn is_sticky(e: CUresult) -> bool {
 /// address, a failed launch, ..) are [`Error::DeviceLost`]; no device or an unusable driver is
 /// [`Error::Unavailable`]; everything else is [`Error::Driver`].
 pub(crate) fn map_err(what: &str, e: DriverError) -> Error {
-    use CUresult::*;
     let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let msg = if text.is_empty() { format!("{what}: {:?}", e.0) } else { format!("{what}: {:?} ({text})", e.0) };
     match e.0 {
-        CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory(msg),
-        CUDA_ERROR_NO_DEVICE | CUDA_ERROR_INSUFFICIENT_DRIVER | CUDA_ERROR_STUB_LIBRARY | CUDA_ERROR_SYSTEM_DRIVER_MISMATCH
-        | CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE | CUDA_ERROR_NOT_INITIALIZED | CUDA_ERROR_DEINITIALIZED => Error::Unavailable(msg),
+        CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory(msg),
+        CUresult::CUDA_ERROR_NO_DEVICE
+        | CUresult::CUDA_ERROR_STUB_LIBRARY
+        | CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH
+        | CUresult::CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE
+        | CUresult::CUDA_ERROR_NOT_INITIALIZED
+        | CUresult::CUDA_ERROR_DEINITIALIZED => Error::Unavailable(msg),
         e if is_sticky(e) => Error::DeviceLost(format!("{msg}; the CUDA context cannot be used any more")),
         _ => Error::Driver(msg),
     }
@@ -317,6 +320,17 @@ pub(crate) struct Device {
     flag_lock: Mutex<()>,
     lost: Mutex<Option<String>>,
     pub(crate) modules: Mutex<HashMap<Source, Arc<Module>>>,
+    /// The CPU emulator standing in for the GPU (tests only; see `emu/emu.h`).
+    pub(crate) emu: Option<Emu>,
+}
+
+/// The CPU emulator of the kernels (`crates/moe-cuda/emu`): device pointers are host addresses of
+/// guarded allocations, copies are `memcpy`, a launch runs the kernel's blocks one by one.
+pub(crate) struct Emu {
+    _lib: libloading::Library,
+    pub launch: unsafe extern "C" fn(*const std::ffi::c_char, u32, u32, u32, *const u32, *const u64, i32) -> i32,
+    alloc: unsafe extern "C" fn(usize) -> u64,
+    free: unsafe extern "C" fn(u64),
 }
 
 // SAFETY: the raw handles are only used through the driver API, which is thread-safe once the
@@ -353,6 +367,7 @@ impl Device {
             flag_lock: Mutex::new(()),
             lost: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
+            emu: None,
         };
         device.bind()?;
         device.stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(|e| map_err("cuStreamCreate", e))?;
@@ -382,7 +397,57 @@ impl Device {
         Ok(device)
     }
 
+    /// A device that is the CPU emulator at `lib` (built by `crates/moe-cuda/emu/build.sh`).
+    pub fn emulated(lib: &Path) -> Result<Device> {
+        // SAFETY: loading our own emulator library; the symbols have the declared signatures.
+        let emu = unsafe {
+            let l = libloading::Library::new(lib).map_err(|e| Error::Unavailable(format!("cannot load the CUDA emulator {}: {e}", lib.display())))?;
+            let sym = |name: &[u8]| -> Result<*const ()> {
+                l.get::<*const ()>(name).map(|s| *s).map_err(|e| Error::Unavailable(format!("the CUDA emulator {} lacks a symbol: {e}", lib.display())))
+            };
+            let (launch, alloc, free) = (sym(b"emu_launch\0")?, sym(b"emu_alloc\0")?, sym(b"emu_free\0")?);
+            Emu {
+                launch: std::mem::transmute::<*const (), unsafe extern "C" fn(*const std::ffi::c_char, u32, u32, u32, *const u32, *const u64, i32) -> i32>(launch),
+                alloc: std::mem::transmute::<*const (), unsafe extern "C" fn(usize) -> u64>(alloc),
+                free: std::mem::transmute::<*const (), unsafe extern "C" fn(u64)>(free),
+                _lib: l,
+            }
+        };
+        let mut device = Device {
+            facts: DeviceFacts {
+                ordinal: 0,
+                name: "CPU emulator of the CUDA kernels".into(),
+                cc: 90,
+                sms: 4,
+                total_mem: 64 << 30,
+                l2_bytes: 0,
+                memory_pools: false,
+                driver_version: 0,
+            },
+            dev: 0,
+            ctx: std::ptr::null_mut(),
+            stream: std::ptr::null_mut(),
+            pool: None,
+            errs: 0,
+            dummy: 0,
+            target: Target::Cubin(90),
+            nvrtc: "no NVRTC (emulator)".into(),
+            flag_lock: Mutex::new(()),
+            lost: Mutex::new(None),
+            modules: Mutex::new(HashMap::new()),
+            emu: Some(emu),
+        };
+        device.errs = device.alloc_raw(ERR_WORDS * 4)?;
+        device.dummy = device.alloc_raw(16)?;
+        device.memset_zero(device.errs, ERR_WORDS * 4)?;
+        device.memset_zero(device.dummy, 16)?;
+        Ok(device)
+    }
+
     fn bind(&self) -> Result<()> {
+        if self.emu.is_some() {
+            return Ok(());
+        }
         // SAFETY: `ctx` is a retained primary context.
         unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| map_err("cuCtxSetCurrent", e))
     }
@@ -418,6 +483,11 @@ impl Device {
     pub fn alloc_raw(&self, bytes: usize) -> Result<u64> {
         self.ready()?;
         let size = bytes.div_ceil(16).max(1) * 16;
+        if let Some(emu) = &self.emu {
+            // SAFETY: the emulator's allocator.
+            let p = unsafe { (emu.alloc)(size) };
+            return if p == 0 { Err(Error::OutOfMemory(format!("the emulator cannot allocate {size} bytes"))) } else { Ok(p) };
+        }
         let attempt = || match self.pool {
             // SAFETY: the stream is ours; the memory is only used on it.
             Some(_) => unsafe { result::malloc_async(self.stream, size) },
@@ -458,6 +528,11 @@ impl Device {
         if ptr == 0 || self.bind().is_err() {
             return;
         }
+        if let Some(emu) = &self.emu {
+            // SAFETY: `ptr` came from the emulator's allocator and is freed once.
+            unsafe { (emu.free)(ptr) };
+            return;
+        }
         // SAFETY: `ptr` came from alloc_raw on this device and is freed once.
         let _ = unsafe {
             match self.pool {
@@ -469,6 +544,11 @@ impl Device {
 
     /// Enqueues zeroing `bytes` at `ptr` (a multiple of 4).
     pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if self.emu.is_some() {
+            // SAFETY: an emulator allocation of at least `bytes` bytes.
+            unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+            return Ok(());
+        }
         // SAFETY: `ptr` holds at least `bytes` bytes.
         let r = unsafe { sys::cuMemsetD32Async(ptr, 0, bytes / 4, self.stream) }.result();
         self.check("cuMemsetD32Async", r)
@@ -480,6 +560,11 @@ impl Device {
         if host.is_empty() {
             return Ok(());
         }
+        if self.emu.is_some() {
+            // SAFETY: an emulator allocation of at least `host.len()` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), ptr as *mut u8, host.len()) };
+            return Ok(());
+        }
         // SAFETY: `ptr` holds at least `host.len()` bytes.
         let r = unsafe { result::memcpy_htod_async(ptr, host, self.stream) };
         self.check("cuMemcpyHtoDAsync", r)
@@ -487,6 +572,9 @@ impl Device {
 
     /// Waits for the stream.
     pub fn sync_stream(&self) -> Result<()> {
+        if self.emu.is_some() {
+            return Ok(());
+        }
         // SAFETY: the stream is ours.
         let r = unsafe { result::stream::synchronize(self.stream) };
         self.check("cuStreamSynchronize (an earlier kernel or copy failed)", r)
@@ -499,10 +587,15 @@ impl Device {
         self.ready()?;
         self.sync_stream()?;
         let mut words = [0u32; ERR_WORDS];
-        // SAFETY: `errs` holds ERR_WORDS u32; the copy completes before the synchronize returns.
-        let r = unsafe { result::memcpy_dtoh_async(&mut words[..], self.errs, self.stream) };
-        self.check("cuMemcpyDtoHAsync(error flags)", r)?;
-        self.sync_stream()?;
+        if self.emu.is_some() {
+            // SAFETY: `errs` holds ERR_WORDS u32.
+            unsafe { std::ptr::copy_nonoverlapping(self.errs as *const u32, words.as_mut_ptr(), ERR_WORDS) };
+        } else {
+            // SAFETY: `errs` holds ERR_WORDS u32; the copy completes before the synchronize returns.
+            let r = unsafe { result::memcpy_dtoh_async(&mut words[..], self.errs, self.stream) };
+            self.check("cuMemcpyDtoHAsync(error flags)", r)?;
+            self.sync_stream()?;
+        }
         if words.iter().any(|&w| w != 0) {
             self.memset_zero(self.errs, ERR_WORDS * 4)?;
             self.sync_stream()?;
@@ -514,6 +607,11 @@ impl Device {
     pub fn download_raw(&self, ptr: u64, host: &mut [u8]) -> Result<()> {
         self.check_flags()?;
         if host.is_empty() {
+            return Ok(());
+        }
+        if self.emu.is_some() {
+            // SAFETY: an emulator allocation of at least `host.len()` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, host.as_mut_ptr(), host.len()) };
             return Ok(());
         }
         // SAFETY: `ptr` holds at least `host.len()` bytes; the synchronize below completes the copy
@@ -529,6 +627,11 @@ impl Device {
         if bytes == 0 {
             return Ok(());
         }
+        if self.emu.is_some() {
+            // SAFETY: emulator allocations of at least `bytes` bytes each.
+            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+            return Ok(());
+        }
         // SAFETY: both hold at least `bytes` bytes.
         let r = unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream) };
         self.check("cuMemcpyDtoDAsync", r)
@@ -536,7 +639,7 @@ impl Device {
 
     /// Free memory on the device now, in bytes (0 when the driver cannot say).
     pub fn free_memory(&self) -> usize {
-        if self.bind().is_err() {
+        if self.emu.is_some() || self.bind().is_err() {
             return 0;
         }
         result::mem_get_info().map(|(f, _)| f).unwrap_or(0)
@@ -545,6 +648,14 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        if let Some(emu) = &self.emu {
+            // SAFETY: the flag and dummy buffers came from the emulator's allocator.
+            unsafe {
+                (emu.free)(self.errs);
+                (emu.free)(self.dummy);
+            }
+            return;
+        }
         if self.bind().is_err() {
             return;
         }

@@ -26,8 +26,9 @@ fn grid(name: &str, blocks: usize) -> Result<u32> {
     Ok(blocks.max(1) as u32)
 }
 
-/// Largest dynamic shared memory a launch takes without opting in (48 KiB).
-const SHARED_DEFAULT: usize = 48 << 10;
+/// Largest dynamic shared memory `router_topk` asks for: a block may use 48 KiB without opting in,
+/// static and dynamic together, and the kernel has about 200 bytes of its own.
+const SHARED_DEFAULT: usize = (48 << 10) - 1024;
 
 /// Rows per group at or below which `grouped_gemm` streams weights (gemv) instead of tiling.
 pub(crate) const GEMV_ROWS_PER_GROUP: usize = 4;
@@ -37,23 +38,25 @@ pub(crate) const GEMV_ROWS_PER_GROUP: usize = 4;
 pub(crate) enum Plan {
     /// Decode: a block streams `8 * nr` weight rows of one expert once.
     Gemv { nr: u32 },
-    /// Tensor cores, `bm`-row tiles (64 or 128) of 128 columns.
-    Mma { bm: u32 },
+    /// Tensor cores, `bm`-row tiles (64 or 128) of 128 columns; `split`: activations as two
+    /// 16-bit parts (hi + lo), two MMAs per product, for f32-accurate dense GEMMs.
+    Mma { bm: u32, split: bool },
     /// f32 FMA, 64 x 64 tiles.
     Simt,
 }
 
-/// Picks the kernel for `m` rows of y over `g` groups of `n x k` weights stored in `dtype`, on a
-/// device of compute capability `cc` with `sms` multiprocessors (see the crate docs' table).
-pub(crate) fn plan(force: GemmPath, m: usize, n: usize, g: usize, dtype: DType, cc: u32, sms: u32) -> Plan {
+/// Picks the kernel for `m` rows of y over `g` groups of `n x k` weights stored in `dtype`
+/// (`grouped`: with expert offsets), on a device of compute capability `cc` with `sms`
+/// multiprocessors (see the crate docs' table). Dense GEMMs (the router, the shared expert) that
+/// go to the tensor cores keep their activations f32-accurate (`split`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn plan(force: GemmPath, m: usize, n: usize, g: usize, grouped: bool, dtype: DType, cc: u32, sms: u32) -> Plan {
     let tensor = dtype != DType::F32 && cc >= 80;
     let tiled = || {
         if !tensor {
             Plan::Simt
-        } else if m <= 64 * g {
-            Plan::Mma { bm: 64 }
         } else {
-            Plan::Mma { bm: 128 }
+            Plan::Mma { bm: if m <= 64 * g { 64 } else { 128 }, split: !grouped }
         }
     };
     let gemv = || {
@@ -87,15 +90,24 @@ pub(crate) fn gemm_entry(plan: Plan, dtype: DType, k: usize) -> &'static str {
             "gemv_f16_r1_vec", "gemv_f16_r1_any", "gemv_f16_r4_vec", "gemv_f16_r4_any",
             "gemv_bf16_r1_vec", "gemv_bf16_r1_any", "gemv_bf16_r4_vec", "gemv_bf16_r4_any",
         ],
-        Plan::Mma { .. } => &[
+        Plan::Mma { split: false, .. } => &[
             "mma_f16_m64_vec", "mma_f16_m64_any", "mma_f16_m128_vec", "mma_f16_m128_any",
             "mma_bf16_m64_vec", "mma_bf16_m64_any", "mma_bf16_m128_vec", "mma_bf16_m128_any",
+        ],
+        Plan::Mma { split: true, .. } => &[
+            "mma_split_f16_m64_vec", "mma_split_f16_m64_any", "mma_split_f16_m128_vec", "mma_split_f16_m128_any",
+            "mma_split_bf16_m64_vec", "mma_split_bf16_m64_any", "mma_split_bf16_m128_vec", "mma_split_bf16_m128_any",
         ],
         Plan::Simt => &["simt_f32_vec", "simt_f32_any", "simt_f16_vec", "simt_f16_any", "simt_bf16_vec", "simt_bf16_any"],
     };
     let want = match plan {
         Plan::Gemv { nr } => format!("gemv_{}_r{nr}_{}", dtype_name(dtype), if k.is_multiple_of(8) { "vec" } else { "any" }),
-        Plan::Mma { bm } => format!("mma_{}_m{bm}_{}", dtype_name(dtype), if k.is_multiple_of(8) { "vec" } else { "any" }),
+        Plan::Mma { bm, split } => format!(
+            "mma_{}{}_m{bm}_{}",
+            if split { "split_" } else { "" },
+            dtype_name(dtype),
+            if k.is_multiple_of(8) { "vec" } else { "any" }
+        ),
         Plan::Simt => format!("simt_{}_{}", dtype_name(dtype), if k.is_multiple_of(4) { "vec" } else { "any" }),
     };
     names.iter().copied().find(|n| *n == want).unwrap_or(names[0])
@@ -213,7 +225,7 @@ impl CudaBackend {
             self.dev.launch(Source::GroupedGemm, "gemm_prep", blocks, 256, 0, &p, &[tip, offp, yp, self.dev.errs])?;
         }
         let facts = &self.dev.facts;
-        let plan = plan(self.gemm_path, m, n, g, w.dtype, facts.cc, facts.sms);
+        let plan = plan(self.gemm_path, m, n, g, grouped, w.dtype, facts.cc, facts.sms);
         let entry = gemm_entry(plan, w.dtype, k);
         match plan {
             Plan::Gemv { nr } => {
@@ -281,7 +293,7 @@ impl CudaBackend {
 /// Rows per tile of a tiled plan.
 fn bm_of(plan: Plan) -> usize {
     match plan {
-        Plan::Mma { bm } => bm as usize,
+        Plan::Mma { bm, .. } => bm as usize,
         _ => 64,
     }
 }

@@ -15,7 +15,14 @@ pub enum Op {
 
 impl Op {
     /// Every op, in pipeline order.
-    pub const ALL: [Op; 6] = [Op::RouterTopk, Op::Permute, Op::GroupedGemm, Op::Activation, Op::Combine, Op::Forward];
+    pub const ALL: [Op; 6] = [
+        Op::RouterTopk,
+        Op::Permute,
+        Op::GroupedGemm,
+        Op::Activation,
+        Op::Combine,
+        Op::Forward,
+    ];
 
     /// The one name of this op: the trait method, the shader files, the conformance case.
     pub fn name(self) -> &'static str {
@@ -113,7 +120,10 @@ pub trait Backend: Send + Sync + 'static {
     /// needs the bandwidth as a flag.
     fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<()> {
         let _ = (src, dst);
-        Err(crate::Error::Unsupported(format!("{} has no device copy", self.info().name)))
+        Err(crate::Error::Unsupported(format!(
+            "{} has no device copy",
+            self.info().name
+        )))
     }
 
     /// Routing: `logits [T, E]` f32 → `topk_ids [T, k]` u32 (best first) and `topk_weights [T, k]`

@@ -31,7 +31,13 @@ pub fn composed<B: Backend>(
 
     let mut logits = Tensor::alloc(b, DType::F32, &[t, e])?;
     b.grouped_gemm(x, None, &layer.router, None, &mut logits)?;
-    b.router_topk(&logits, layer.bias.as_ref(), &c.routing, topk_ids, topk_weights)?;
+    b.router_topk(
+        &logits,
+        layer.bias.as_ref(),
+        &c.routing,
+        topk_ids,
+        topk_weights,
+    )?;
 
     let mut offsets = Tensor::alloc(b, DType::U32, &[e + 1])?;
     let mut row_index = Tensor::alloc(b, DType::U32, &[rows])?;
@@ -39,7 +45,13 @@ pub fn composed<B: Backend>(
     b.permute(topk_ids, &mut offsets, &mut row_index, &mut token_index)?;
 
     let mut gate_up = Tensor::alloc(b, DType::F32, &[rows, 2 * i])?;
-    b.grouped_gemm(x, Some(&token_index), &layer.gate_up, Some(&offsets), &mut gate_up)?;
+    b.grouped_gemm(
+        x,
+        Some(&token_index),
+        &layer.gate_up,
+        Some(&offsets),
+        &mut gate_up,
+    )?;
     let mut act = Tensor::alloc(b, DType::F32, &[rows, i])?;
     b.activation(&gate_up, &mut act)?;
     drop(gate_up);

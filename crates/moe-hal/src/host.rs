@@ -4,7 +4,7 @@
 //! range, cumulative offsets) and returns [`crate::Error::InvalidArgument`] rather than indexing out
 //! of bounds; shapes were checked by [`crate::ops`].
 
-use crate::{invalid, Result, Routing};
+use crate::{Result, Routing, invalid};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -119,13 +119,23 @@ fn top_k(scores: &[f32], k: usize, allowed: impl Fn(usize) -> bool, out: &mut [u
 }
 
 /// Routing for one token: fills `ids` and `weights` (length k) from `logits` (length E).
-pub fn route_token(logits: &[f32], bias: Option<&[f32]>, routing: &Routing, ids: &mut [u32], weights: &mut [f32]) {
+pub fn route_token(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    routing: &Routing,
+    ids: &mut [u32],
+    weights: &mut [f32],
+) {
     let e = logits.len();
     let k = ids.len();
     let mut chosen = vec![0usize; k];
     match *routing {
         Routing::Softmax { norm_topk_prob } => {
-            let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+            let max = logits
+                .iter()
+                .copied()
+                .filter(|v| !v.is_nan())
+                .fold(f32::NEG_INFINITY, f32::max);
             let exp: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
             let sum: f32 = exp.iter().sum();
             let p: Vec<f32> = exp.iter().map(|v| v / sum).collect();
@@ -133,10 +143,19 @@ pub fn route_token(logits: &[f32], bias: Option<&[f32]>, routing: &Routing, ids:
             let total: f32 = chosen.iter().map(|&c| p[c]).sum();
             for j in 0..k {
                 ids[j] = chosen[j] as u32;
-                weights[j] = if norm_topk_prob { p[chosen[j]] / total } else { p[chosen[j]] };
+                weights[j] = if norm_topk_prob {
+                    p[chosen[j]] / total
+                } else {
+                    p[chosen[j]]
+                };
             }
         }
-        Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
+        Routing::SigmoidGrouped {
+            n_group,
+            topk_group,
+            norm_topk_prob,
+            routed_scaling_factor,
+        } => {
             let s: Vec<f32> = logits.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
             let c: Vec<f32> = match bias {
                 Some(b) => s.iter().zip(b).map(|(s, b)| s + b).collect(),
@@ -147,7 +166,12 @@ pub fn route_token(logits: &[f32], bias: Option<&[f32]>, routing: &Routing, ids:
                 .map(|g| {
                     let mut best = [0usize; 2];
                     let take = per.min(2);
-                    top_k(&c[g * per..(g + 1) * per], take, |_| true, &mut best[..take]);
+                    top_k(
+                        &c[g * per..(g + 1) * per],
+                        take,
+                        |_| true,
+                        &mut best[..take],
+                    );
                     best[..take].iter().map(|&i| c[g * per + i]).sum()
                 })
                 .collect();
@@ -157,7 +181,11 @@ pub fn route_token(logits: &[f32], bias: Option<&[f32]>, routing: &Routing, ids:
             let total: f32 = chosen.iter().map(|&i| s[i]).sum::<f32>() + 1e-20;
             for j in 0..k {
                 ids[j] = chosen[j] as u32;
-                let w = if norm_topk_prob { s[chosen[j]] / total } else { s[chosen[j]] };
+                let w = if norm_topk_prob {
+                    s[chosen[j]] / total
+                } else {
+                    s[chosen[j]]
+                };
                 weights[j] = w * routed_scaling_factor;
             }
         }
@@ -165,7 +193,14 @@ pub fn route_token(logits: &[f32], bias: Option<&[f32]>, routing: &Routing, ids:
 }
 
 /// [`crate::Backend::router_topk`] on the host: `logits [T, E]`, `ids`/`weights [T, k]`.
-pub fn router_topk(logits: &[f32], experts: usize, bias: Option<&[f32]>, routing: &Routing, ids: &mut [u32], weights: &mut [f32]) {
+pub fn router_topk(
+    logits: &[f32],
+    experts: usize,
+    bias: Option<&[f32]>,
+    routing: &Routing,
+    ids: &mut [u32],
+    weights: &mut [f32],
+) {
     let k = ids.len() / (logits.len() / experts).max(1);
     ids.par_chunks_mut(k)
         .zip(weights.par_chunks_mut(k))
@@ -174,11 +209,22 @@ pub fn router_topk(logits: &[f32], experts: usize, bias: Option<&[f32]>, routing
 }
 
 /// [`crate::Backend::permute`] on the host: a stable counting sort of the pairs by expert.
-pub fn permute(topk_ids: &[u32], experts: usize, expert_offsets: &mut [u32], row_index: &mut [u32], token_index: &mut [u32], top_k: usize) -> Result<()> {
+pub fn permute(
+    topk_ids: &[u32],
+    experts: usize,
+    expert_offsets: &mut [u32],
+    row_index: &mut [u32],
+    token_index: &mut [u32],
+    top_k: usize,
+) -> Result<()> {
     let mut counts = vec![0u32; experts];
     for (pair, &id) in topk_ids.iter().enumerate() {
         if id as usize >= experts {
-            return invalid!("topk_ids[{}][{}] = {id} is not an expert id (the layer has {experts} experts)", pair / top_k, pair % top_k);
+            return invalid!(
+                "topk_ids[{}][{}] = {id} is not an expert id (the layer has {experts} experts)",
+                pair / top_k,
+                pair % top_k
+            );
         }
         counts[id as usize] += 1;
     }
@@ -199,10 +245,19 @@ pub fn permute(topk_ids: &[u32], experts: usize, expert_offsets: &mut [u32], row
 /// Checks `expert_offsets` for [`grouped_gemm`]: starts at 0, never decreases, ends within `rows`.
 pub fn check_offsets(expert_offsets: &[u32], rows: usize) -> Result<()> {
     if expert_offsets.first() != Some(&0) {
-        return invalid!("expert_offsets must start at 0, got {:?}", expert_offsets.first());
+        return invalid!(
+            "expert_offsets must start at 0, got {:?}",
+            expert_offsets.first()
+        );
     }
     if let Some(g) = expert_offsets.windows(2).position(|w| w[1] < w[0]) {
-        return invalid!("expert_offsets must not decrease, but [{}] = {} > [{}] = {}", g, expert_offsets[g], g + 1, expert_offsets[g + 1]);
+        return invalid!(
+            "expert_offsets must not decrease, but [{}] = {} > [{}] = {}",
+            g,
+            expert_offsets[g],
+            g + 1,
+            expert_offsets[g + 1]
+        );
     }
     let last = *expert_offsets.last().unwrap() as usize;
     if last > rows {
@@ -217,7 +272,12 @@ pub fn check_offsets(expert_offsets: &[u32], rows: usize) -> Result<()> {
 /// multiply-add (one rounding instead of two); without the instruction it must stay off, or every
 /// step would be a library call.
 #[inline(always)]
-fn row_times_block_generic<const L: usize, const FMA: bool>(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+fn row_times_block_generic<const L: usize, const FMA: bool>(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
     #[inline(always)]
     fn madd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
         if FMA { a.mul_add(b, acc) } else { acc + a * b }
@@ -238,7 +298,12 @@ fn row_times_block_generic<const L: usize, const FMA: bool>(x: &[f32], w: &[f32]
     let chunks = k / L;
     let mut j = 0;
     while j + 4 <= nb {
-        let rows = [&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k], &w[(j + 2) * k..(j + 3) * k], &w[(j + 3) * k..(j + 4) * k]];
+        let rows = [
+            &w[j * k..(j + 1) * k],
+            &w[(j + 1) * k..(j + 2) * k],
+            &w[(j + 2) * k..(j + 3) * k],
+            &w[(j + 3) * k..(j + 4) * k],
+        ];
         let mut acc = [[0f32; L]; 4];
         for c in 0..chunks {
             let xs = &x[c * L..c * L + L];
@@ -353,7 +418,8 @@ fn isa() -> &'static str {
             return "portable";
         }
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return "avx2";
         }
         "portable"
@@ -371,7 +437,10 @@ fn row_times_block(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
 
 #[inline]
 fn dot_f64(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>() as f32
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| *x as f64 * *y as f64)
+        .sum::<f64>() as f32
 }
 
 /// A raw pointer that tasks use to write disjoint parts of one output.
@@ -402,7 +471,9 @@ pub fn grouped_gemm(
     let whole = [0u32, m as u32];
     let offsets = expert_offsets.unwrap_or(&whole);
     check_offsets(offsets, m)?;
-    if let Some((r, t)) = token_index.and_then(|ti| ti.iter().enumerate().find(|(_, t)| **t as usize >= mx)) {
+    if let Some((r, t)) =
+        token_index.and_then(|ti| ti.iter().enumerate().find(|(_, t)| **t as usize >= mx))
+    {
         return invalid!("token_index[{r}] = {t} but x has only {mx} rows");
     }
     let end = offsets[offsets.len() - 1] as usize;
@@ -419,8 +490,18 @@ pub fn grouped_gemm(
         #[allow(clippy::redundant_locals)]
         let out = out;
         let nb = block.min(n - n0);
-        let mut wf = vec![0f32; nb * k];
-        w.widen((g * n + n0) * k, &mut wf);
+        // The widened block lives in a per-thread buffer: allocating (and zeroing) 64 KiB per
+        // task cost as much as reading the weights at decode sizes.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < nb * k {
+            scratch.resize(nb * k, 0.0);
+        }
+        let wf = &mut scratch[..nb * k];
+        w.widen((g * n + n0) * k, wf);
+        let wf = &*wf;
         let xrow = |r: usize| {
             let src = token_index.map_or(r, |ti| ti[r] as usize);
             &x[src * k..(src + 1) * k]
@@ -431,8 +512,8 @@ pub fn grouped_gemm(
             // Four rows at a time where there are four (f32 accumulation), else one.
             let take = if accumulate == Accumulate::F32 && end - r >= 4 { 4 } else { 1 };
             match (accumulate, take) {
-                (Accumulate::F32, 4) => rows4_times_block([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], &wf, k, &mut dots),
-                (Accumulate::F32, _) => row_times_block(xrow(r), &wf, k, &mut dots[..nb]),
+                (Accumulate::F32, 4) => rows4_times_block([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], wf, k, &mut dots),
+                (Accumulate::F32, _) => row_times_block(xrow(r), wf, k, &mut dots[..nb]),
                 (Accumulate::F64, _) => dots[..nb].iter_mut().enumerate().for_each(|(j, d)| *d = dot_f64(xrow(r), &wf[j * k..(j + 1) * k])),
             }
             for q in 0..take {
@@ -442,6 +523,7 @@ pub fn grouped_gemm(
             }
             r += take;
         }
+        });
     });
     Ok(())
 }
@@ -457,19 +539,32 @@ pub fn activation(gate_up: &[f32], intermediate: usize, h: &mut [f32]) {
     if intermediate == 0 {
         return;
     }
-    h.par_chunks_mut(intermediate).zip(gate_up.par_chunks(2 * intermediate)).for_each(|(h, gu)| {
-        let (g, u) = gu.split_at(intermediate);
-        for c in 0..intermediate {
-            h[c] = silu(g[c]) * u[c];
-        }
-    });
+    h.par_chunks_mut(intermediate)
+        .zip(gate_up.par_chunks(2 * intermediate))
+        .for_each(|(h, gu)| {
+            let (g, u) = gu.split_at(intermediate);
+            for c in 0..intermediate {
+                h[c] = silu(g[c]) * u[c];
+            }
+        });
 }
 
 /// [`crate::Backend::combine`] on the host.
-pub fn combine(y: &[f32], hidden: usize, row_index: &[u32], topk_weights: &[f32], top_k: usize, shared: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+pub fn combine(
+    y: &[f32],
+    hidden: usize,
+    row_index: &[u32],
+    topk_weights: &[f32],
+    top_k: usize,
+    shared: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     let rows = y.len() / hidden;
     if let Some(p) = row_index.iter().position(|&r| r as usize >= rows) {
-        return invalid!("row_index[{p}] = {} but y has only {rows} rows", row_index[p]);
+        return invalid!(
+            "row_index[{p}] = {} but y has only {rows} rows",
+            row_index[p]
+        );
     }
     out.par_chunks_mut(hidden).enumerate().for_each(|(t, o)| {
         o.fill(0.0);

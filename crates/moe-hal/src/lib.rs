@@ -38,5 +38,5 @@ mod tensor;
 pub use backend::{Backend, BackendInfo, Op};
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use layer::{router_dtype, HostLayer, HostTensor, Layer, MoeConfig, Routing};
+pub use layer::{HostLayer, HostTensor, Layer, MoeConfig, Routing, router_dtype};
 pub use tensor::Tensor;
