@@ -26,6 +26,6 @@ if ! ldconfig -p | grep -q libnvrtc; then
     || echo "test.sh: could not install NVRTC; the compile test will skip unless MOE_REQUIRE_NVRTC is set"
 fi
 
-# Backends named here fail instead of skipping when unavailable (CI: cpu,wgpu,cuda_emulator).
+# Backends named here fail instead of skipping when unavailable (CI: cpu,wgpu,cudaemu).
 echo "test.sh: MOE_REQUIRE_BACKENDS=${MOE_REQUIRE_BACKENDS:-<none>}"
 cargo test --workspace --no-fail-fast "$@"

@@ -28,6 +28,7 @@ pub(crate) use wrong;
 
 /// Names an unexpected error after the call that returned it.
 pub trait Context<T> {
+    /// Names the failing step.
     fn ctx(self, what: &str) -> Result<T, Fail>;
 }
 

@@ -107,6 +107,7 @@
 //!   `synchronize`, and the backend then runs a valid op correctly. These cases run alone
 //!   ([`Case::exclusive`]) so a deferred error cannot surface in another test.
 
+#![warn(missing_docs)]
 pub mod cases;
 pub mod check;
 pub mod oracle;

@@ -303,11 +303,17 @@ pub fn mlp(gate_up: &[f64], down: &[f64], intermediate: usize, x: &[f64]) -> Vec
 /// A layer's weights decoded to f64.
 #[derive(Debug, Clone)]
 pub struct Weights64 {
+    /// `[E, H]`
     pub router: Vec<f64>,
+    /// `[E]`
     pub bias: Option<Vec<f64>>,
+    /// `[E, 2I, H]`
     pub gate_up: Vec<f64>,
+    /// `[E, H, I]`
     pub down: Vec<f64>,
+    /// `[2S, H]`
     pub shared_gate_up: Option<Vec<f64>>,
+    /// `[H, S]`
     pub shared_down: Option<Vec<f64>>,
 }
 

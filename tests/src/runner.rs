@@ -33,7 +33,10 @@ impl CaseInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Matched the oracle; `rel_err` is the worst relative L2 error seen (0 for exact checks).
-    Pass { rel_err: f64 },
+    Pass {
+        /// The worst relative L2 error seen.
+        rel_err: f64,
+    },
     /// Wrong result, wrong error, contract violation or panic, in one sentence.
     Fail(String),
     /// [`Backend::supports`] said no: reported, not failed.
@@ -67,10 +70,12 @@ pub type CaseFn<B> = Box<dyn Fn(&B) -> CaseResult + Send + Sync>;
 
 /// One case: what it is and how to run it on a backend.
 pub struct Case<B: Backend> {
+    /// What the case is.
     pub info: CaseInfo,
     /// Data-dependent bad input that a device may only report at the next blocking call: such a
     /// case runs alone, so its deferred error cannot surface in another case sharing the backend.
     pub exclusive: bool,
+    /// The case itself.
     pub body: CaseFn<B>,
 }
 

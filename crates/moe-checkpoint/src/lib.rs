@@ -41,6 +41,7 @@
 //! OS failure, [`Error::InvalidArgument`] for a layer number that does not exist or is a dense
 //! layer, [`Error::OutOfMemory`] when the host cannot hold the layer.
 
+#![warn(missing_docs)]
 mod config;
 mod layer;
 mod safetensors_dir;

@@ -5,6 +5,7 @@
 //! before it returns (so `synchronize` has nothing to wait for). All three storage dtypes, f32
 //! accumulation by default, f64 with [`CpuBackend::with_accumulate`].
 
+#![warn(missing_docs)]
 use moe_hal::host::{self, Accumulate, Weights};
 use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 

@@ -228,7 +228,8 @@ impl CudaBackend {
     }
 
     /// The backend on the CPU emulator built from this checkout's `.cu` files: the library named
-    /// by `MOE_CUDA_EMULATOR`, else `emu/build.sh` run once per process (into the workspace's
+    /// by `MOE_CUDA_EMULATOR`, none when `MOE_CUDA_NO_EMULATOR` is set, else `emu/build.sh` run
+    /// once per process (into the workspace's
     /// `target/moe-cuda-emu`; needs g++ 12 or newer). [`Error::Unavailable`] with the reason when
     /// neither works. This is how the conformance suite runs the CUDA kernels on machines without
     /// a GPU (CI included).
@@ -237,6 +238,9 @@ impl CudaBackend {
         let lib = LIB.get_or_init(|| {
             if let Ok(p) = std::env::var("MOE_CUDA_EMULATOR") {
                 return Ok(p);
+            }
+            if std::env::var_os("MOE_CUDA_NO_EMULATOR").is_some() {
+                return Err("MOE_CUDA_NO_EMULATOR is set".into());
             }
             let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
             let out = here.join("../../target/moe-cuda-emu");

@@ -5,11 +5,17 @@ use crate::{DType, Layer, Result, Routing, Tensor};
 /// The ops of the trait, for [`Backend::supports`] and for reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
+    /// [`Backend::router_topk`]
     RouterTopk,
+    /// [`Backend::permute`]
     Permute,
+    /// [`Backend::grouped_gemm`]
     GroupedGemm,
+    /// [`Backend::activation`]
     Activation,
+    /// [`Backend::combine`]
     Combine,
+    /// [`Backend::forward`]
     Forward,
 }
 

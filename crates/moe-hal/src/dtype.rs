@@ -9,9 +9,13 @@ use half::{bf16, f16};
 /// op accumulates in at least f32. `U32` holds expert ids and dispatch indices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16.
     F16,
+    /// bfloat16: the top half of an f32.
     BF16,
+    /// Unsigned 32-bit integers (ids and indices).
     U32,
 }
 

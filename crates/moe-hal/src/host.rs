@@ -25,8 +25,11 @@ pub fn memory_bytes() -> u64 {
 /// A weight tensor's elements in their storage dtype.
 #[derive(Clone, Copy)]
 pub enum Weights<'a> {
+    /// f32 weights.
     F32(&'a [f32]),
+    /// f16 weights.
     F16(&'a [f16]),
+    /// bf16 weights.
     BF16(&'a [bf16]),
 }
 

@@ -18,7 +18,9 @@ use crate::{Backend, DType, Error, Result, Tensor, invalid};
 ///
 /// In both: equal scores go to the lower expert index, NaN ranks below every number (and among
 /// NaNs the lower index wins), and an id outside `0..experts` is never produced. Ids come out in
-/// rank order (best first).
+/// rank order (best first). One consequence, the same on every backend: with softmax routing a
+/// single NaN logit makes every probability NaN, so that token gets experts `0..k` with NaN
+/// weights (the `moe` command rejects non-finite input before it gets here).
 ///
 /// One documented difference from Hugging Face transformers: transformers masks the dropped groups
 /// with 0.0 rather than minus infinity, so it can pick an expert from a dropped group when a
@@ -139,8 +141,11 @@ impl MoeConfig {
 /// A tensor in host memory: little-endian bytes, a dtype and a shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
+    /// Element type.
     pub dtype: DType,
+    /// Row-major shape.
     pub shape: Vec<usize>,
+    /// `shape.product() * dtype.size()` little-endian bytes.
     pub data: Vec<u8>,
 }
 
@@ -196,13 +201,21 @@ impl HostTensor {
 /// `Linear` layout).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostLayer {
+    /// The layer's shape and routing.
     pub config: MoeConfig,
+    /// Storage dtype of the expert (and shared expert) weights.
     pub dtype: DType,
+    /// `[E, H]`, any float dtype.
     pub router: HostTensor,
+    /// `[E]` f32, sigmoid routing only.
     pub bias: Option<HostTensor>,
+    /// `[E, 2I, H]`: gate rows, then up rows, per expert.
     pub gate_up: HostTensor,
+    /// `[E, H, I]`.
     pub down: HostTensor,
+    /// `[2S, H]` when the layer has a shared expert.
     pub shared_gate_up: Option<HostTensor>,
+    /// `[H, S]` when the layer has a shared expert.
     pub shared_down: Option<HostTensor>,
 }
 
@@ -277,7 +290,9 @@ pub fn router_dtype(stored: DType, experts: DType) -> DType {
 
 /// The weights of one MoE layer resident on a backend; made by [`Layer::upload`].
 pub struct Layer<B: Backend + ?Sized> {
+    /// The layer's shape and routing.
     pub config: MoeConfig,
+    /// Storage dtype of the expert (and shared expert) weights.
     pub dtype: DType,
     /// `[E, H]`, any float dtype
     pub router: Tensor<B>,

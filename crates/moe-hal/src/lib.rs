@@ -25,6 +25,7 @@
 //! Everything is checked once, in front of the trait, by [`ops`]; backends assume valid shapes.
 //! Errors are one enum, [`Error`], each variant a sentence that names what is wrong.
 
+#![warn(missing_docs)]
 mod backend;
 mod dtype;
 mod error;

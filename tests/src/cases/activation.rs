@@ -26,6 +26,7 @@ fn random_case<B: Backend>(name: &str, m: usize, i: usize) -> Case<B> {
     })
 }
 
+/// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
     vec![
         random_case("m1_i1", 1, 1),

@@ -37,6 +37,7 @@ fn case<B: Backend>(name: &str, t: usize, e: usize, k: usize, h: usize, shared: 
     Case::new(GROUP, name, Op::Combine, None, shape, move |b: &B| check_combine(b, t, e, k, h, shared, &seed))
 }
 
+/// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
     vec![
         case("t1_k1_h1", 1, 4, 1, 1, false),

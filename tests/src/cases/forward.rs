@@ -15,9 +15,13 @@ use moe_hal::{ops, Backend, DType, HostLayer, HostTensor, Layer, MoeConfig, Op, 
 /// DeepSeek-V3 and Kimi K2 checkpoints store it), and the number of tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerSpec {
+    /// The layer shape and routing.
     pub config: MoeConfig,
+    /// Whether sigmoid routing gets a random e_score_correction_bias.
     pub bias: bool,
+    /// Keep the router in f32 beside narrower expert weights.
     pub router_f32: bool,
+    /// Tokens in the batch.
     pub tokens: usize,
 }
 
@@ -157,6 +161,7 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
     ]
 }
 
+/// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
     DType::FLOATS.iter().flat_map(|&d| cases_for(d)).collect()
 }

@@ -12,13 +12,30 @@ use moe_hal::{ops, Backend, DType, Op};
 #[derive(Debug, Clone)]
 pub enum Layout {
     /// One plain GEMM, `w [N, K]`, no offsets: `M = Mx` rows.
-    Dense { m: usize },
+    Dense {
+        /// Rows.
+        m: usize,
+    },
     /// `w [G, N, K]` with `sizes[g]` rows per group and `tail` rows past the last offset; with
     /// `gather`, each row reads a random row of `x [mx, K]`, else `x` has `M` rows.
-    Grouped { sizes: Vec<usize>, tail: usize, gather: Option<usize> },
+    Grouped {
+        /// Rows per group.
+        sizes: Vec<usize>,
+        /// Rows past the last offset (must come out zero).
+        tail: usize,
+        /// Rows of `x` to gather from, when gathering.
+        gather: Option<usize>,
+    },
     /// The gate/up projection of a layer: the plan of `tokens` tokens routed to `top_k` of
     /// `experts` experts, rows gathered by the plan's token_index.
-    Planned { tokens: usize, experts: usize, top_k: usize },
+    Planned {
+        /// Tokens routed.
+        tokens: usize,
+        /// Experts (groups).
+        experts: usize,
+        /// Experts per token.
+        top_k: usize,
+    },
 }
 
 /// Group name of the grouped_gemm cases for `dtype`.
@@ -116,6 +133,7 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
     ]
 }
 
+/// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
     DType::FLOATS.iter().flat_map(|&d| cases_for(d)).collect()
 }

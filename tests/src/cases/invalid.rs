@@ -38,6 +38,7 @@ fn router_bad<B: Backend>(name: &str, routing: Routing, logits: Spec, bias: Opti
     })
 }
 
+/// The bad-input cases of `router_topk`: each must be an `InvalidArgument`, never a panic.
 pub fn router_topk<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     let sm = Routing::Softmax { norm_topk_prob: true };
@@ -99,6 +100,7 @@ fn permute_bad_id<B: Backend>(name: &str, bad: u32) -> Case<B> {
     .exclusive()
 }
 
+/// The bad-input cases of `permute`: each must be an `InvalidArgument`, never a panic.
 pub fn permute<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     vec![
@@ -157,6 +159,7 @@ fn gemm_bad_data<B: Backend>(name: &str, offsets: &'static [u32], gather: Option
     .exclusive()
 }
 
+/// The bad-input cases of `grouped_gemm`: each must be an `InvalidArgument`, never a panic.
 pub fn grouped_gemm<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     vec![
@@ -192,6 +195,7 @@ fn activation_bad<B: Backend>(name: &str, gate_up: Spec, h: Spec) -> Case<B> {
     })
 }
 
+/// The bad-input cases of `activation`: each must be an `InvalidArgument`, never a panic.
 pub fn activation<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     vec![
@@ -220,6 +224,7 @@ fn combine_bad<B: Backend>(name: &str, y: Spec, rows: Spec, w: Spec, shared: Opt
     })
 }
 
+/// The bad-input cases of `combine`: each must be an `InvalidArgument`, never a panic.
 pub fn combine<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     let bad_row = Case::new("combine_f32_invalid", "row_index_out_of_range", Op::Combine, None, "T=3 k=2 H=8 one row index = 6", |b: &B| {
@@ -283,6 +288,7 @@ fn upload_bad<B: Backend>(name: &str, what: &str, edit: fn(&mut moe_hal::HostLay
     })
 }
 
+/// The bad-input cases of `forward`: each must be an `InvalidArgument`, never a panic.
 pub fn forward<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     let hand_assembled = Case::new(FWD, "hand_assembled_bad_down", Op::Forward, Some(F32), "Layer with down [E, H, I+1]", |b: &B| {

@@ -31,6 +31,7 @@ fn random_case<B: Backend>(name: &str, t: usize, e: usize, k: usize) -> Case<B> 
     })
 }
 
+/// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
     vec![
         random_case("t1_e8_k2", 1, 8, 2),

@@ -47,6 +47,7 @@ fn fixed_case<B: Backend>(name: &str, e: usize, k: usize, routing: Routing, logi
     Case::new(GROUP, name, Op::RouterTopk, None, shape, move |b: &B| check_router(b, t, e, k, &routing, &logits, bias.as_deref()))
 }
 
+/// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
     let grouped = |n_group, topk_group, norm, scale| Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: norm, routed_scaling_factor: scale };
     let nan = f32::NAN;

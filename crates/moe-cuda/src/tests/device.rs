@@ -24,13 +24,9 @@ fn backends() -> Vec<(&'static str, CudaBackend)> {
         Err(e) if required() => panic!("MOE_REQUIRE_BACKENDS names cuda but it is unavailable: {e}"),
         Err(e) => println!("no GPU: {e}"),
     }
-    if std::env::var_os("MOE_CUDA_NO_EMULATOR").is_some() {
-        println!("no emulator: MOE_CUDA_NO_EMULATOR is set");
-    } else {
-        match CudaBackend::emulator() {
-            Ok(b) => out.push(("emulator", b)),
-            Err(e) => println!("{e}"),
-        }
+    match CudaBackend::emulator() {
+        Ok(b) => out.push(("emulator", b)),
+        Err(e) => println!("{e}"),
     }
     if out.is_empty() {
         println!("skipping: no CUDA device and no emulator");
