@@ -51,6 +51,22 @@ pub fn dispatch<J: Job>(choice: Choice, job: J) -> Result<J::Output> {
     }
 }
 
+/// Why `--backend auto` passed over the GPU backends here (empty when it chose one), for the demo
+/// to print next to the backend it ran on.
+pub fn auto_skipped() -> Vec<String> {
+    let mut why = Vec::new();
+    match moe_cuda::CudaBackend::new() {
+        Ok(_) => return why,
+        Err(e) => why.push(format!("cuda: {e}")),
+    }
+    match wgpu() {
+        Ok(b) if is_hardware(&b) => return Vec::new(),
+        Ok(b) => why.push(format!("wgpu: {} is a software adapter, slower than the CPU backend", b.info().device)),
+        Err(e) => why.push(format!("wgpu: {e}")),
+    }
+    why
+}
+
 /// One line per backend for `moe devices`: whether it is available here and why not.
 pub fn describe_all() -> Vec<(String, std::result::Result<String, String>)> {
     let describe = |b: &dyn Fn() -> Result<moe_hal::BackendInfo>| match b() {

@@ -202,9 +202,17 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Copy bandwidth (read + write, bytes/s) of the backend, measured with its device copy.
 fn copy_bandwidth<B: Backend>(b: &B) -> Result<f64> {
-    let bytes = (b.info().memory_bytes / 16).min(256 << 20) as usize / 4 * 4;
-    let src = b.upload(DType::U32, &[bytes / 4], &vec![7u8; bytes])?;
-    let mut dst = b.alloc(DType::U32, &[bytes / 4])?;
+    // 256 MiB (large enough to leave every cache), or the largest that one buffer of this device
+    // holds, halving from there (lavapipe binds at most 128 MiB).
+    let mut bytes = (b.info().memory_bytes / 16).min(256 << 20) as usize / 4 * 4;
+    let (src, mut dst) = loop {
+        let pair = b.upload(DType::U32, &[bytes / 4], &vec![7u8; bytes]).and_then(|s| Ok((s, b.alloc(DType::U32, &[bytes / 4])?)));
+        match pair {
+            Ok(p) => break p,
+            Err(Error::OutOfMemory(_)) if bytes > 16 << 20 => bytes /= 2,
+            Err(e) => return Err(e),
+        }
+    };
     b.copy(&src, &mut dst)?;
     b.synchronize()?;
     let mut times: Vec<f64> = (0..7)

@@ -146,6 +146,11 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     let bytes = layer_bytes(&config, args.dtype, touched);
 
     println!("backend:  {}", ran.device);
+    if args.backend == Choice::Auto {
+        for why in crate::backends::auto_skipped() {
+            println!("          (not {why})");
+        }
+    }
     println!(
         "routing:  {touched} of {} experts touched, {} idle, busiest expert has {max} of {} token slots; {same_sets}/{} tokens chose the same experts as the reference",
         config.experts,
