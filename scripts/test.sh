@@ -14,6 +14,13 @@ fi
 
 # The CUDA kernels are checked without a GPU in two ways: compiled by NVRTC for sm_90 and sm_80
 # (NVRTC comes as a pip wheel, ~45 MiB), and run on the CPU emulator (built with g++ 12+).
+# Plots (`moe bench --plot x.svg|x.png`) lay out their text with a system TrueType font.
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  echo "test.sh: installing fonts-dejavu-core (text in bench plots)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq fonts-dejavu-core >/dev/null
+fi
 if ! command -v g++ >/dev/null 2>&1; then
   echo "test.sh: installing g++ (for the CUDA kernels' CPU emulator)"
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

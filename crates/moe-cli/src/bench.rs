@@ -84,7 +84,7 @@ pub struct BenchArgs {
     /// Write the results as JSON (the schema the peers script writes too).
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Write a plot of time and floor against tokens (SVG).
+    /// Write a plot of time and floor against tokens (`.svg`, or `.png` with a system TrueType font).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// A JSON file from bench/peers/ (or another `moe bench --json`) to print ratios against.
@@ -387,8 +387,8 @@ pub fn config(args: &BenchArgs) -> Result<MoeConfig> {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let c = config(args)?;
-    if let Some(p) = args.plot.as_ref().filter(|p| p.extension().and_then(|e| e.to_str()) != Some("svg")) {
-        return moe_hal::invalid!("--plot writes SVG; name the file *.svg (got {}); convert it with e.g. rsvg-convert for a PNG", p.display());
+    if let Some(p) = args.plot.as_ref().filter(|p| !matches!(p.extension().and_then(|e| e.to_str()), Some("svg" | "png"))) {
+        return moe_hal::invalid!("--plot writes SVG or PNG; name the file *.svg or *.png (got {})", p.display());
     }
     let peers = args.compare.as_ref().map(read_report).transpose()?;
     println!("moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration", args.preset.and_then(|p| clap::ValueEnum::to_possible_value(&p)).map_or("deepseek-v3 (default)".into(), |v| v.get_name().to_string()), shape_name(&c), args.dtype, args.tokens, args.warmup, args.iters);

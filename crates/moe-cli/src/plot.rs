@@ -1,19 +1,61 @@
-//! The bench plot: time and floor against tokens, log axes, one line per backend and peer.
+//! The bench plot: time and floor against tokens, log axes, one line per backend and peer; SVG
+//! or PNG by the file's extension.
 
 use crate::bench::Run;
 use moe_hal::{Error, Result};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
 
+/// TrueType fonts the plot's text can use, first found wins (plotters lays out text with the
+/// font's metrics, for SVG too).
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a system TrueType font as plotters' "sans-serif" (once per process).
+fn register_font() -> Result<()> {
+    static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes = FONTS
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .ok_or_else(|| format!("a plot needs a TrueType font for its text and none of {} exists; install one (Debian: fonts-dejavu-core)", FONTS.join(", ")))?;
+        plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).map_err(|_| "the font file is not a TrueType font".to_string())
+    })
+    .clone()
+    .map_err(Error::InvalidArgument)
+}
+
+/// Writes the plot to `path`: SVG for `.svg`, PNG for `.png`.
 pub fn plot(path: &Path, title: &str, runs: &[Run]) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| Error::Io(format!("cannot draw {}: {e}", path.display()));
-    let rows = || runs.iter().flat_map(|r| r.rows.iter());
-    if rows().next().is_none() {
+    if !runs.iter().any(|r| !r.rows.is_empty()) {
         return Err(Error::InvalidArgument("nothing to plot: every row was skipped".into()));
     }
+    // Both backends lay text out with the registered font's metrics.
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("svg") => {
+            register_font()?;
+            draw(SVGBackend::new(path, (900, 600)).into_drawing_area(), path, title, runs)
+        }
+        Some("png") => {
+            register_font()?;
+            draw(BitMapBackend::new(path, (900, 600)).into_drawing_area(), path, title, runs)
+        }
+        _ => moe_hal::invalid!("--plot writes SVG or PNG; name the file *.svg or *.png (got {})", path.display()),
+    }
+}
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, path: &Path, title: &str, runs: &[Run]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::Io(format!("cannot draw {}: {e}", path.display()));
+    let rows = || runs.iter().flat_map(|r| r.rows.iter());
     let (tmin, tmax) = rows().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.tokens as f64), b.max(r.tokens as f64)));
     let (ymin, ymax) = rows().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.time_s.min(r.floor_s) * 1e3), b.max(r.time_s.max(r.floor_s) * 1e3)));
-    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("MoE layer: {title}"), ("sans-serif", 22))

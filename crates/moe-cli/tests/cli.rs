@@ -276,6 +276,13 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
         assert!(t > 0.0 && f > 0.0 && r["bytes"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    // The same plot as PNG (text drawn with a system TrueType font).
+    let png = dir.path().join("b.png");
+    let o = moe(&["bench", "--backend", "cpu", "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4", "--tokens", "1,3", "--iters", "2", "--warmup", "1", "--plot", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"), "not a PNG");
+    let o = moe(&["bench", "--backend", "cpu", "--tokens", "1", "--plot", "x.gif"]);
+    assert!(!o.status.success() && stderr(&o).contains("SVG or PNG"), "{}", stderr(&o));
     let o = moe(&["bench", "--backend", "cpu", "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4", "--tokens", "1,3", "--iters", "2", "--warmup", "1", "--compare", json.to_str().unwrap()]);
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ratio"), "{}", stderr(&o));
     // Bad flags are one sentence.
