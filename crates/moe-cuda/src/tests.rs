@@ -218,7 +218,7 @@ fn no_driver_means_unavailable_not_a_panic() {
 
 #[test]
 fn flags_decode_to_sentences() {
-    use crate::driver::{decode_flags, ERR_WORDS};
+    use moe_hal::flags::{decode as decode_flags, WORDS as ERR_WORDS};
     let mut w = [0u32; ERR_WORDS];
     assert!(decode_flags(&w).is_ok());
     w[0] = 1;

@@ -30,6 +30,7 @@ mod backend;
 mod dtype;
 mod error;
 pub mod fallback;
+pub mod flags;
 pub mod forward;
 pub mod host;
 mod layer;

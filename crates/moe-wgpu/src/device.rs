@@ -187,32 +187,8 @@ pub(crate) fn map_error(e: wgpu::Error) -> Error {
     }
 }
 
-/// Slots of the device error-flag buffer (`errs`, 16 u32). Kernels `atomicOr` a flag and
-/// `atomicMax` the offending value and its bound; the host reads and clears them when it blocks.
-pub(crate) const ERR_WORDS: usize = 16;
-
-/// Turns the flag words read back from the device into the first error they describe.
-pub(crate) fn decode_flags(w: &[u32]) -> Result<()> {
-    if w[0] != 0 {
-        return moe_hal::invalid!("topk_ids holds an expert id >= {} (largest: {}); ids must be below the expert count", w[2], w[1]);
-    }
-    if w[3] & 1 != 0 {
-        return moe_hal::invalid!("expert_offsets must start at 0");
-    }
-    if w[3] & 2 != 0 {
-        return moe_hal::invalid!("expert_offsets are not cumulative (they decrease somewhere)");
-    }
-    if w[3] & 4 != 0 {
-        return moe_hal::invalid!("expert_offsets ends at {} but y has only {} rows", w[4], w[5]);
-    }
-    if w[6] != 0 {
-        return moe_hal::invalid!("token_index holds {} but x has only {} rows", w[7], w[8]);
-    }
-    if w[9] != 0 {
-        return moe_hal::invalid!("row_index holds {} but y has only {} rows", w[10], w[11]);
-    }
-    Ok(())
-}
+/// Words of the device error-flag buffer (`errs`); the layout is [`moe_hal::flags`].
+pub(crate) const ERR_WORDS: usize = moe_hal::flags::WORDS;
 
 /// Builds the [`BackendInfo`] of an adapter.
 pub(crate) fn backend_info(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> BackendInfo {

@@ -320,7 +320,7 @@ impl WgpuBackend {
         let mut words = [0u8; device::ERR_WORDS * 4];
         self.read_back(enc, &staging, &mut words)?;
         let words: [u32; device::ERR_WORDS] = bytemuck::cast(words);
-        device::decode_flags(&words)
+        moe_hal::flags::decode(&words)
     }
 
     /// Records `steps` in one compute pass, submits it, and reports any wgpu error it raised.
