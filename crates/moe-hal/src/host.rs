@@ -389,6 +389,58 @@ unsafe fn rows4_times_block_avx2(xs: [&[f32]; 4], w: &[f32], k: usize, out: &mut
     }
 }
 
+/// One activation row times `nb` bf16 weight rows read straight from the weights (no widened
+/// copy), four weight rows per pass: for decode, where each weight is used by one or two rows and
+/// the widening pass would cost as much as the dot products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn widen8(p: *const half::bf16) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable bf16 values.
+        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+    let nb = out.len();
+    let chunks = k / 8;
+    let tail = |j: usize| -> f32 { (chunks * 8..k).map(|i| x[i] * w[j * k + i].to_f32()).sum() };
+    let mut j = 0;
+    while j < nb {
+        let rows = (nb - j).min(4);
+        // Rows past the block repeat the last one (computed, not stored).
+        let p: [*const half::bf16; 4] =
+            std::array::from_fn(|q| w[(j + q.min(rows - 1)) * k..].as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in 0..chunks {
+            // SAFETY: c * 8 + 8 <= k, within row j + q of `w` and within `x`.
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(c * 8));
+                for q in 0..4 {
+                    acc[q] = _mm256_fmadd_ps(xv, widen8(p[q].add(c * 8)), acc[q]);
+                }
+            }
+        }
+        for q in 0..rows {
+            out[j + q] = hsum(acc[q]) + tail(j + q);
+        }
+        j += rows;
+    }
+}
+
+/// Whether [`row_times_bf16_avx2`] can run here.
+fn direct_bf16() -> bool {
+    cfg!(target_arch = "x86_64") && isa() == "avx2"
+}
+
 /// Four rows at once where the CPU has AVX2 and FMA, else one at a time.
 fn rows4_times_block(xs: [&[f32]; 4], w: &[f32], k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -498,6 +550,24 @@ pub fn grouped_gemm(
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let xrow = |r: usize| {
+            let src = token_index.map_or(r, |ti| ti[r] as usize);
+            &x[src * k..(src + 1) * k]
+        };
+        let (r0, end) = (offsets[g] as usize, offsets[g + 1] as usize);
+        // Decode: with fewer than four rows, read bf16 weights directly instead of widening them.
+        #[cfg(target_arch = "x86_64")]
+        if let (Weights::BF16(wb), Accumulate::F32, true) = (w, accumulate, end - r0 < 4 && direct_bf16()) {
+            let block = &wb[(g * n + n0) * k..(g * n + n0 + nb) * k];
+            let mut dots = vec![0f32; nb];
+            for r in r0..end {
+                // SAFETY: AVX2 and FMA are present (direct_bf16).
+                unsafe { row_times_bf16_avx2(xrow(r), block, k, &mut dots) };
+                // SAFETY: as below: row r, columns n0..n0+nb belong to this task alone.
+                unsafe { std::ptr::copy_nonoverlapping(dots.as_ptr(), out.0.add(r * n + n0), nb) };
+            }
+            return;
+        }
         SCRATCH.with_borrow_mut(|scratch| {
         if scratch.len() < nb * k {
             scratch.resize(nb * k, 0.0);
@@ -505,12 +575,8 @@ pub fn grouped_gemm(
         let wf = &mut scratch[..nb * k];
         w.widen((g * n + n0) * k, wf);
         let wf = &*wf;
-        let xrow = |r: usize| {
-            let src = token_index.map_or(r, |ti| ti[r] as usize);
-            &x[src * k..(src + 1) * k]
-        };
         let mut dots = vec![0f32; 4 * nb];
-        let (mut r, end) = (offsets[g] as usize, offsets[g + 1] as usize);
+        let mut r = r0;
         while r < end {
             // Four rows at a time where there are four (f32 accumulation), else one.
             let take = if accumulate == Accumulate::F32 && end - r >= 4 { 4 } else { 1 };
