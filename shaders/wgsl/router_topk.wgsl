@@ -115,6 +115,25 @@ fn reduce_best(lid: u32) {
     }
 }
 
+// The next best key among keys[base .. base + count) ranked strictly below (pk, pi) (any key
+// when `first`), reduced over the workgroup: returns (key, index) of the winner to every lane.
+fn next_best(base: u32, count: u32, pk: u32, pi: u32, first: bool, lid: u32) -> vec2<u32> {
+    var ck = 0u;
+    var ci = 0xffffffffu;
+    for (var i = lid; i < count; i += WG) {
+        let ki = keys[base + i];
+        let below = first || above(pk, pi, ki, i);
+        if (below && (ci == 0xffffffffu || above(ki, i, ck, ci))) {
+            ck = ki;
+            ci = i;
+        }
+    }
+    red_k[lid] = ck;
+    red_i[lid] = ci;
+    reduce_best(lid);
+    return vec2<u32>(red_k[0], red_i[0]);
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -207,21 +226,9 @@ fn main(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
         var pi = 0xffffffffu;
         var first = true;
         for (var j = 0u; j < p.topk_group; j++) {
-            var ck = 0u;
-            var ci = 0xffffffffu;
-            for (var g = lid; g < p.n_group; g += WG) {
-                let gk = keys[gb + g];
-                let below = first || above(pk, pi, gk, g);
-                if (below && (ci == 0xffffffffu || above(gk, g, ck, ci))) {
-                    ck = gk;
-                    ci = g;
-                }
-            }
-            red_k[lid] = ck;
-            red_i[lid] = ci;
-            reduce_best(lid);
-            pk = red_k[0];
-            pi = red_i[0];
+            let best = next_best(gb, p.n_group, pk, pi, first, lid);
+            pk = best.x;
+            pi = best.y;
             first = false;
             workgroupBarrier();
         }
@@ -242,21 +249,9 @@ fn main(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
     var pi = 0xffffffffu;
     var first = true;
     for (var j = 0u; j < p.k; j++) {
-        var ck = 0u;
-        var ci = 0xffffffffu;
-        for (var i = lid; i < e; i += WG) {
-            let ki = keys[kb + i];
-            let below = first || above(pk, pi, ki, i);
-            if (below && (ci == 0xffffffffu || above(ki, i, ck, ci))) {
-                ck = ki;
-                ci = i;
-            }
-        }
-        red_k[lid] = ck;
-        red_i[lid] = ci;
-        reduce_best(lid);
-        pk = red_k[0];
-        pi = red_i[0];
+        let best = next_best(kb, e, pk, pi, first, lid);
+        pk = best.x;
+        pi = best.y;
         first = false;
         if (lid == 0u) {
             ids[tok * p.k + j] = min(pi, e - 1u);

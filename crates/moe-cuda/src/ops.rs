@@ -142,12 +142,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let (t, e) = (logits.shape[0], logits.shape[1]);
         let k = topk_ids.shape[1];
-        let (mode, n_group, topk_group, norm, scale) = match *routing {
-            Routing::Softmax { norm_topk_prob } => (0u32, 0usize, 0usize, norm_topk_prob, 1.0f32),
-            Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
-                (1, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
-            }
-        };
+        let moe_hal::RoutingParams { mode, n_group, topk_group, norm, scale } = routing.params();
         let stride = e + 2 * n_group;
         let shared = stride * 4;
         let global = shared > SHARED_DEFAULT;

@@ -46,6 +46,35 @@ pub enum Routing {
     },
 }
 
+/// [`Routing`] as the flat parameters a routing kernel takes (the WGSL and CUDA backends pass
+/// these in their uniforms): `mode` 0 is softmax, 1 sigmoid-grouped; group fields are 0 and
+/// `scale` is 1 for softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingParams {
+    /// 0: [`Routing::Softmax`]; 1: [`Routing::SigmoidGrouped`].
+    pub mode: u32,
+    /// Expert groups (0 for softmax).
+    pub n_group: usize,
+    /// Groups kept (0 for softmax).
+    pub topk_group: usize,
+    /// Renormalise the chosen weights.
+    pub norm: bool,
+    /// `routed_scaling_factor` (1 for softmax).
+    pub scale: f32,
+}
+
+impl Routing {
+    /// The flat kernel parameters of this routing.
+    pub fn params(&self) -> RoutingParams {
+        match *self {
+            Routing::Softmax { norm_topk_prob } => RoutingParams { mode: 0, n_group: 0, topk_group: 0, norm: norm_topk_prob, scale: 1.0 },
+            Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
+                RoutingParams { mode: 1, n_group, topk_group, norm: norm_topk_prob, scale: routed_scaling_factor }
+            }
+        }
+    }
+}
+
 /// The shape of one MoE layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {

@@ -40,5 +40,5 @@ mod tensor;
 pub use backend::{Backend, BackendInfo, Op};
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use layer::{HostLayer, HostTensor, Layer, MoeConfig, Routing, router_dtype};
+pub use layer::{HostLayer, HostTensor, Layer, MoeConfig, Routing, RoutingParams, router_dtype};
 pub use tensor::Tensor;
