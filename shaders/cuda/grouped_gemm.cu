@@ -1,4 +1,9 @@
 // grouped_gemm: y [M, N] f32 = x[src(r)] . w[g]^T for the rows r of each group g.
+// grouped_gemm_swiglu (p.swiglu = 1): the same GEMM over N = 2I weight rows per group with SwiGLU
+// in the epilogue, so only h [M, I] = silu(gate) * up is written. Tile columns walk the 2I rows
+// *interleaved* (wcol): column 2j is gate row j, column 2j + 1 up row I + j. Every kernel below
+// gives one thread adjacent column pairs (mma's C fragment: columns 2 tig, 2 tig + 1; simt: 4 tx ..
+// 4 tx + 3; gemv: a warp's NR rows, NR even), so each thread pairs gate and up in registers.
 //
 // Self-contained (NVRTC has no system headers): no #include; f16/bf16 weights are read as raw
 // 16-bit words and converted with PTX cvt (f16) or a shift (bf16); tensor cores are reached
@@ -51,10 +56,27 @@ struct GemmParams {
     u32 max_tiles; // row tiles the grid covers (mma, simt: shape-only worst case) or slots (gemv)
     u32 by_row;    // gemv: a slot is a row of y (M < G), not a group
     u32 bm;        // gemm_plan: rows per tile
-    u32 pad0, pad1, pad2, pad3, pad4;
+    u32 swiglu;    // SwiGLU epilogue: y is h [M, N / 2], tile columns interleave gate and up
+    u32 pad1, pad2, pad3, pad4;
 };
 
 // ---- shared helpers ----
+
+// Columns of the output: N, or I = N / 2 with the SwiGLU epilogue.
+__device__ __forceinline__ u32 out_cols(const GemmParams& p) {
+    return p.swiglu ? p.n >> 1 : p.n;
+}
+
+// The weight row (within its group) behind tile column v: v, or interleaved for SwiGLU (gate row
+// v / 2 for even v, up row I + v / 2 for odd v).
+__device__ __forceinline__ u32 wcol(const GemmParams& p, u32 v) {
+    return p.swiglu ? (v & 1u) * (p.n >> 1) + (v >> 1) : v;
+}
+
+// silu(g) = g / (1 + exp(-g)), as activation.cu computes it (g = -100: exp overflows, -0).
+__device__ __forceinline__ float silu_f(float g) {
+    return g / (1.0f + expf(-g));
+}
 
 // expert_offsets[g] clamped to M (the whole range without offsets).
 __device__ __forceinline__ u32 offset_at(const GemmParams& p, const u32* __restrict__ off, u32 g) {
@@ -195,8 +217,8 @@ gemm_prep(const GemmParams p, const u32* __restrict__ ti, const u32* __restrict_
             }
         }
     }
-    const u64 end = (u64)offset_at(p, off, p.g) * p.n;
-    const u64 total = (u64)p.m * p.n;
+    const u64 end = (u64)offset_at(p, off, p.g) * out_cols(p);
+    const u64 total = (u64)p.m * out_cols(p);
     for (u64 i = end + i0; i < total; i += stride) {
         y[i] = 0.0f;
     }
@@ -380,7 +402,7 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
         u32 idx = tid + 256u * i;
         u32 n = tile.n0 + (idx >> 2);
         b_ok[i] = n < N;
-        b_row[i] = wg + (u64)(b_ok[i] ? n : 0u) * K;
+        b_row[i] = wg + (u64)(b_ok[i] ? wcol(p, n) : 0u) * K;
     }
 
     float4 ra[MT];
@@ -513,7 +535,9 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const u32 r = tile.m0 + wm * (16 * MT) + i * 16 + gid + h * 8;
-                if (r < tile.m_end) {
+                if (r < tile.m_end && p.swiglu) {
+                    if (c0 < N) y[(u64)r * (N >> 1) + (c0 >> 1)] = silu_f(acc[i][j][2 * h]) * acc[i][j][2 * h + 1];
+                } else if (r < tile.m_end) {
                     float* yr = y + (u64)r * N;
                     if (c0 < N) yr[c0] = acc[i][j][2 * h];
                     if (c0 + 1u < N) yr[c0 + 1u] = acc[i][j][2 * h + 1];
@@ -583,7 +607,7 @@ __device__ __forceinline__ void simt_body(const GemmParams& p, const float* __re
     }
     const u32 wn = tile.n0 + lr;
     const bool w_ok = wn < N;
-    const u64 wrow = ((u64)tile.g * N + (w_ok ? wn : 0u)) * K;
+    const u64 wrow = ((u64)tile.g * N + (w_ok ? wcol(p, wn) : 0u)) * K;
 
     float xv[4], wv[4];
     auto load = [&](u32 k0) {
@@ -657,6 +681,16 @@ __device__ __forceinline__ void simt_body(const GemmParams& p, const float* __re
         if (r >= tile.m_end) {
             continue;
         }
+        if (p.swiglu) { // columns 4 tx + {0, 1} and {2, 3} are (gate, up) pairs; N is even
+#pragma unroll
+            for (int j = 0; j < 4; j += 2) {
+                const u32 c = tile.n0 + tx * 4 + j;
+                if (c < N) {
+                    y[(u64)r * (N >> 1) + (c >> 1)] = silu_f(acc[i][j]) * acc[i][j + 1];
+                }
+            }
+            continue;
+        }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const u32 c = tile.n0 + tx * 4 + j;
@@ -688,7 +722,7 @@ SIMT_KERNEL(simt_bf16_any, 2, false)
 
 #define GEMV_RB 4 // token rows per pass
 
-// NR: weight rows per warp (a block owns 8 * NR rows). VEC: K % 8 == 0 (16-byte loads).
+// NR: weight rows per warp (a block owns 8 * NR rows); even for SwiGLU. VEC: K % 8 == 0 (16-byte loads).
 template <int DT, int NR, bool VEC>
 __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __restrict__ x,
                                           const u32* __restrict__ ti, const void* __restrict__ w,
@@ -726,7 +760,7 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
 #pragma unroll
     for (int i = 0; i < NR; i++) {
         wok[i] = n_base + i < N;
-        wrow[i] = ((u64)g * N + (wok[i] ? n_base + i : n_base)) * K;
+        wrow[i] = ((u64)g * N + wcol(p, wok[i] ? n_base + i : n_base)) * K;
     }
 
     for (u32 rb = r_lo; rb < r_hi; rb += GEMV_RB) {
@@ -804,7 +838,21 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
                 for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
                 acc[i][q] = v;
             }
-        if (lane == 0) {
+        if (lane == 0 && p.swiglu) { // rows n_base + i, i even, are (gate, up) pairs (NR even)
+#pragma unroll
+            for (int q = 0; q < GEMV_RB; q++) {
+                const u32 r = rb + q;
+                if (r >= r_hi) {
+                    continue;
+                }
+#pragma unroll
+                for (int i = 0; i + 1 < NR; i += 2) {
+                    if (wok[i]) {
+                        y[(u64)r * (N >> 1) + ((n_base + i) >> 1)] = silu_f(acc[i][q]) * acc[i + 1][q];
+                    }
+                }
+            }
+        } else if (lane == 0) {
 #pragma unroll
             for (int q = 0; q < GEMV_RB; q++) {
                 const u32 r = rb + q;
@@ -831,13 +879,19 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
 
 GEMV_KERNEL(gemv_f32_r1_vec, 0, 1, true)
 GEMV_KERNEL(gemv_f32_r1_any, 0, 1, false)
+GEMV_KERNEL(gemv_f32_r2_vec, 0, 2, true)
+GEMV_KERNEL(gemv_f32_r2_any, 0, 2, false)
 GEMV_KERNEL(gemv_f32_r4_vec, 0, 4, true)
 GEMV_KERNEL(gemv_f32_r4_any, 0, 4, false)
 GEMV_KERNEL(gemv_f16_r1_vec, 1, 1, true)
 GEMV_KERNEL(gemv_f16_r1_any, 1, 1, false)
+GEMV_KERNEL(gemv_f16_r2_vec, 1, 2, true)
+GEMV_KERNEL(gemv_f16_r2_any, 1, 2, false)
 GEMV_KERNEL(gemv_f16_r4_vec, 1, 4, true)
 GEMV_KERNEL(gemv_f16_r4_any, 1, 4, false)
 GEMV_KERNEL(gemv_bf16_r1_vec, 2, 1, true)
 GEMV_KERNEL(gemv_bf16_r1_any, 2, 1, false)
+GEMV_KERNEL(gemv_bf16_r2_vec, 2, 2, true)
+GEMV_KERNEL(gemv_bf16_r2_any, 2, 2, false)
 GEMV_KERNEL(gemv_bf16_r4_vec, 2, 4, true)
 GEMV_KERNEL(gemv_bf16_r4_any, 2, 4, false)

@@ -1,4 +1,8 @@
 // grouped_gemm: y [M, N] f32 = x[src(r)] . w[g]^T for the rows r of each group g.
+// grouped_gemm_swiglu (p.swiglu = 1): the same GEMM over N = 2I weight rows per group, with
+// SwiGLU in the epilogue, so only h [M, I] = silu(gate) * up is written. Tiles then walk the 2I
+// columns *interleaved*: tile column 2j holds gate row j and column 2j + 1 up row I + j (wcol),
+// so the invocation that owns column 2j owns 2j + 1 too and pairs them in registers.
 //
 // The host prepends two constants to this file:
 //   const DT: u32   storage dtype of w: 0 f32, 1 f16, 2 bf16 (read from u32 words; f16 with
@@ -19,6 +23,7 @@
 //          only the first row of each group works, so idle experts cost no launch at all.
 // Both run once per native part of w, which holds the rows [row0, row1) of the [G * N, K] view
 // (whole experts unless one expert exceeds a binding); columns outside it are left to other parts.
+// The fused mode runs only on parts of whole experts (the host checks), so a pair never straddles.
 
 struct Params {
     m: u32,       // rows of y
@@ -36,7 +41,7 @@ struct Params {
     total_wg: u32,// workgroups that do work
     zero_all: u32,// prep: zero every row (K = 0)
     by_row: u32,  // gemv: workgroup slots are rows of y (M < G), not groups
-    _p1: u32,
+    swiglu: u32,  // SwiGLU epilogue: y is h [M, N / 2], tile columns interleave gate and up
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -48,6 +53,25 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> errs: array<atomic<u32>>;
 
 // ---- shared helpers ----
+
+// Columns of the output: N, or I = N / 2 with the SwiGLU epilogue.
+fn ny() -> u32 {
+    return select(p.n, p.n / 2u, p.swiglu != 0u);
+}
+
+// The weight row (within its group) behind tile column v: v itself, or, interleaved for SwiGLU,
+// gate row v / 2 for even v and up row I + v / 2 for odd v.
+fn wcol(v: u32) -> u32 {
+    if (p.swiglu == 0u) {
+        return v;
+    }
+    return (v & 1u) * (p.n / 2u) + (v >> 1u);
+}
+
+// silu(g) = g / (1 + exp(-g)), as activation.wgsl computes it (g = -100: exp overflows, -0).
+fn silu(g: f32) -> f32 {
+    return g / (1.0 + exp(-g));
+}
 
 // expert_offsets[g] clamped to M (the whole range without offsets).
 fn offset(g: u32) -> u32 {
@@ -164,7 +188,8 @@ fn prep(@builtin(global_invocation_id) gid3: vec3<u32>, @builtin(num_workgroups)
     if (p.zero_all != 0u) {
         end = 0u;
     }
-    for (var i = end * p.n + i0; i < p.m * p.n; i += stride) {
+    let width = ny();
+    for (var i = end * width + i0; i < p.m * width; i += stride) {
         y[i] = 0.0;
     }
 }
@@ -249,7 +274,7 @@ fn tiled(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
         let wn = n0 + lr;
         let w_ok = wn >= c.x && wn < c.y;
-        let wrow = g * p.n + wn - p.row0;
+        let wrow = g * p.n + wcol(wn) - p.row0;
 
         var acc0 = vec4<f32>(0.0);
         var acc1 = vec4<f32>(0.0);
@@ -277,6 +302,18 @@ fn tiled(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: v
         for (var i = 0u; i < 4u; i++) {
             let r = m0 + ty * 4u + i;
             if (r < r_lo || r >= r_hi) {
+                continue;
+            }
+            if (p.swiglu != 0u) {
+                // Columns 4 tx + {0, 1} and {2, 3} are (gate, up) pairs; c.y is even.
+                let a = accs[i];
+                let col = n0 + tx * 4u;
+                if (col < c.y) {
+                    y[r * ny() + col / 2u] = silu(a.x) * a.y;
+                }
+                if (col + 2u < c.y) {
+                    y[r * ny() + col / 2u + 1u] = silu(a.z) * a.w;
+                }
                 continue;
             }
             for (var j = 0u; j < 4u; j++) {
@@ -343,7 +380,7 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
     for (var i = 0u; i < NR; i++) {
         let n = nb + team * NR + i;
         wok[i] = n >= c.x && n < c.y;
-        wrow[i] = g * p.n + n - p.row0;
+        wrow[i] = g * p.n + wcol(n) - p.row0;
     }
 
     for (var rb = r_lo; rb < r_hi; rb += RB) {
@@ -403,7 +440,24 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
             red[j * 256u + lid] = acc[j];
         }
         workgroupBarrier();
-        if (lid < COLS * RB) {
+        if (p.swiglu != 0u) {
+            // A team's two rows are (gate, up) of output column (nb + team * NR) / 2.
+            if (lid < (COLS / NR) * RB) {
+                let t = lid / RB;
+                let q = lid % RB;
+                var sg = 0.0;
+                var su = 0.0;
+                for (var l = 0u; l < TEAM; l++) {
+                    sg += red[q * 256u + t * TEAM + l];
+                    su += red[(RB + q) * 256u + t * TEAM + l];
+                }
+                let r = rb + q;
+                let n = nb + t * NR;
+                if (r < r_hi && n >= c.x && n < c.y) {
+                    y[r * ny() + n / 2u] = silu(sg) * su;
+                }
+            }
+        } else if (lid < COLS * RB) {
             let col = lid / RB;
             let q = lid % RB;
             let t = col / NR;

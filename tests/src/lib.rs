@@ -89,6 +89,10 @@
 //! * `grouped_gemm_{f32,f16,bf16}`: the dense router GEMM, grouped expert GEMMs with and without
 //!   the gather index (from a real dispatch plan), empty experts, rows past the last offset
 //!   (must be written as zero), M = 0 and 1, sizes one off 16/32/64/128, N = 257, K = 7168.
+//! * `grouped_gemm_swiglu_{f32,f16,bf16}`: the gate/up projection with SwiGLU fused, against the
+//!   oracle's `swiglu(grouped_gemm(..))`: dense (the shared expert) for M = 0, 1, 33; decode
+//!   (T = 1, E = 256, k = 8 and T = 3, E = 16, k = 4); prefill with groups of 0, 1, 17, 65 and 130
+//!   rows and 2I = 130; gathered rows; rows past the last offset (zero); I = 1 with K = 7168.
 //! * `activation_f32`: SwiGLU, sizes off tile boundaries, M = 0, gates of ±100 (f32 `exp`
 //!   overflows: `silu` must still be finite).
 //! * `combine_f32`: with and without the shared expert, T = 0 and 1, k = 1 and k = E, H = 1, 127,
@@ -145,6 +149,10 @@ macro_rules! suite {
             grouped_gemm_f16,
             grouped_gemm_bf16,
             grouped_gemm_f32_invalid,
+            grouped_gemm_swiglu_f32,
+            grouped_gemm_swiglu_f16,
+            grouped_gemm_swiglu_bf16,
+            grouped_gemm_swiglu_f32_invalid,
             activation_f32,
             activation_f32_invalid,
             combine_f32,

@@ -145,6 +145,7 @@ pub fn operator(op: Op) -> &'static str {
         Op::RouterTopk => "aclnnMoeGatingTopKSoftmax / aclnnMoeGatingTopKSoftmaxV2 (softmax routing), aclnnMoeGatingTopK (sigmoid, bias-corrected, group-limited routing)",
         Op::Permute => "aclnnMoeInitRoutingV2",
         Op::GroupedGemm => "aclnnGroupedMatmulV4 (expert_offsets as its cumulative group list, groupListType 0); aclnnMatmul without offsets",
+        Op::GroupedGemmSwiglu => "aclnnGroupedMatmulV4 then aclnnSwiGlu (the trait's default composes them; unconfirmed: a fused aclnnGroupedMatmulSwigluQuant exists for quantized weights only)",
         Op::Activation => "aclnnSwiGlu",
         Op::Combine => "aclnnMoeFinalizeRoutingV2 (or aclnnMoeFinalizeRouting)",
         Op::Forward => "aclnnMatmul -> aclnnMoeGatingTopK(Softmax) -> aclnnMoeInitRoutingV2 -> aclnnGroupedMatmulV4 -> aclnnSwiGlu -> aclnnGroupedMatmulV4 -> aclnnMoeFinalizeRoutingV2",

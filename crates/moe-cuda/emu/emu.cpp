@@ -268,14 +268,20 @@ void simt_bf16_vec();
 void simt_bf16_any();
 void gemv_f32_r1_vec();
 void gemv_f32_r1_any();
+void gemv_f32_r2_vec();
+void gemv_f32_r2_any();
 void gemv_f32_r4_vec();
 void gemv_f32_r4_any();
 void gemv_f16_r1_vec();
 void gemv_f16_r1_any();
+void gemv_f16_r2_vec();
+void gemv_f16_r2_any();
 void gemv_f16_r4_vec();
 void gemv_f16_r4_any();
 void gemv_bf16_r1_vec();
 void gemv_bf16_r1_any();
+void gemv_bf16_r2_vec();
+void gemv_bf16_r2_any();
 void gemv_bf16_r4_vec();
 void gemv_bf16_r4_any();
 void activation();
@@ -295,9 +301,9 @@ static const struct {
     K(mma_split_f16_m64_vec), K(mma_split_f16_m64_any), K(mma_split_f16_m128_vec), K(mma_split_f16_m128_any),
     K(mma_split_bf16_m64_vec), K(mma_split_bf16_m64_any), K(mma_split_bf16_m128_vec), K(mma_split_bf16_m128_any),
     K(simt_f32_vec), K(simt_f32_any), K(simt_f16_vec), K(simt_f16_any), K(simt_bf16_vec), K(simt_bf16_any),
-    K(gemv_f32_r1_vec), K(gemv_f32_r1_any), K(gemv_f32_r4_vec), K(gemv_f32_r4_any),
-    K(gemv_f16_r1_vec), K(gemv_f16_r1_any), K(gemv_f16_r4_vec), K(gemv_f16_r4_any),
-    K(gemv_bf16_r1_vec), K(gemv_bf16_r1_any), K(gemv_bf16_r4_vec), K(gemv_bf16_r4_any),
+    K(gemv_f32_r1_vec), K(gemv_f32_r1_any), K(gemv_f32_r2_vec), K(gemv_f32_r2_any), K(gemv_f32_r4_vec), K(gemv_f32_r4_any),
+    K(gemv_f16_r1_vec), K(gemv_f16_r1_any), K(gemv_f16_r2_vec), K(gemv_f16_r2_any), K(gemv_f16_r4_vec), K(gemv_f16_r4_any),
+    K(gemv_bf16_r1_vec), K(gemv_bf16_r1_any), K(gemv_bf16_r2_vec), K(gemv_bf16_r2_any), K(gemv_bf16_r4_vec), K(gemv_bf16_r4_any),
     K(activation), K(activation_vec), K(combine), K(combine_vec),
 };
 

@@ -58,6 +58,7 @@
 //! | | `gemm_plan` + `mma_*`: tensor cores, `mma.sync.m16n8k16` (f16 or bf16 inputs, f32 accumulators) from inline PTX; tiles of 64 or 128 rows (64 when `M <= 64 G`) by 128 columns, 8 warps, K in slices of 32 with a register prefetch of the next slice; row tiles never span two experts (`gemm_plan` scans `ceil(rows_g / BM)`), blocks ordered in super-columns of 8 column tiles so an expert's row tiles share its weights in L2 | `M > 4 G`, f16/bf16 weights, sm_80+, with expert offsets |
 //! | | `mma_split_*`: the same, each activation staged as two 16-bit parts (hi + lo) and every product issued twice, so the activations keep ~16 significant bits | the same shapes without offsets: the router and the shared expert |
 //! | | `gemm_plan` + `simt_*`: the same schedule on f32 FMA, 64 x 64 tiles, 4 x 4 outputs per thread | `M > 4 G`, f32 weights (or a GPU older than sm_80) |
+//! | `grouped_gemm_swiglu` | the `grouped_gemm` kernels with `swiglu = 1`: tile columns walk the `2I` weight rows interleaved (column `2j` = gate row `j`, `2j + 1` = up row `I + j`), so the thread holding a gate accumulator holds its up partner (the mma C fragment's column pair, simt's 4 columns, a gemv warp's `NR` rows with `NR` = 4 or 2) and writes only `silu(gate) * up`; the `[M, 2I]` intermediate never reaches memory | the same shapes as `grouped_gemm` |
 //! | `activation` | grid-stride SwiGLU (`activation_vec`: float4 when `I % 4 == 0`) | all |
 //! | `combine` | grid-stride weighted sum in slot order (`combine_vec`: float4 when `H % 4 == 0`) | all |
 //!
@@ -351,7 +352,20 @@ impl Backend for CudaBackend {
         expert_offsets: Option<&Tensor<Self>>,
         y: &mut Tensor<Self>,
     ) -> Result<()> {
-        self.op_grouped_gemm(x, token_index, w, expert_offsets, y)
+        self.op_grouped_gemm(x, token_index, w, expert_offsets, y, false)
+    }
+
+    /// Fused: the grouped_gemm kernels with the SwiGLU epilogue (gate and up columns paired in
+    /// one thread), so the `[M, 2I]` intermediate never reaches memory.
+    fn grouped_gemm_swiglu(
+        &self,
+        x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        h: &mut Tensor<Self>,
+    ) -> Result<()> {
+        self.op_grouped_gemm(x, token_index, w, expert_offsets, h, true)
     }
 
     fn activation(&self, gate_up: &Tensor<Self>, h: &mut Tensor<Self>) -> Result<()> {

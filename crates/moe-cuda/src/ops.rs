@@ -1,4 +1,4 @@
-//! The five ops: each picks its kernels and launch sizes from shapes only (worst cases, never
+//! The ops: each picks its kernels and launch sizes from shapes only (worst cases, never
 //! device data), enqueues them on the stream, and returns without waiting.
 
 use moe_hal::{DType, Error, Result, Routing, Tensor};
@@ -48,9 +48,10 @@ pub(crate) enum Plan {
 /// Picks the kernel for `m` rows of y over `g` groups of `n x k` weights stored in `dtype`
 /// (`grouped`: with expert offsets), on a device of compute capability `cc` with `sms`
 /// multiprocessors (see the crate docs' table). Dense GEMMs (the router, the shared expert) that
-/// go to the tensor cores keep their activations f32-accurate (`split`).
+/// go to the tensor cores keep their activations f32-accurate (`split`). With the SwiGLU
+/// epilogue (`swiglu`) a gemv warp must own an even number of rows (gate and up): 4 or 2.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn plan(force: GemmPath, m: usize, n: usize, g: usize, grouped: bool, dtype: DType, cc: u32, sms: u32) -> Plan {
+pub(crate) fn plan(force: GemmPath, m: usize, n: usize, g: usize, grouped: bool, dtype: DType, cc: u32, sms: u32, swiglu: bool) -> Plan {
     let tensor = dtype != DType::F32 && cc >= 80;
     let tiled = || {
         if !tensor {
@@ -63,7 +64,8 @@ pub(crate) fn plan(force: GemmPath, m: usize, n: usize, g: usize, grouped: bool,
         // Four weight rows per warp unless that leaves fewer than two blocks per multiprocessor.
         let slots = m.min(g).max(1);
         let blocks = slots * n.div_ceil(32);
-        Plan::Gemv { nr: if blocks >= 2 * sms as usize { 4 } else { 1 } }
+        let few = if swiglu { 2 } else { 1 };
+        Plan::Gemv { nr: if blocks >= 2 * sms as usize { 4 } else { few } }
     };
     match force {
         GemmPath::Gemv => gemv(),
@@ -86,9 +88,9 @@ fn dtype_name(d: DType) -> &'static str {
 pub(crate) fn gemm_entry(plan: Plan, dtype: DType, k: usize) -> &'static str {
     let names: &[&'static str] = match plan {
         Plan::Gemv { .. } => &[
-            "gemv_f32_r1_vec", "gemv_f32_r1_any", "gemv_f32_r4_vec", "gemv_f32_r4_any",
-            "gemv_f16_r1_vec", "gemv_f16_r1_any", "gemv_f16_r4_vec", "gemv_f16_r4_any",
-            "gemv_bf16_r1_vec", "gemv_bf16_r1_any", "gemv_bf16_r4_vec", "gemv_bf16_r4_any",
+            "gemv_f32_r1_vec", "gemv_f32_r1_any", "gemv_f32_r2_vec", "gemv_f32_r2_any", "gemv_f32_r4_vec", "gemv_f32_r4_any",
+            "gemv_f16_r1_vec", "gemv_f16_r1_any", "gemv_f16_r2_vec", "gemv_f16_r2_any", "gemv_f16_r4_vec", "gemv_f16_r4_any",
+            "gemv_bf16_r1_vec", "gemv_bf16_r1_any", "gemv_bf16_r2_vec", "gemv_bf16_r2_any", "gemv_bf16_r4_vec", "gemv_bf16_r4_any",
         ],
         Plan::Mma { split: false, .. } => &[
             "mma_f16_m64_vec", "mma_f16_m64_any", "mma_f16_m128_vec", "mma_f16_m128_any",
@@ -197,6 +199,7 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `grouped_gemm`, or with `swiglu` its fused form: `y` is then `h [M, N / 2]`, `N = 2I`.
     pub(crate) fn op_grouped_gemm(
         &self,
         x: &Tensor<Self>,
@@ -204,9 +207,11 @@ impl CudaBackend {
         w: &Tensor<Self>,
         expert_offsets: Option<&Tensor<Self>>,
         y: &mut Tensor<Self>,
+        swiglu: bool,
     ) -> Result<()> {
         let (mx, k) = (x.shape[0], x.shape[1]);
-        let (m, n) = (y.shape[0], y.shape[1]);
+        // n: weight rows per group (the GEMM's columns; 2I when fused); y has n or n / 2 columns.
+        let (m, n) = (y.shape[0], w.shape[w.shape.len() - 2]);
         let g = expert_offsets.map_or(1, |o| o.shape[0] - 1);
         let grouped = expert_offsets.is_some();
         let gather = token_index.is_some();
@@ -214,20 +219,22 @@ impl CudaBackend {
         dim("G * N", g * n)?;
         let (xp, tip, wp, offp, yp) = (Self::ptr(x), self.ptr_or_dummy(token_index), Self::ptr(w), self.ptr_or_dummy(expert_offsets), Self::ptr(y));
 
+        let mut head = params(&head);
+        head[11] = swiglu as u32;
         if grouped || gather {
-            let p = params(&head);
-            let blocks = self.stride_blocks((m * n).max(m).max(g));
+            let p = head;
+            let blocks = self.stride_blocks((m * y.shape[1]).max(m).max(g));
             self.dev.launch(Source::GroupedGemm, "gemm_prep", blocks, 256, 0, &p, &[tip, offp, yp, self.dev.errs])?;
         }
         let facts = &self.dev.facts;
-        let plan = plan(self.gemm_path, m, n, g, grouped, w.dtype, facts.cc, facts.sms);
+        let plan = plan(self.gemm_path, m, n, g, grouped, w.dtype, facts.cc, facts.sms, swiglu);
         let entry = gemm_entry(plan, w.dtype, k);
         match plan {
             Plan::Gemv { nr } => {
                 let tiles_n = n.div_ceil(8 * nr as usize);
                 let by_row = m < g;
                 let slots = if by_row { m } else { g };
-                let mut p = params(&head);
+                let mut p = head;
                 p[7] = dim("weight-row blocks", tiles_n)?;
                 p[8] = dim("slots", slots)?;
                 p[9] = by_row as u32;
@@ -239,7 +246,7 @@ impl CudaBackend {
                 let bn = if matches!(plan, Plan::Simt) { 64 } else { 128 };
                 let tiles_n = n.div_ceil(bn);
                 let max_tiles = if grouped { m.min(m.div_ceil(bm) + g) } else { m.div_ceil(bm) };
-                let mut p = params(&head);
+                let mut p = head;
                 p[7] = dim("column tiles", tiles_n)?;
                 p[8] = dim("row tiles", max_tiles)?;
                 p[10] = bm as u32;

@@ -161,30 +161,34 @@ fn gemm_kernel_is_chosen_from_shapes() {
     use DType::*;
     let (cc, sms) = (90, 132);
     // DeepSeek-V3 decode: 8 rows over 256 experts: stream the weights.
-    assert_eq!(plan(GemmPath::Auto, 8, 4096, 256, true, BF16, cc, sms), Plan::Gemv { nr: 4 });
+    assert_eq!(plan(GemmPath::Auto, 8, 4096, 256, true, BF16, cc, sms, false), Plan::Gemv { nr: 4 });
     // The router at T = 1 (dense, N = 256): few blocks, so one weight row per warp.
-    assert_eq!(plan(GemmPath::Auto, 1, 256, 1, false, F32, cc, sms), Plan::Gemv { nr: 1 });
+    assert_eq!(plan(GemmPath::Auto, 1, 256, 1, false, F32, cc, sms, false), Plan::Gemv { nr: 1 });
     // T = 128, k = 8: 4 rows per expert on average: still streaming.
-    assert_eq!(plan(GemmPath::Auto, 1024, 4096, 256, true, BF16, cc, sms), Plan::Gemv { nr: 4 });
+    assert_eq!(plan(GemmPath::Auto, 1024, 4096, 256, true, BF16, cc, sms, false), Plan::Gemv { nr: 4 });
     // T = 1024: 32 rows per expert: tensor cores, 64-row tiles.
-    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, BF16, cc, sms), Plan::Mma { bm: 64, split: false });
+    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, BF16, cc, sms, false), Plan::Mma { bm: 64, split: false });
     // T = 16384: 512 rows per expert: 128-row tiles.
-    assert_eq!(plan(GemmPath::Auto, 131072, 4096, 256, true, F16, cc, sms), Plan::Mma { bm: 128, split: false });
+    assert_eq!(plan(GemmPath::Auto, 131072, 4096, 256, true, F16, cc, sms, false), Plan::Mma { bm: 128, split: false });
     // A dense bf16 GEMM (a bf16 router at T = 2048, the shared expert) keeps f32-accurate activations.
-    assert_eq!(plan(GemmPath::Auto, 2048, 256, 1, false, BF16, cc, sms), Plan::Mma { bm: 128, split: true });
+    assert_eq!(plan(GemmPath::Auto, 2048, 256, 1, false, BF16, cc, sms, false), Plan::Mma { bm: 128, split: true });
     // f32 weights never go to the tensor cores; nor does anything before sm_80.
-    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, F32, cc, sms), Plan::Simt);
-    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, BF16, 75, sms), Plan::Simt);
+    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, F32, cc, sms, false), Plan::Simt);
+    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, BF16, 75, sms, false), Plan::Simt);
+    // A fused gate/up at T = 1 (dense, 2I = 512: few blocks): warps keep
+    // an even number of rows, so gate and up meet in one warp.
+    assert_eq!(plan(GemmPath::Auto, 1, 512, 1, false, BF16, cc, sms, true), Plan::Gemv { nr: 2 });
     // Forced families.
-    assert_eq!(plan(GemmPath::Gemv, 8192, 4096, 256, true, BF16, cc, sms), Plan::Gemv { nr: 4 });
-    assert_eq!(plan(GemmPath::Simt, 8192, 4096, 256, true, BF16, cc, sms), Plan::Simt);
-    assert_eq!(plan(GemmPath::Tiled, 8, 4096, 256, true, BF16, cc, sms), Plan::Mma { bm: 64, split: false });
-    assert_eq!(plan(GemmPath::Tiled, 8, 4096, 256, true, F32, cc, sms), Plan::Simt);
+    assert_eq!(plan(GemmPath::Gemv, 8192, 4096, 256, true, BF16, cc, sms, false), Plan::Gemv { nr: 4 });
+    assert_eq!(plan(GemmPath::Simt, 8192, 4096, 256, true, BF16, cc, sms, false), Plan::Simt);
+    assert_eq!(plan(GemmPath::Tiled, 8, 4096, 256, true, BF16, cc, sms, false), Plan::Mma { bm: 64, split: false });
+    assert_eq!(plan(GemmPath::Tiled, 8, 4096, 256, true, F32, cc, sms, false), Plan::Simt);
     // Entry names exist in the source's list.
     let all = Source::GroupedGemm.entries();
     for (p, d, k) in [
         (Plan::Gemv { nr: 1 }, F32, 7168),
         (Plan::Gemv { nr: 4 }, BF16, 33),
+        (Plan::Gemv { nr: 2 }, F16, 64),
         (Plan::Mma { bm: 128, split: false }, F16, 7168),
         (Plan::Mma { bm: 64, split: false }, BF16, 7),
         (Plan::Mma { bm: 64, split: true }, F16, 7168),

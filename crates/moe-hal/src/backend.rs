@@ -11,6 +11,8 @@ pub enum Op {
     Permute,
     /// [`Backend::grouped_gemm`]
     GroupedGemm,
+    /// [`Backend::grouped_gemm_swiglu`]
+    GroupedGemmSwiglu,
     /// [`Backend::activation`]
     Activation,
     /// [`Backend::combine`]
@@ -21,10 +23,11 @@ pub enum Op {
 
 impl Op {
     /// Every op, in pipeline order.
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::RouterTopk,
         Op::Permute,
         Op::GroupedGemm,
+        Op::GroupedGemmSwiglu,
         Op::Activation,
         Op::Combine,
         Op::Forward,
@@ -36,6 +39,7 @@ impl Op {
             Op::RouterTopk => "router_topk",
             Op::Permute => "permute",
             Op::GroupedGemm => "grouped_gemm",
+            Op::GroupedGemmSwiglu => "grouped_gemm_swiglu",
             Op::Activation => "activation",
             Op::Combine => "combine",
             Op::Forward => "forward",
@@ -66,8 +70,8 @@ pub struct BackendInfo {
     pub features: Vec<String>,
 }
 
-/// One accelerator: memory, a capability query, and the five ops of an MoE layer plus the whole
-/// layer composed from them.
+/// One accelerator: memory, a capability query, and the five ops of an MoE layer, plus two with
+/// defaults: the gate/up projection with SwiGLU fused, and the whole layer composed from the ops.
 ///
 /// # The contract
 ///
@@ -180,6 +184,32 @@ pub trait Backend: Send + Sync + 'static {
         expert_offsets: Option<&Tensor<Self>>,
         y: &mut Tensor<Self>,
     ) -> Result<()>;
+
+    /// The gate/up projection with SwiGLU fused into its epilogue: `h [M, I]` f32 from `x`,
+    /// `w` (`[G, 2I, K]` with `expert_offsets`, else `[2I, K]`: gate rows first, then up rows)
+    /// and the same `token_index` and `expert_offsets` as [`Backend::grouped_gemm`]:
+    ///
+    /// `h = activation(grouped_gemm(x, token_index, w, expert_offsets))`, computed without the
+    /// `[M, 2I]` intermediate ever reaching memory. Rows past `expert_offsets[G]` are zero, and
+    /// bad offsets or gather indices are errors exactly as in [`Backend::grouped_gemm`].
+    ///
+    /// Optional: the default runs the two ops through an `[M, 2I]` scratch tensor
+    /// ([`crate::forward::grouped_gemm_swiglu_composed`]); a backend overrides it when its GEMM
+    /// can pair each gate column with its up column in one tile (the suite checks it against the
+    /// oracle like any op). [`crate::forward::composed`] calls it for every gate/up projection.
+    fn grouped_gemm_swiglu(
+        &self,
+        x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        h: &mut Tensor<Self>,
+    ) -> Result<()>
+    where
+        Self: Sized,
+    {
+        crate::forward::grouped_gemm_swiglu_composed(self, x, token_index, w, expert_offsets, h)
+    }
 
     /// SwiGLU: `gate_up [M, 2I]` f32 → `h [M, I]` f32, `h = silu(gate) * up` where `gate` is the
     /// first `I` columns and `up` the last `I`; `silu(g) = g / (1 + exp(-g))`.

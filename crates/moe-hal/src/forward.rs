@@ -1,4 +1,5 @@
-//! The whole layer composed from the five ops: the default [`Backend::forward`].
+//! The whole layer composed from the ops: the default [`Backend::forward`], and the default
+//! [`Backend::grouped_gemm_swiglu`].
 
 use crate::{Backend, DType, Layer, Result, Tensor};
 
@@ -8,10 +9,10 @@ use crate::{Backend, DType, Layer, Result, Tensor};
 /// logits      = grouped_gemm(x, router)                         [T, E]
 /// ids, w      = router_topk(logits, bias)                       [T, k]
 /// plan        = permute(ids)                                    offsets [E+1], row_index, token_index
-/// gate_up     = grouped_gemm(x gathered by token_index, gate_up, offsets)   [T*k, 2I]
-/// h           = activation(gate_up)                             [T*k, I]
+/// h           = grouped_gemm_swiglu(x gathered by token_index, gate_up, offsets)   [T*k, I]
+///               (= activation(grouped_gemm(..)) [T*k, 2I] -> [T*k, I], fused where the backend can)
 /// y           = grouped_gemm(h, down, offsets)                  [T*k, H]
-/// shared      = down_s(activation(gate_up_s(x)))                [T, H]  (when the layer has one)
+/// shared      = down_s(grouped_gemm_swiglu(x, gate_up_s))       [T, H]  (when the layer has one)
 /// out         = combine(y, row_index, w, shared)                [T, H]
 /// ```
 ///
@@ -44,17 +45,8 @@ pub fn composed<B: Backend>(
     let mut token_index = Tensor::alloc(b, DType::U32, &[rows])?;
     b.permute(topk_ids, &mut offsets, &mut row_index, &mut token_index)?;
 
-    let mut gate_up = Tensor::alloc(b, DType::F32, &[rows, 2 * i])?;
-    b.grouped_gemm(
-        x,
-        Some(&token_index),
-        &layer.gate_up,
-        Some(&offsets),
-        &mut gate_up,
-    )?;
     let mut act = Tensor::alloc(b, DType::F32, &[rows, i])?;
-    b.activation(&gate_up, &mut act)?;
-    drop(gate_up);
+    b.grouped_gemm_swiglu(x, Some(&token_index), &layer.gate_up, Some(&offsets), &mut act)?;
     let mut y = Tensor::alloc(b, DType::F32, &[rows, h])?;
     b.grouped_gemm(&act, None, &layer.down, Some(&offsets), &mut y)?;
     drop(act);
@@ -62,10 +54,8 @@ pub fn composed<B: Backend>(
     let shared = match (&layer.shared_gate_up, &layer.shared_down) {
         (Some(sgu), Some(sd)) => {
             let s = c.shared_intermediate;
-            let mut gu = Tensor::alloc(b, DType::F32, &[t, 2 * s])?;
-            b.grouped_gemm(x, None, sgu, None, &mut gu)?;
             let mut sh = Tensor::alloc(b, DType::F32, &[t, s])?;
-            b.activation(&gu, &mut sh)?;
+            b.grouped_gemm_swiglu(x, None, sgu, None, &mut sh)?;
             let mut sy = Tensor::alloc(b, DType::F32, &[t, h])?;
             b.grouped_gemm(&sh, None, sd, None, &mut sy)?;
             Some(sy)
@@ -73,4 +63,22 @@ pub fn composed<B: Backend>(
         _ => None,
     };
     b.combine(&y, &row_index, topk_weights, shared.as_ref(), out)
+}
+
+/// The default [`Backend::grouped_gemm_swiglu`]: [`Backend::grouped_gemm`] into an `[M, 2I]`
+/// scratch tensor, then [`Backend::activation`]. Shapes were validated by
+/// [`crate::ops::grouped_gemm_swiglu`]. A backend whose fused kernel cannot take some input
+/// (weights split inside an expert, say) calls this for it.
+pub fn grouped_gemm_swiglu_composed<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    token_index: Option<&Tensor<B>>,
+    w: &Tensor<B>,
+    expert_offsets: Option<&Tensor<B>>,
+    h: &mut Tensor<B>,
+) -> Result<()> {
+    let (m, i) = (h.shape[0], h.shape[1]);
+    let mut gate_up = Tensor::alloc(b, DType::F32, &[m, 2 * i])?;
+    b.grouped_gemm(x, token_index, w, expert_offsets, &mut gate_up)?;
+    b.activation(&gate_up, h)
 }

@@ -2,8 +2,9 @@
 //!
 //! moe-hal runs the MoE layer of DeepSeek-class models (DeepSeek-V3, Kimi K2, Qwen3-MoE, Mixtral)
 //! on any accelerator. A backend implements one trait, [`Backend`]: memory, a capability query,
-//! and five ops. The layer is those ops in sequence ([`forward::composed`]), which a backend may
-//! fuse. The conformance suite (the `moe-conformance` crate) proves a backend computes the same
+//! and five ops, plus the gate/up projection with SwiGLU fused ([`Backend::grouped_gemm_swiglu`],
+//! which defaults to two of them). The layer is those ops in sequence ([`forward::composed`]),
+//! which a backend may fuse further. The conformance suite (the `moe-conformance` crate) proves a backend computes the same
 //! layer as an independent f64 oracle.
 //!
 //! | concept | host | device |

@@ -99,6 +99,43 @@ pub fn grouped_gemm<B: Backend + ?Sized>(
     expert_offsets: Option<&Tensor<B>>,
     y: &mut Tensor<B>,
 ) -> Result<()> {
+    let (m, n) = gemm_shape(x, token_index, w, expert_offsets)?;
+    expect("y", y, DType::F32, &[m, n])?;
+    if y.is_empty() {
+        return Ok(());
+    }
+    backend.grouped_gemm(x, token_index, w, expert_offsets, y)
+}
+
+/// Validates, then [`Backend::grouped_gemm_swiglu`]: the shapes of [`grouped_gemm`], with `w`
+/// holding an even number `2I` of rows per group and `h [M, I]` in place of `y`.
+pub fn grouped_gemm_swiglu<B: Backend>(
+    backend: &B,
+    x: &Tensor<B>,
+    token_index: Option<&Tensor<B>>,
+    w: &Tensor<B>,
+    expert_offsets: Option<&Tensor<B>>,
+    h: &mut Tensor<B>,
+) -> Result<()> {
+    let (m, two_i) = gemm_shape(x, token_index, w, expert_offsets)?;
+    if two_i % 2 != 0 {
+        return invalid!("gate/up weights must have an even number of rows per expert (gate then up), got {two_i}");
+    }
+    expect("h", h, DType::F32, &[m, two_i / 2])?;
+    if h.is_empty() {
+        return Ok(());
+    }
+    backend.grouped_gemm_swiglu(x, token_index, w, expert_offsets, h)
+}
+
+/// The checks [`grouped_gemm`] and [`grouped_gemm_swiglu`] share: `(M, N)`, the rows of the
+/// output and the weight rows per group.
+fn gemm_shape<B: Backend + ?Sized>(
+    x: &Tensor<B>,
+    token_index: Option<&Tensor<B>>,
+    w: &Tensor<B>,
+    expert_offsets: Option<&Tensor<B>>,
+) -> Result<(usize, usize)> {
     let (mx, kx) = matrix("x", x)?;
     expect("x", x, DType::F32, &[mx, kx])?;
     if !w.dtype.is_float() {
@@ -132,11 +169,7 @@ pub fn grouped_gemm<B: Backend + ?Sized>(
         }
         None => mx,
     };
-    expect("y", y, DType::F32, &[m, n])?;
-    if y.is_empty() {
-        return Ok(());
-    }
-    backend.grouped_gemm(x, token_index, w, expert_offsets, y)
+    Ok((m, n))
 }
 
 /// Validates, then [`Backend::activation`].

@@ -68,6 +68,7 @@
 //! | `grouped_gemm` | `prep`: validates offsets and gather indices, zeros rows past `expert_offsets[G]` | with offsets or a gather index |
 //! | | `gemv`: a workgroup streams 16 weight rows of one expert once (vec4 loads), up to 4 token rows per pass; one grid slot per expert, or per row of `y` when `M < G` so idle experts launch nothing | `M <= 4 G` (decode; `G = 1` without offsets) |
 //! | | `tiled`: 64x64 output tile, 16-deep K slices of x and w in workgroup memory, 4x4 outputs per invocation, groups found by binary search in `expert_offsets` | `M > 4 G` (prefill) |
+//! | `grouped_gemm_swiglu` | `prep`, `gemv`, `tiled` with `swiglu = 1`: tile columns walk the `2I` weight rows interleaved (column `2j` = gate row `j`, `2j + 1` = up row `I + j`), so an invocation holds each gate accumulator beside its up partner and writes only `silu(gate) * up` | every weight part holds whole experts (else `grouped_gemm` + `activation`) |
 //! | `activation` | grid-stride SwiGLU (vec4 when `I % 4 == 0`) | all |
 //! | `combine` | grid-stride weighted sum in slot order (vec4 when `H % 4 == 0`) | all |
 //!
@@ -83,8 +84,8 @@
 //! dtype and awkward shape, and for whole layers, including weights split over several bindings.
 //! **No speed has been measured on a real GPU.** The tiled GEMM does not use subgroup operations
 //! or the experimental cooperative matrix (tensor cores) even where the adapter offers them (they
-//! are listed in [`moe_hal::BackendInfo::features`]); those paths, SwiGLU fused into the gate/up
-//! GEMM, and tuning tile sizes per device are future work.
+//! are listed in [`moe_hal::BackendInfo::features`]); those paths and tuning tile sizes per
+//! device are future work.
 
 #![warn(missing_docs)]
 
@@ -454,7 +455,24 @@ impl Backend for WgpuBackend {
         expert_offsets: Option<&Tensor<Self>>,
         y: &mut Tensor<Self>,
     ) -> Result<()> {
-        self.op_grouped_gemm(x, token_index, w, expert_offsets, y)
+        self.op_grouped_gemm(x, token_index, w, expert_offsets, y, false)
+    }
+
+    /// Fused: the grouped_gemm kernels with the SwiGLU epilogue, unless a weight part splits an
+    /// expert (one expert larger than a binding), which takes the composed default.
+    fn grouped_gemm_swiglu(
+        &self,
+        x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        h: &mut Tensor<Self>,
+    ) -> Result<()> {
+        if self.can_fuse_swiglu(w) {
+            self.op_grouped_gemm(x, token_index, w, expert_offsets, h, true)
+        } else {
+            moe_hal::forward::grouped_gemm_swiglu_composed(self, x, token_index, w, expert_offsets, h)
+        }
     }
 
     fn activation(&self, gate_up: &Tensor<Self>, h: &mut Tensor<Self>) -> Result<()> {

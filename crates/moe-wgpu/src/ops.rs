@@ -1,4 +1,4 @@
-//! The five ops: each picks its kernels and dispatch sizes from shapes only, records, submits.
+//! The ops: each picks its kernels and dispatch sizes from shapes only, records, submits.
 
 use moe_hal::{DType, Result, Routing, Tensor};
 
@@ -109,6 +109,16 @@ impl WgpuBackend {
         self.run(&steps)
     }
 
+    /// Whether `grouped_gemm_swiglu` can fuse on `w`: every native part holds whole groups, so
+    /// no gate row is in one part and its up row in another.
+    pub(crate) fn can_fuse_swiglu(&self, w: &Tensor<Self>) -> bool {
+        let rows_per_group = w.shape[w.shape.len() - 2];
+        let group_bytes = rows_per_group * w.shape[w.shape.len() - 1] * w.dtype.size();
+        group_bytes > 0 && w.buf.parts.iter().all(|p| p.start % group_bytes == 0 && p.bytes % group_bytes == 0)
+    }
+
+    /// `grouped_gemm`, or with `swiglu` its fused form (`y` is then `h [M, N / 2]`; the caller
+    /// checked [`Self::can_fuse_swiglu`]).
     pub(crate) fn op_grouped_gemm(
         &self,
         x: &Tensor<Self>,
@@ -116,9 +126,11 @@ impl WgpuBackend {
         w: &Tensor<Self>,
         expert_offsets: Option<&Tensor<Self>>,
         y: &mut Tensor<Self>,
+        swiglu: bool,
     ) -> Result<()> {
         let (mx, k) = (x.shape[0], x.shape[1]);
-        let (m, n) = (y.shape[0], y.shape[1]);
+        // n: weight rows per group (the GEMM's columns; 2I when fused); y has n or n / 2 columns.
+        let (m, n) = (y.shape[0], w.shape[w.shape.len() - 2]);
         let g = expert_offsets.map_or(1, |o| o.shape[0] - 1);
         let xb = self.one(x, "x")?;
         let tib = match token_index {
@@ -137,6 +149,7 @@ impl WgpuBackend {
         let mut steps = Vec::new();
         let mut prep = params(&head);
         prep[13] = (k == 0) as u32;
+        prep[15] = swiglu as u32;
         // A plain GEMM with K > 0 has nothing to validate and no tail to zero.
         let needs_prep = grouped != 0 || gather != 0 || k == 0;
         steps.extend(needs_prep.then(|| Step {
@@ -144,7 +157,7 @@ impl WgpuBackend {
             variant: Variant::PLAIN,
             params: prep,
             bufs: vec![xb, tib, &self.dummy, ob, yb, &self.errs],
-            groups: stride_groups((m * n).max(m).max(g), self.max_dim()),
+            groups: stride_groups((m * y.shape[1]).max(m).max(g), self.max_dim()),
         }));
         let gemv = m <= GEMV_ROWS_PER_GROUP * g;
         if k > 0 {
@@ -174,6 +187,7 @@ impl WgpuBackend {
                 p[11] = tiles_n as u32;
                 p[12] = total as u32;
                 p[14] = by_row as u32;
+                p[15] = swiglu as u32;
                 steps.push(Step {
                     kernel,
                     variant,

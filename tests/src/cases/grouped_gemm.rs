@@ -1,6 +1,10 @@
 //! `grouped_gemm` for weights in f32, f16 and bf16: the dense router GEMM, grouped expert GEMMs
 //! with and without the gather index, empty experts, rows past the last offset (written as zero),
 //! M = 0 and 1, sizes one off every tile boundary (15/16/17 .. 127/128/129), K = 7168.
+//!
+//! `grouped_gemm_swiglu` (the gate/up projection with SwiGLU fused) runs the same layouts, checked
+//! against the oracle's `swiglu(grouped_gemm(..))`: dense (the shared expert), decode (one row per
+//! expert), prefill off every tile boundary, gathered rows, rows past the last offset.
 
 use crate::check::*;
 use crate::oracle;
@@ -47,9 +51,27 @@ pub fn group(dtype: DType) -> &'static str {
     }
 }
 
+/// Group name of the grouped_gemm_swiglu cases for `dtype`.
+pub fn swiglu_group(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "grouped_gemm_swiglu_f16",
+        DType::BF16 => "grouped_gemm_swiglu_bf16",
+        _ => "grouped_gemm_swiglu_f32",
+    }
+}
+
 /// Builds the data for `layout`, runs `grouped_gemm` with weights in `dtype`, compares with the
 /// oracle, and checks rows past the last offset are exactly zero.
 pub fn check_gemm<B: Backend>(b: &B, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
+    check(b, Op::GroupedGemm, dtype, layout, n, k, seed)
+}
+
+/// [`check_gemm`] for `grouped_gemm_swiglu`: `n = 2I` weight rows per group, output `h [M, I]`.
+pub fn check_gemm_swiglu<B: Backend>(b: &B, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
+    check(b, Op::GroupedGemmSwiglu, dtype, layout, n, k, seed)
+}
+
+fn check<B: Backend>(b: &B, op: Op, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
     let mut rng = Rng::from_name(seed);
     // (rows of x, rows of y, groups, offsets, gather index)
     let (mx, m, g, offsets, gather): (usize, usize, usize, Option<Vec<u32>>, Option<Vec<u32>>) = match layout {
@@ -78,22 +100,33 @@ pub fn check_gemm<B: Backend>(b: &B, dtype: DType, layout: &Layout, n: usize, k:
     let (wt, w64) = weight_tensor(b, dtype, &w_shape, &wv)?;
     let ot = offsets.as_ref().map(|o| u32_tensor(b, &[g + 1], o)).transpose()?;
     let tt = gather.as_ref().map(|t| u32_tensor(b, &[m], t)).transpose()?;
-    let mut y = poisoned_f32(b, &[m, n])?;
-    ops::grouped_gemm(b, &xt, tt.as_ref(), &wt, ot.as_ref(), &mut y).ctx("grouped_gemm")?;
-    let got = read_f32(b, &y)?;
     let want = oracle::grouped_gemm(&oracle::widen(&x), k, gather.as_deref(), &w64, n, offsets.as_deref(), m).map_err(Fail::Wrong)?;
-    let err = close("y", &got, &want, op_tolerance(Some(dtype), k))?;
+    let swiglu = op == Op::GroupedGemmSwiglu;
+    let (name, width) = if swiglu { ("h", n / 2) } else { ("y", n) };
+    let mut y = poisoned_f32(b, &[m, width])?;
+    let (got, want) = if swiglu {
+        ops::grouped_gemm_swiglu(b, &xt, tt.as_ref(), &wt, ot.as_ref(), &mut y).ctx("grouped_gemm_swiglu")?;
+        (read_f32(b, &y)?, oracle::swiglu(&want, width))
+    } else {
+        ops::grouped_gemm(b, &xt, tt.as_ref(), &wt, ot.as_ref(), &mut y).ctx("grouped_gemm")?;
+        (read_f32(b, &y)?, want)
+    };
+    let err = close(name, &got, &want, op_tolerance(Some(dtype), k))?;
     if let Some(off) = &offsets {
-        let end = *off.last().unwrap() as usize * n;
+        let end = *off.last().unwrap() as usize * width;
         if let Some(i) = got[end..].iter().position(|&v| v != 0.0) {
-            return wrong!("y: row {} is past expert_offsets[G] = {} and must be written as zero, element {} is {}", (end + i) / n, off.last().unwrap(), (end + i) % n, got[end + i]);
+            return wrong!("{name}: row {} is past expert_offsets[G] = {} and must be written as zero, element {} is {}", (end + i) / width, off.last().unwrap(), (end + i) % width, got[end + i]);
         }
     }
     Ok(err)
 }
 
 fn case<B: Backend>(dtype: DType, name: &str, layout: Layout, n: usize, k: usize) -> Case<B> {
-    let group = group(dtype);
+    op_case(Op::GroupedGemm, dtype, name, layout, n, k)
+}
+
+fn op_case<B: Backend>(op: Op, dtype: DType, name: &str, layout: Layout, n: usize, k: usize) -> Case<B> {
+    let group = if op == Op::GroupedGemmSwiglu { swiglu_group(dtype) } else { group(dtype) };
     let shape = match &layout {
         Layout::Dense { m } => format!("M={m} N={n} K={k} dense"),
         Layout::Grouped { sizes, tail, gather } => {
@@ -103,7 +136,7 @@ fn case<B: Backend>(dtype: DType, name: &str, layout: Layout, n: usize, k: usize
         Layout::Planned { tokens, experts, top_k } => format!("T={tokens} E={experts} k={top_k} N={n} K={k} gather"),
     };
     let seed = format!("{group}/{name}");
-    Case::new(group, name, Op::GroupedGemm, Some(dtype), shape, move |b: &B| check_gemm(b, dtype, &layout, n, k, &seed))
+    Case::new(group, name, op, Some(dtype), shape, move |b: &B| check(b, op, dtype, &layout, n, k, &seed))
 }
 
 /// The grouped_gemm cases for one weight dtype.
@@ -133,7 +166,32 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
     ]
 }
 
+/// The grouped_gemm_swiglu cases for one weight dtype (`N` below is `2I`, the weight rows per
+/// expert; a backend pairing gate and up columns must get every boundary right).
+pub fn swiglu_cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
+    let grouped = |sizes: &[usize], tail: usize, gather: Option<usize>| Layout::Grouped { sizes: sizes.to_vec(), tail, gather };
+    let c = |name: &str, layout: Layout, n: usize, k: usize| op_case(Op::GroupedGemmSwiglu, dtype, name, layout, n, k);
+    vec![
+        c("dense_shared_m33", Layout::Dense { m: 33 }, 2 * 63, 129),
+        c("dense_decode_m1", Layout::Dense { m: 1 }, 2 * 129, 64),
+        c("dense_m0", Layout::Dense { m: 0 }, 8, 16),
+        c("decode_t1_e256_k8", Layout::Planned { tokens: 1, experts: 256, top_k: 8 }, 2 * 24, 64),
+        c("decode_t3_e16_k4_odd_k", Layout::Planned { tokens: 3, experts: 16, top_k: 4 }, 2 * 33, 71),
+        c("prefill_off_tiles", grouped(&[65, 0, 17, 1, 130], 0, None), 2 * 65, 63),
+        c("prefill_gather", Layout::Planned { tokens: 40, experts: 8, top_k: 2 }, 2 * 40, 128),
+        c("rows_past_end", grouped(&[2, 3, 1], 4, None), 2 * 7, 32),
+        c("gather_rows_past_end", grouped(&[3, 0, 9], 2, Some(5)), 2 * 9, 33),
+        c("grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),
+        c("i1_k7168", grouped(&[2, 0, 7], 0, Some(4)), 2, 7168),
+    ]
+}
+
 /// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
     DType::FLOATS.iter().flat_map(|&d| cases_for(d)).collect()
+}
+
+/// Every grouped_gemm_swiglu case, for every backend.
+pub fn swiglu_cases<B: Backend>() -> Vec<Case<B>> {
+    DType::FLOATS.iter().flat_map(|&d| swiglu_cases_for(d)).collect()
 }

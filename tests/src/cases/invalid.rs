@@ -5,7 +5,7 @@
 //! the backend must work normally afterwards (each such case then runs a valid op and checks it).
 
 use super::forward::random_layer;
-use super::grouped_gemm::{check_gemm, Layout};
+use super::grouped_gemm::{check_gemm, check_gemm_swiglu, Layout};
 use crate::check::*;
 use crate::rng::Rng;
 use crate::runner::Case;
@@ -180,6 +180,62 @@ pub fn grouped_gemm<B: Backend>() -> Vec<Case<B>> {
         gemm_bad("dense_w_with_offsets", (F32, &[4, 8]), None, (F32, &[16, 8]), Some((U32, &[2])), (F32, &[4, 16])),
         gemm_bad("gather_f32", (F32, &[4, 8]), Some((F32, &[4])), (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 16])),
         gemm_bad("x_vector", (F32, &[32]), None, (F32, &[16, 8]), None, (F32, &[4, 16])),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// grouped_gemm_swiglu
+// ---------------------------------------------------------------------------------------------
+
+const SWIGLU: &str = "grouped_gemm_swiglu_f32_invalid";
+
+fn swiglu_bad<B: Backend>(name: &str, x: Spec, w: Spec, offsets: Option<Spec>, h: Spec) -> Case<B> {
+    let shape = format!("x {:?} w {:?} h {:?}{}", x.1, w.1, h.1, offsets.map_or(String::new(), |o| format!(" offsets {:?}", o.1)));
+    Case::new(SWIGLU, name, Op::GroupedGemmSwiglu, Some(DType::F32), shape, move |b: &B| {
+        let xt = filled(b, x.0, x.1)?;
+        let wt = filled(b, w.0, w.1)?;
+        let ot = offsets.map(|s| filled(b, s.0, s.1)).transpose()?;
+        let mut ht = filled(b, h.0, h.1)?;
+        expect_invalid("grouped_gemm_swiglu", ops::grouped_gemm_swiglu(b, &xt, None, &wt, ot.as_ref(), &mut ht))
+    })
+}
+
+/// Bad offsets or gather index in device data reach the fused kernel too: InvalidArgument now or
+/// at the next synchronize, then a valid fused GEMM must work.
+fn swiglu_bad_data<B: Backend>(name: &str, offsets: &'static [u32], gather: Option<&'static [u32]>) -> Case<B> {
+    let (g, n, k) = (offsets.len() - 1, 8, 16);
+    let m = 8;
+    let mx = if gather.is_some() { 4 } else { m };
+    let shape = format!("M={m} 2I={n} K={k} offsets {offsets:?}{}", gather.map_or(String::new(), |t| format!(" gather {t:?} from {mx}")));
+    Case::new(SWIGLU, name, Op::GroupedGemmSwiglu, Some(DType::F32), shape, move |b: &B| {
+        let mut rng = Rng::from_name(&format!("{SWIGLU}/data"));
+        let xt = f32_tensor(b, &[mx, k], &rng.vec_f32(mx * k, 1.0))?;
+        let wt = f32_tensor(b, &[g, n, k], &rng.vec_f32(g * n * k, 0.25))?;
+        let ot = u32_tensor(b, &[g + 1], offsets)?;
+        let tt = gather.map(|t| u32_tensor(b, &[m], t)).transpose()?;
+        let mut h = poisoned_f32(b, &[m, n / 2])?;
+        let r = ops::grouped_gemm_swiglu(b, &xt, tt.as_ref(), &wt, Some(&ot), &mut h);
+        expect_invalid_deferred("grouped_gemm_swiglu with bad offsets or gather index", b, r)?;
+        b.synchronize().ctx("synchronize after the reported error")?;
+        check_gemm_swiglu(b, DType::F32, &Layout::Grouped { sizes: vec![3, 0, 5], tail: 0, gather: Some(4) }, n, k, &format!("{SWIGLU}/recover")).map_err(|f| match f {
+            Fail::Wrong(m) => Fail::Wrong(format!("a valid grouped_gemm_swiglu after the error: {m}")),
+            f => f,
+        })
+    })
+    .exclusive()
+}
+
+/// The bad-input cases of `grouped_gemm_swiglu`: each must be an `InvalidArgument`, never a panic.
+pub fn grouped_gemm_swiglu<B: Backend>() -> Vec<Case<B>> {
+    use DType::*;
+    vec![
+        swiglu_bad_data("offsets_past_m", &[0, 4, 9], None),
+        swiglu_bad_data("gather_index_out_of_range", &[0, 3, 8], Some(&[0, 1, 2, 3, 4, 0, 1, 2])),
+        swiglu_bad("odd_weight_rows", (F32, &[4, 8]), (F32, &[2, 15, 8]), Some((U32, &[3])), (F32, &[4, 7])),
+        swiglu_bad("h_is_2i_wide", (F32, &[4, 8]), (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 16])),
+        swiglu_bad("h_rows", (F32, &[4, 8]), (F32, &[16, 8]), None, (F32, &[5, 8])),
+        swiglu_bad("k_mismatch", (F32, &[4, 8]), (F32, &[16, 9]), None, (F32, &[4, 8])),
+        swiglu_bad("h_bf16", (F32, &[4, 8]), (BF16, &[16, 8]), None, (BF16, &[4, 8])),
     ]
 }
 

@@ -28,6 +28,8 @@ pub fn all<B: Backend>() -> Vec<Case<B>> {
     v.extend(invalid::permute());
     v.extend(grouped_gemm::cases());
     v.extend(invalid::grouped_gemm());
+    v.extend(grouped_gemm::swiglu_cases());
+    v.extend(invalid::grouped_gemm_swiglu());
     v.extend(activation::cases());
     v.extend(invalid::activation());
     v.extend(combine::cases());

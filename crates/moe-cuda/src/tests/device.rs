@@ -6,7 +6,8 @@
 //! The conformance suite covers the ops through the automatic kernel choice; these tests force
 //! each `grouped_gemm` family ([`GemmPath`]) on shapes that reach every variant (tensor cores with
 //! 64- and 128-row tiles, split and not, vector and element loads; FMA tiles for every dtype;
-//! streaming with one and four rows per warp), and the router's global-scratch path (E = 20000).
+//! streaming with one, two and four rows per warp), each plain and with the fused SwiGLU epilogue
+//! (`grouped_gemm_swiglu`), and the router's global-scratch path (E = 20000).
 
 use crate::{CudaBackend, GemmPath};
 use moe_cpu::CpuBackend;
@@ -78,8 +79,11 @@ struct Gemm {
     k: usize,
 }
 
-/// Runs `case` on `b` and on the CPU backend with the same inputs; returns the relative L2 error.
-fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, seed: u64) -> f64 {
+/// Runs `case` on `b` and on the CPU backend with the same inputs (with `swiglu`, as
+/// `grouped_gemm_swiglu` over `2 ceil(n / 2)` weight rows); returns the relative L2 error.
+fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, seed: u64, swiglu: bool) -> f64 {
+    let n = if swiglu { case.n.div_ceil(2) * 2 } else { case.n };
+    let width = if swiglu { n / 2 } else { n };
     let cpu = CpuBackend::new();
     let mut rng = Lcg(seed);
     let (g, offsets, m) = match &case.sizes {
@@ -95,24 +99,28 @@ fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, seed: u64) -> f64 {
     };
     let mx = case.gather.unwrap_or(m);
     let x = rng.vec(mx * case.k);
-    let w_shape: Vec<usize> = if offsets.is_some() { vec![g, case.n, case.k] } else { vec![case.n, case.k] };
+    let w_shape: Vec<usize> = if offsets.is_some() { vec![g, n, case.k] } else { vec![n, case.k] };
     let w = rng.vec(w_shape.iter().product());
     let ti: Option<Vec<u32>> = case.gather.map(|mx| (0..m).map(|_| rng.below(mx as u32)).collect());
 
     #[allow(clippy::too_many_arguments)]
-    fn run<B: Backend>(be: &B, x: &[f32], xs: [usize; 2], w: &[f32], ws: &[usize], dtype: DType, off: Option<&[u32]>, ti: Option<&[u32]>, y: [usize; 2]) -> Vec<f32> {
+    fn run<B: Backend>(be: &B, x: &[f32], xs: [usize; 2], w: &[f32], ws: &[usize], dtype: DType, off: Option<&[u32]>, ti: Option<&[u32]>, y: [usize; 2], swiglu: bool) -> Vec<f32> {
         let xt = Tensor::from_f32(be, DType::F32, &xs, x).unwrap();
         let wt = Tensor::from_f32(be, dtype, ws, w).unwrap();
         let ot = off.map(|o| Tensor::from_u32(be, &[o.len()], o).unwrap());
         let tt = ti.map(|t| Tensor::from_u32(be, &[t.len()], t).unwrap());
         let mut yt = Tensor::from_f32(be, DType::F32, &y, &vec![f32::NAN; y[0] * y[1]]).unwrap();
-        ops::grouped_gemm(be, &xt, tt.as_ref(), &wt, ot.as_ref(), &mut yt).unwrap();
+        if swiglu {
+            ops::grouped_gemm_swiglu(be, &xt, tt.as_ref(), &wt, ot.as_ref(), &mut yt).unwrap();
+        } else {
+            ops::grouped_gemm(be, &xt, tt.as_ref(), &wt, ot.as_ref(), &mut yt).unwrap();
+        }
         yt.to_f32(be).unwrap()
     }
-    let got = run(b, &x, [mx, case.k], &w, &w_shape, dtype, offsets.as_deref(), ti.as_deref(), [m, case.n]);
-    let want = run(&cpu, &x, [mx, case.k], &w, &w_shape, dtype, offsets.as_deref(), ti.as_deref(), [m, case.n]);
+    let got = run(b, &x, [mx, case.k], &w, &w_shape, dtype, offsets.as_deref(), ti.as_deref(), [m, width], swiglu);
+    let want = run(&cpu, &x, [mx, case.k], &w, &w_shape, dtype, offsets.as_deref(), ti.as_deref(), [m, width], swiglu);
     if let Some(off) = &offsets {
-        let end = *off.last().unwrap() as usize * case.n;
+        let end = *off.last().unwrap() as usize * width;
         assert!(got[end..].iter().all(|v| *v == 0.0), "{}: rows past the last offset are not zero", case.name);
     }
     rel_l2(&got, &want)
@@ -138,13 +146,14 @@ fn grouped_gemm_every_kernel_family_matches_the_cpu() {
     for (where_, b) in backends() {
         for path in [GemmPath::Auto, GemmPath::Gemv, GemmPath::Tiled, GemmPath::Simt] {
             let b = CudaBackend { gemm_path: path, info: b.info.clone(), dev: b.dev.clone() };
-            for dtype in DType::FLOATS {
+            for (dtype, swiglu) in DType::FLOATS.into_iter().flat_map(|d| [(d, false), (d, true)]) {
                 for (i, case) in gemm_cases().iter().enumerate() {
-                    let err = run_gemm(&b, case, dtype, 1000 + i as u64);
+                    let err = run_gemm(&b, case, dtype, 1000 + i as u64, swiglu);
                     // The conformance tolerances per op; f32-accurate paths must do far better.
                     let split_or_f32 = dtype == DType::F32 || case.sizes.is_none() || path == GemmPath::Simt || path == GemmPath::Gemv;
                     let tol = if split_or_f32 { 2e-5 } else if dtype == DType::F16 { 3e-3 } else { 1e-2 };
-                    let line = format!("{where_} {path:?} {dtype} {}: rel err {err:.2e} (tolerance {tol:.0e})", case.name);
+                    let op = if swiglu { "grouped_gemm_swiglu" } else { "grouped_gemm" };
+                    let line = format!("{where_} {path:?} {op} {dtype} {}: rel err {err:.2e} (tolerance {tol:.0e})", case.name);
                     println!("{line}");
                     if err.is_nan() || err > tol {
                         failures.push(line);
