@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | a buffer | `Vec<u32>` | [`WgpuBuffer`]: one `wgpu::Buffer`, or several for a large weight |
 //! | an op | a rayon loop | one or more compute dispatches recorded and submitted, never waited on |
+//! | a layer (`forward`) | the ops in turn | the same dispatches recorded into one command buffer, one submit |
 //! | a bad expert id | `Err` at once | a device flag, `Err` at the next `synchronize`/`download` |
 //! | blocking | never | only [`moe_hal::Backend::download`] and [`moe_hal::Backend::synchronize`] |
 //!
@@ -59,7 +60,10 @@
 //!
 //! No op reads device data on the host: every dispatch size comes from shapes (worst cases), and
 //! ops only record and submit. So the composed `forward` ([`moe_hal::forward::composed`]) runs a
-//! whole layer without a host round trip.
+//! whole layer without a host round trip. Inside `forward` the ops record into one command buffer
+//! that is submitted once at the end (about ten submits become one; `batch.rs` says why order is
+//! kept); [`WgpuBackend::with_layer_batching`] or `MOE_WGPU_BATCH=0` turns that off, to measure
+//! it. Ops called on their own submit as they go.
 //!
 //! | op | kernel(s) | shape |
 //! |---|---|---|
@@ -89,6 +93,7 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod buffer;
 mod device;
 mod kernels;
@@ -131,6 +136,11 @@ pub struct WgpuBackend {
     dummy: wgpu::Buffer,
     /// Serialises reading and clearing the error flags.
     flag_lock: Mutex<()>,
+    /// The command buffer a `forward` records its ops into.
+    batches: batch::Batches,
+    /// Whether `forward` records into one command buffer (see `batch.rs`); `MOE_WGPU_BATCH=0`
+    /// turns it off, to measure the difference.
+    batch_layers: bool,
 }
 
 impl WgpuBackend {
@@ -181,6 +191,8 @@ impl WgpuBackend {
             errs,
             dummy,
             flag_lock: Mutex::new(()),
+            batches: Default::default(),
+            batch_layers: std::env::var("MOE_WGPU_BATCH").map_or(true, |v| v.trim() != "0"),
         };
         backend.faults.take()?;
         Ok(backend)
@@ -193,6 +205,15 @@ impl WgpuBackend {
     /// Other tensors keep the adapter's limit.
     pub fn with_binding_limit(mut self, bytes: u64) -> Self {
         self.expert_chunk = (bytes / 16 * 16).clamp(16, self.chunk);
+        self
+    }
+
+    /// Whether [`Backend::forward`] records the whole layer into one command buffer and submits
+    /// it once (the default), or submits each op as it comes (as every op outside `forward`
+    /// does). Both compute the same thing; the environment variable `MOE_WGPU_BATCH=0` sets
+    /// `false` for a whole run, so `moe bench` can measure the difference.
+    pub fn with_layer_batching(mut self, on: bool) -> Self {
+        self.batch_layers = on;
         self
     }
 
@@ -311,6 +332,7 @@ impl WgpuBackend {
     /// Waits for everything submitted, reads and clears the device error flags, and returns the
     /// first failure: device lost, a recorded wgpu error, or a flag raised by a kernel.
     fn check_flags(&self) -> Result<()> {
+        self.batches.flush(&self.device, &self.queue);
         let _guard = self.flag_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.faults.take()?;
         let size = (device::ERR_WORDS * 4) as u64;
@@ -329,6 +351,7 @@ impl WgpuBackend {
         use wgpu::util::DeviceExt;
         self.faults.take()?;
         let mut prepared = Vec::with_capacity(steps.len());
+        let mut uniforms = Vec::with_capacity(steps.len());
         for s in steps {
             let pipe = self.pipelines.get(&self.device, s.kernel, s.variant);
             let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -341,18 +364,24 @@ impl WgpuBackend {
                 entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
             }
             let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.layout, entries: &entries });
+            drop(entries);
             prepared.push((pipe, group, s.groups));
+            uniforms.push(uniform);
         }
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        {
+        let record = |enc: &mut wgpu::CommandEncoder| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moe-wgpu"), timestamp_writes: None });
             for (pipe, group, (x, y)) in &prepared {
                 pass.set_pipeline(&pipe.pipeline);
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*x, *y, 1);
             }
+        };
+        let bound: Vec<&wgpu::Buffer> = steps.iter().flat_map(|s| s.bufs.iter().copied()).chain(&uniforms).collect();
+        if !self.batches.record(&bound, record) {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            record(&mut enc);
+            self.queue.submit([enc.finish()]);
         }
-        self.queue.submit([enc.finish()]);
         self.faults.take()
     }
 
@@ -418,6 +447,7 @@ impl Backend for WgpuBackend {
             return moe_hal::invalid!("copy needs buffers of the same size and layout ({} and {} bytes)", src.bytes, dst.bytes);
         }
         self.faults.take()?;
+        self.batches.flush(&self.device, &self.queue);
         let mut enc = self.device.create_command_encoder(&Default::default());
         for (a, b) in src.parts.iter().zip(&dst.parts) {
             enc.copy_buffer_to_buffer(&a.buf, 0, &b.buf, 0, padded(a.bytes as u64));
@@ -473,6 +503,25 @@ impl Backend for WgpuBackend {
         } else {
             moe_hal::forward::grouped_gemm_swiglu_composed(self, x, token_index, w, expert_offsets, h)
         }
+    }
+
+    /// The composed layer ([`moe_hal::forward::composed`]) recorded into one command buffer and
+    /// submitted once (see `batch.rs`): about ten ops, one submit.
+    fn forward(
+        &self,
+        layer: &moe_hal::Layer<Self>,
+        x: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+        topk_ids: &mut Tensor<Self>,
+        topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
+        if !self.batch_layers {
+            return moe_hal::forward::composed(self, layer, x, out, topk_ids, topk_weights);
+        }
+        let batch = self.batches.begin(&self.device, &self.queue);
+        moe_hal::forward::composed(self, layer, x, out, topk_ids, topk_weights)?;
+        batch.submit();
+        self.faults.take()
     }
 
     fn activation(&self, gate_up: &Tensor<Self>, h: &mut Tensor<Self>) -> Result<()> {

@@ -451,6 +451,7 @@ fn forward_on<B: Backend>(b: &B, layer: &HostLayer, x: &[f32], t: usize) -> (Vec
 fn forward_matches_host() {
     let b = gpu();
     let split = gpu().with_binding_limit(8192);
+    let per_op = gpu().with_layer_batching(false);
     let cpu = CpuBackend::new();
     let mut r = Rng(9);
     let deepseek = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
@@ -491,8 +492,40 @@ fn forward_matches_host() {
                 let err = rel_l2(&got, &want);
                 assert!(err < 1e-4, "{name} {dtype} t {t} {config:?}: rel l2 {err}");
             }
+            // One submit per layer or one per op: the same kernels, so the same bits.
+            let batched = forward_on(&b, &layer, &x, t);
+            assert_eq!(forward_on(&per_op, &layer, &x, t), batched, "{dtype} {config:?}: batched and per-op submits differ");
         }
     }
+}
+
+#[test]
+fn forwards_from_several_threads_at_once() {
+    // One thread's forward owns the batch; the others' run unbatched meanwhile, and ops of other
+    // threads never land in it. Every thread must still get the host's answer.
+    let b = gpu();
+    let cpu = CpuBackend::new();
+    let mut r = Rng(5);
+    let config = MoeConfig { hidden: 40, intermediate: 24, experts: 8, top_k: 3, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 8 };
+    let layer = random_layer(&mut r, config, DType::BF16);
+    std::thread::scope(|s| {
+        for seed in 1..5u64 {
+            let (b, cpu, layer) = (&b, &cpu, &layer);
+            s.spawn(move || {
+                let mut r = Rng(seed * 31);
+                for t in [1, 5, 17] {
+                    let x = r.vec(t * 40, 1.0);
+                    let (want, want_ids) = forward_on(cpu, layer, &x, t);
+                    let (got, ids) = forward_on(b, layer, &x, t);
+                    assert_eq!(ids, want_ids);
+                    assert!(rel_l2(&got, &want) < 1e-4);
+                    let mut h = poisoned(b, DType::F32, &[1, 20]);
+                    ops::activation(b, &f32s(b, DType::F32, &[1, 40], &x[..40]), &mut h).unwrap();
+                    assert!(h.to_f32(b).unwrap().iter().all(|v| v.is_finite()));
+                }
+            });
+        }
+    });
 }
 
 #[test]
