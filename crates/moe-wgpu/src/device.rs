@@ -102,10 +102,6 @@ pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
     let f = adapter.features();
     let info = adapter.get_info();
     let mut out = vec!["f32".to_string(), "f16".into(), "bf16".into()];
-    if info.device_type == wgpu::DeviceType::Cpu {
-        // A software rasteriser (lavapipe, WARP): correct, but slower than the CPU backend.
-        out.push("software-adapter".into());
-    }
     // A software rasteriser (lavapipe, WARP): `moe --backend auto` prefers the CPU backend then.
     if info.device_type == wgpu::DeviceType::Cpu {
         out.push("software-adapter".into());
@@ -126,6 +122,31 @@ pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
         }
     }
     out
+}
+
+/// The features `tiled_coop` (grouped_gemm on cooperative matrices) needs from the device.
+pub(crate) const COOP_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+
+/// The cooperative-matrix size `tiled_coop` can use on `adapter`: the largest square f16 x f16 ->
+/// f32 configuration of size 8 or 16, when the adapter has [`COOP_FEATURES`], 24 KiB of workgroup
+/// memory, and enough subgroups in 128 invocations for 4 coop tiles each to cover a 64 x 64 tile
+/// (16: subgroups of at most 32; 8: of at most 8).
+pub(crate) fn coop_size(adapter: &wgpu::Adapter) -> Option<u32> {
+    if !adapter.features().contains(COOP_FEATURES) || adapter.limits().max_compute_workgroup_storage_size < 24 << 10 {
+        return None;
+    }
+    let sg_max = adapter.get_info().subgroup_max_size.max(1);
+    let f16 = wgpu::CooperativeScalarType::F16;
+    let f32 = wgpu::CooperativeScalarType::F32;
+    adapter
+        .cooperative_matrix_properties()
+        .iter()
+        .filter(|c| c.ab_type == f16 && c.cr_type == f32 && c.m_size == c.n_size && c.n_size == c.k_size)
+        .map(|c| c.m_size)
+        .filter(|&s| (s == 8 || s == 16) && 4 * (128 / sg_max) >= (64 / s) * (64 / s))
+        .max()
 }
 
 /// The subgroup size when the adapter has subgroups: the fixed size, or the largest of its range.

@@ -10,6 +10,9 @@ use moe_hal::DType;
 pub(crate) const ROUTER_TOPK: &str = include_str!("../../../shaders/wgsl/router_topk.wgsl");
 pub(crate) const PERMUTE: &str = include_str!("../../../shaders/wgsl/permute.wgsl");
 pub(crate) const GROUPED_GEMM: &str = include_str!("../../../shaders/wgsl/grouped_gemm.wgsl");
+/// grouped_gemm's tensor-core kernel: appended to `GROUPED_GEMM` (it uses its helpers), compiled
+/// only where the adapter has cooperative matrices (its syntax needs their `enable`).
+pub(crate) const GROUPED_GEMM_COOP: &str = include_str!("../../../shaders/wgsl/grouped_gemm_coop.wgsl");
 pub(crate) const ACTIVATION: &str = include_str!("../../../shaders/wgsl/activation.wgsl");
 pub(crate) const COMBINE: &str = include_str!("../../../shaders/wgsl/combine.wgsl");
 
@@ -31,20 +34,23 @@ pub(crate) enum Kernel {
     PermuteScatter,
     GemmPrep,
     GemmTiled,
+    GemmCoop,
     Gemv,
     Activation,
     Combine,
 }
 
 impl Kernel {
-    fn source(self) -> &'static str {
-        match self {
+    fn source(self) -> String {
+        let one = match self {
             Kernel::RouterTopk => ROUTER_TOPK,
             Kernel::PermuteRank | Kernel::PermuteScan | Kernel::PermuteScatter => PERMUTE,
             Kernel::GemmPrep | Kernel::GemmTiled | Kernel::Gemv => GROUPED_GEMM,
+            Kernel::GemmCoop => return format!("{GROUPED_GEMM}\n{GROUPED_GEMM_COOP}"),
             Kernel::Activation => ACTIVATION,
             Kernel::Combine => COMBINE,
-        }
+        };
+        one.to_string()
     }
 
     fn entry(self) -> &'static str {
@@ -54,6 +60,7 @@ impl Kernel {
             Kernel::PermuteScatter => "scatter",
             Kernel::GemmPrep => "prep",
             Kernel::GemmTiled => "tiled",
+            Kernel::GemmCoop => "tiled_coop",
             Kernel::Gemv => "gemv",
             _ => "main",
         }
@@ -63,23 +70,39 @@ impl Kernel {
         match self {
             Kernel::RouterTopk => &[U, R, R, W, W, W],
             Kernel::PermuteRank | Kernel::PermuteScan | Kernel::PermuteScatter => &[U, R, W, W, W, W, W, W],
-            Kernel::GemmPrep | Kernel::GemmTiled | Kernel::Gemv => &[U, R, R, R, R, W, W],
+            Kernel::GemmPrep | Kernel::GemmTiled | Kernel::GemmCoop | Kernel::Gemv => &[U, R, R, R, R, W, W],
             Kernel::Activation => &[U, R, W],
             Kernel::Combine => &[U, R, R, R, R, W, W],
         }
     }
 }
 
-/// The compile-time variant of a kernel: weight dtype and whether the aligned vector path applies.
+/// The compile-time variant of a kernel: weight dtype, whether the aligned vector path applies,
+/// and for the tensor-core kernel its cooperative-matrix size and whether x is split (hi + lo).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct Variant {
     pub dtype: DType,
     pub vec: bool,
+    pub coop: Option<Coop>,
+}
+
+/// The cooperative-matrix settings of `tiled_coop` (see `grouped_gemm_coop.wgsl`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct Coop {
+    /// Square size of the f16 x f16 -> f32 configuration: 8 or 16.
+    pub size: u32,
+    /// x as two f16 parts (dense GEMMs, whose activations must stay f32-accurate).
+    pub split: bool,
 }
 
 impl Variant {
     /// The variant of kernels that have no weights and no vector path.
-    pub const PLAIN: Variant = Variant { dtype: DType::F32, vec: false };
+    pub const PLAIN: Variant = Variant { dtype: DType::F32, vec: false, coop: None };
+
+    /// A variant for weights in `dtype` (`vec`: the aligned vector path).
+    pub const fn of(dtype: DType, vec: bool) -> Variant {
+        Variant { dtype, vec, coop: None }
+    }
 
     fn prelude(self) -> String {
         let dt = match self.dtype {
@@ -87,7 +110,16 @@ impl Variant {
             DType::BF16 => 2,
             _ => 0,
         };
-        format!("const DT: u32 = {dt}u;\nconst VEC: bool = {};\n", self.vec)
+        // Directives (`enable`, `diagnostic`) must come before any declaration.
+        let coop = match self.coop {
+            Some(Coop { size: s, split }) => format!(
+                "enable f16;\nenable wgpu_cooperative_matrix;\ndiagnostic(off, derivative_uniformity);\n\
+                 const CS: u32 = {s}u;\nconst SPLIT: bool = {split};\n\
+                 alias CA = coop_mat{s}x{s}<f16, A>;\nalias CB = coop_mat{s}x{s}<f16, B>;\nalias CC = coop_mat{s}x{s}<f32, C>;\n"
+            ),
+            None => String::new(),
+        };
+        format!("{coop}const DT: u32 = {dt}u;\nconst VEC: bool = {};\n", self.vec)
     }
 }
 

@@ -138,6 +138,8 @@ pub struct WgpuBackend {
     flag_lock: Mutex<()>,
     /// The command buffer a `forward` records its ops into.
     batches: batch::Batches,
+    /// The cooperative-matrix size `grouped_gemm`'s tensor-core kernel uses (`None`: not used).
+    coop: Option<u32>,
     /// Whether `forward` records into one command buffer (see `batch.rs`); `MOE_WGPU_BATCH=0`
     /// turns it off, to measure the difference.
     batch_layers: bool,
@@ -157,18 +159,30 @@ impl WgpuBackend {
     fn open() -> Result<WgpuBackend> {
         let (_instance, adapter) = device::best_adapter().map_err(Error::Unavailable)?;
         let limits = adapter.limits();
+        // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
+        let coop = device::coop_size(&adapter).filter(|_| std::env::var("MOE_WGPU_COOP").map_or(true, |v| v.trim() != "0"));
+        let (required_features, experimental_features) = match coop {
+            // SAFETY: wgpu's token for its experimental features ("there may be UB-containing bugs
+            // in these APIs"). The one kernel using them, `tiled_coop`, passes the conformance
+            // suite on every adapter it has met (see the crate docs); MOE_WGPU_COOP=0 avoids it.
+            Some(_) => (device::COOP_FEATURES, unsafe { wgpu::ExperimentalFeatures::enabled() }),
+            None => (wgpu::Features::empty(), wgpu::ExperimentalFeatures::disabled()),
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moe-wgpu"),
-            required_features: wgpu::Features::empty(),
+            required_features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| Error::Driver(format!("cannot open {}: {e}", device::describe(&adapter.get_info()))))?;
         let faults = Arc::new(device::Faults::default());
         faults.install(&device);
-        let info = device::backend_info(&adapter, &limits);
+        let mut info = device::backend_info(&adapter, &limits);
+        if let Some(s) = coop {
+            info.features.push(format!("tensor cores: grouped_gemm on {s}x{s}x{s} f16->f32 cooperative matrices"));
+        }
         let chunk = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(u32::MAX as u64) / 16 * 16;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let errs = device.create_buffer(&wgpu::BufferDescriptor {
@@ -186,6 +200,7 @@ impl WgpuBackend {
             limits,
             chunk,
             expert_chunk: chunk,
+            coop,
             pipelines: Default::default(),
             faults,
             errs,
@@ -205,6 +220,25 @@ impl WgpuBackend {
     /// Other tensors keep the adapter's limit.
     pub fn with_binding_limit(mut self, bytes: u64) -> Self {
         self.expert_chunk = (bytes / 16 * 16).clamp(16, self.chunk);
+        self
+    }
+
+    /// The square size of the cooperative matrices `grouped_gemm` runs on (16 on NVIDIA through
+    /// Vulkan, 8 on Mesa 25.1+ lavapipe), or `None` when it uses no tensor cores: the adapter has
+    /// none, `MOE_WGPU_COOP=0` was set, or [`Self::with_tensor_cores`] turned them off.
+    pub fn tensor_cores(&self) -> Option<u32> {
+        self.coop
+    }
+
+    /// With `false`, `grouped_gemm` uses the f32 FMA kernels even where the adapter has
+    /// cooperative matrices (the device keeps the features; nothing else changes). Results then
+    /// carry f32 products exactly like an adapter without them, which tests of the scalar path
+    /// rely on; `true` cannot add tensor cores a device was opened without.
+    pub fn with_tensor_cores(mut self, on: bool) -> Self {
+        if !on {
+            self.coop = None;
+            self.info.features.retain(|f| !f.starts_with("tensor cores"));
+        }
         self
     }
 

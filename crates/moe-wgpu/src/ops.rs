@@ -3,7 +3,7 @@
 use moe_hal::{DType, Result, Routing, Tensor};
 
 use crate::WgpuBackend;
-use crate::kernels::{Kernel, Params, Variant, grid, params};
+use crate::kernels::{Coop, Kernel, Params, Variant, grid, params};
 
 /// One dispatch: a kernel variant, its parameters, the buffers of bindings 1.. and the grid.
 pub(crate) struct Step<'a> {
@@ -174,10 +174,16 @@ impl WgpuBackend {
                 let (kernel, variant, tiles_n, total) = if gemv {
                     let tiles_n = n.div_ceil(16);
                     let slots = if by_row { m } else { g1 - g0 };
-                    (Kernel::Gemv, Variant { dtype: w.dtype, vec: k.is_multiple_of(8) }, tiles_n, slots * tiles_n)
+                    (Kernel::Gemv, Variant::of(w.dtype, k.is_multiple_of(8)), tiles_n, slots * tiles_n)
                 } else {
                     let tiles_n = n.div_ceil(64);
-                    (Kernel::GemmTiled, Variant { dtype: w.dtype, vec: k.is_multiple_of(4) }, tiles_n, m.div_ceil(64) * tiles_n)
+                    // Tensor cores for f16/bf16 weights where the adapter has them (f32 weights
+                    // keep f32 products); dense GEMMs split x so their outputs stay f32-accurate.
+                    let (kernel, coop) = match self.coop {
+                        Some(size) if w.dtype != DType::F32 => (Kernel::GemmCoop, Some(Coop { size, split: grouped == 0 })),
+                        _ => (Kernel::GemmTiled, None),
+                    };
+                    (kernel, Variant { dtype: w.dtype, vec: k.is_multiple_of(4), coop }, tiles_n, m.div_ceil(64) * tiles_n)
                 };
                 let mut p = params(&head);
                 p[7] = g0 as u32;
@@ -208,7 +214,7 @@ impl WgpuBackend {
         let bufs = vec![self.one(gate_up, "gate_up")?, self.one(h, "h")?];
         self.run(&[Step {
             kernel: Kernel::Activation,
-            variant: Variant { dtype: DType::F32, vec },
+            variant: Variant::of(DType::F32, vec),
             params: p,
             bufs,
             groups: stride_groups(units, self.max_dim()),
@@ -242,7 +248,7 @@ impl WgpuBackend {
         ];
         self.run(&[Step {
             kernel: Kernel::Combine,
-            variant: Variant { dtype: DType::F32, vec },
+            variant: Variant::of(DType::F32, vec),
             params: p,
             bufs,
             groups: stride_groups(units, self.max_dim()),

@@ -32,6 +32,17 @@ fn gpu() -> WgpuBackend {
     WgpuBackend::new().expect("no wgpu adapter: these tests need one (lavapipe: mesa-vulkan-drivers)")
 }
 
+/// The adapter without its tensor cores: every product in f32, for the tests that need exactness.
+fn scalar() -> WgpuBackend {
+    gpu().with_tensor_cores(false)
+}
+
+/// Relative L2 error a whole layer or a GEMM may have with weights in `dtype` on `b`: f32
+/// products everywhere except grouped GEMMs on tensor cores, which round x to f16 (~2^-11).
+fn tolerance(b: &WgpuBackend, dtype: DType, f32_tol: f32) -> f32 {
+    if b.tensor_cores().is_some() && dtype != DType::F32 { 2e-3 } else { f32_tol }
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -243,8 +254,9 @@ fn random_offsets(r: &mut Rng, g: usize, rows: usize) -> Vec<u32> {
 
 #[test]
 fn grouped_gemm_matches_host() {
-    let b = gpu();
-    let split = gpu().with_binding_limit(4096);
+    let b = scalar();
+    let split = scalar().with_binding_limit(4096);
+    let tc = gpu(); // the tensor-core kernel where the adapter has one (else the same as b)
     let cpu = CpuBackend::new();
     let mut r = Rng(3);
     // (M, N, K, G): gemv (M <= 4G) and tiled paths, sizes off 64/16/8/4 boundaries.
@@ -263,6 +275,7 @@ fn grouped_gemm_matches_host() {
     for &(m, n, k, g) in &shapes {
         for dtype in DType::FLOATS {
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-5 * 4.0 };
+            let tc_tol = tolerance(&tc, dtype, tol);
             let grouped = g > 1 || n % 2 == 1;
             let wshape: Vec<usize> = if grouped { vec![g, n, k] } else { vec![n, k] };
             let w = r.vec(wshape.iter().product(), 1.0);
@@ -274,7 +287,7 @@ fn grouped_gemm_matches_host() {
                 // Offsets ending before M leave zero rows at the end.
                 let off = grouped.then(|| random_offsets(&mut r, g, if m > 3 { m - 2 } else { m }));
                 let want = gemm_on(&cpu, dtype, &x, mx, k, ti.as_deref(), &w, &wshape, off.as_deref(), m, n).unwrap();
-                for (name, be) in [("one binding", &b), ("split", &split)] {
+                for (name, be, tol) in [("one binding", &b, tol), ("split", &split, tol), ("tensor cores", &tc, tc_tol)] {
                     let got = gemm_on(be, dtype, &x, mx, k, ti.as_deref(), &w, &wshape, off.as_deref(), m, n).unwrap();
                     let err = rel_l2(&got, &want);
                     assert!(err <= tol, "{name} {dtype} m {m} n {n} k {k} g {g} gather {gather}: rel l2 {err}");
@@ -312,8 +325,9 @@ fn grouped_gemm_matches_host() {
 
 #[test]
 fn f16_and_bf16_decode_exactly() {
-    // Subnormal, tiny, huge, negative and signed-zero weights; x = one-hot picks each one.
-    let b = gpu();
+    // Subnormal, tiny, huge, negative and signed-zero weights; x = one-hot picks each one. (On
+    // tensor cores weights become f16: bf16 values outside f16's range do not survive, by design.)
+    let b = scalar();
     for (dtype, vals) in [
         (DType::F16, [6.0e-8f32, -6.0e-8, 3.0e-5, -4.0e-6, -2.5, 65504.0, -0.0, 1.0e-3]),
         (DType::BF16, [1.0e-40f32, -6.0e-8, 3.0e-5, 1.0e-30, -2.5, 65504.0, -0.0, 1.5e38]),
@@ -327,9 +341,12 @@ fn f16_and_bf16_decode_exactly() {
         // y[i] = x[i] . w[0] = w[0][i].
         let got = gemm_on(&b, dtype, &x, n, n, None, &vals, &[1, n], None, n, 1).unwrap();
         for i in 0..n {
-            assert_eq!(
-                got[i].to_bits() & 0x7fff_ffff,
-                stored[i].to_bits() & 0x7fff_ffff,
+            // An f32 subnormal (bf16 1e-40) may flush to zero in the FMA: devices choose (Mesa
+            // 22's lavapipe keeps it, Mesa 26's flushes; WGSL leaves it to them). Every other
+            // value, f16 subnormals included (they decode to normal f32), must come out exact.
+            let flushed = stored[i].is_subnormal() && got[i] == 0.0;
+            assert!(
+                flushed || got[i].to_bits() & 0x7fff_ffff == stored[i].to_bits() & 0x7fff_ffff,
                 "{dtype} value {} decoded as {}",
                 stored[i],
                 got[i]
@@ -490,7 +507,7 @@ fn forward_matches_host() {
                 let (got, ids) = forward_on(be, &layer, &x, t);
                 assert_eq!(ids, want_ids, "{name} {dtype} {config:?}");
                 let err = rel_l2(&got, &want);
-                assert!(err < 1e-4, "{name} {dtype} t {t} {config:?}: rel l2 {err}");
+                assert!(err < tolerance(be, dtype, 1e-4), "{name} {dtype} t {t} {config:?}: rel l2 {err}");
             }
             // One submit per layer or one per op: the same kernels, so the same bits.
             let batched = forward_on(&b, &layer, &x, t);
@@ -518,7 +535,7 @@ fn forwards_from_several_threads_at_once() {
                     let (want, want_ids) = forward_on(cpu, layer, &x, t);
                     let (got, ids) = forward_on(b, layer, &x, t);
                     assert_eq!(ids, want_ids);
-                    assert!(rel_l2(&got, &want) < 1e-4);
+                    assert!(rel_l2(&got, &want) < tolerance(b, DType::BF16, 1e-4));
                     let mut h = poisoned(b, DType::F32, &[1, 20]);
                     ops::activation(b, &f32s(b, DType::F32, &[1, 40], &x[..40]), &mut h).unwrap();
                     assert!(h.to_f32(b).unwrap().iter().all(|v| v.is_finite()));
