@@ -23,6 +23,12 @@
 //! only reports what the adapter says. [`available`] is a cheap probe (no device is created) for a
 //! `moe devices` listing.
 //!
+//! Where the adapter has `SHADER_F16`, `SUBGROUP` and wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX`
+//! with a square f16 x f16 -> f32 configuration of 8 or 16, the device is opened with them and
+//! grouped GEMMs on f16/bf16 weights run on tensor cores (`tiled_coop` below); `features` then
+//! ends with `tensor cores: ...`. `MOE_WGPU_COOP=0` opens the device without them;
+//! [`WgpuBackend::with_tensor_cores`]`(false)` keeps the f32 FMA kernels on a device that has them.
+//!
 //! `features` names `software-adapter` for a CPU adapter (lavapipe), so a caller choosing the
 //! fastest device can skip it. `memory_bytes` is host memory for a CPU adapter (lavapipe), the
 //! largest device-local heap on Vulkan (read through wgpu-hal), and host memory elsewhere (wgpu has
@@ -71,8 +77,9 @@
 //! | `permute` | `rank` (tile of 256 pairs: stable in-tile rank + per-tile counts), `scan_counts` (one workgroup), `scatter` | all |
 //! | `grouped_gemm` | `prep`: validates offsets and gather indices, zeros rows past `expert_offsets[G]` | with offsets or a gather index |
 //! | | `gemv`: a workgroup streams 16 weight rows of one expert once (vec4 loads), up to 4 token rows per pass; one grid slot per expert, or per row of `y` when `M < G` so idle experts launch nothing | `M <= 4 G` (decode; `G = 1` without offsets) |
-//! | | `tiled`: 64x64 output tile, 16-deep K slices of x and w in workgroup memory, 4x4 outputs per invocation, groups found by binary search in `expert_offsets` | `M > 4 G` (prefill) |
-//! | `grouped_gemm_swiglu` | `prep`, `gemv`, `tiled` with `swiglu = 1`: tile columns walk the `2I` weight rows interleaved (column `2j` = gate row `j`, `2j + 1` = up row `I + j`), so an invocation holds each gate accumulator beside its up partner and writes only `silu(gate) * up` | every weight part holds whole experts (else `grouped_gemm` + `activation`) |
+//! | | `tiled`: 64x64 output tile, 16-deep K slices of x and w in workgroup memory, 4x4 outputs per invocation, groups found by binary search in `expert_offsets` | `M > 4 G` (prefill), f32 weights or no tensor cores |
+//! | | `tiled_coop` (`grouped_gemm_coop.wgsl`): the same tiles and group search, K slices of 32 staged as f16 (x rounded, clamped to ±65504; weights f16, bf16 converted), products on `CS`x`CS` cooperative matrices with f32 accumulators, 128 invocations dealing the coop tiles to their subgroups; dense GEMMs (router, shared expert) stage x as hi + lo f16 parts and multiply both, so their outputs stay f32-accurate | `M > 4 G`, f16/bf16 weights, tensor cores |
+//! | `grouped_gemm_swiglu` | `prep`, `gemv`, `tiled`/`tiled_coop` with `swiglu = 1`: tile columns walk the `2I` weight rows interleaved (column `2j` = gate row `j`, `2j + 1` = up row `I + j`), so an invocation holds each gate accumulator beside its up partner and writes only `silu(gate) * up` | every weight part holds whole experts (else `grouped_gemm` + `activation`) |
 //! | `activation` | grid-stride SwiGLU (vec4 when `I % 4 == 0`) | all |
 //! | `combine` | grid-stride weighted sum in slot order (vec4 when `H % 4 == 0`) | all |
 //!
@@ -85,11 +92,13 @@
 //! ## Measured and not measured
 //!
 //! Correctness is tested here on lavapipe (Vulkan on the CPU) against `moe-cpu`, for every op,
-//! dtype and awkward shape, and for whole layers, including weights split over several bindings.
-//! **No speed has been measured on a real GPU.** The tiled GEMM does not use subgroup operations
-//! or the experimental cooperative matrix (tensor cores) even where the adapter offers them (they
-//! are listed in [`moe_hal::BackendInfo::features`]); those paths and tuning tile sizes per
-//! device are future work.
+//! dtype and awkward shape, and for whole layers, including weights split over several bindings:
+//! on Debian 12's Mesa 22 (no cooperative matrices: the f32 FMA kernels) and, through
+//! `scripts/lavapipe-coop.sh`, on Mesa 26 (8x8x8 cooperative matrices: `tiled_coop`, with the
+//! `wgpu_scalar` instance covering the FMA kernels of the same device). Both run in CI.
+//! **No speed has been measured on a real GPU**, and the 16x16x16 configuration an NVIDIA GPU
+//! offers has not run anywhere yet. Subgroup reductions in `gemv` and tile sizes tuned per device
+//! are future work.
 
 #![warn(missing_docs)]
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Tests the WGSL backend's tensor-core kernel (shaders/wgsl/grouped_gemm_coop.wgsl) without a GPU.
+#
+# Debian 12's lavapipe (Mesa 22) has no VK_KHR_cooperative_matrix, so there `grouped_gemm` never
+# takes that kernel. Mesa 25.1 and later does (8x8x8 f16 -> f32), and Debian trixie-backports
+# carries it. It needs trixie's glibc, so nothing is installed: the packages are unpacked into a
+# folder (default target/mesa-coop, ~250 MiB) and cargo runs the test binaries through that
+# glibc's dynamic loader (CARGO_TARGET_<triple>_RUNNER). Then the wgpu instances of the conformance
+# suite and moe-wgpu's tests run with `wgpu_scalar` required, which exists only where tensor cores
+# are in use, so the check cannot pass on the scalar kernels alone.
+#
+#   scripts/lavapipe-coop.sh [setup]    setup: only download and unpack, print the environment
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+dir=${MOE_MESA_COOP_DIR:-$root/target/mesa-coop}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+
+if [ ! -f "$dir/ready" ]; then
+  echo "lavapipe-coop.sh: unpacking Debian trixie's glibc and trixie-backports' Mesa into $dir"
+  rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/root"
+  # Resolve mesa-vulkan-drivers' dependencies (first alternative of each) from the two package
+  # indexes, newest Mesa from backports, everything else from trixie; download them.
+  python3 - "$mirror" "$dir/debs" <<'EOF'
+import lzma, sys, urllib.request, os
+mirror, out = sys.argv[1], sys.argv[2]
+def index(suite):
+    data = urllib.request.urlopen(f"{mirror}/dists/{suite}/main/binary-amd64/Packages.xz", timeout=120).read()
+    pk, provides = {}, {}
+    for stanza in lzma.decompress(data).decode("utf-8", "replace").split("\n\n"):
+        f = {}
+        for line in stanza.splitlines():
+            if line and line[0] not in " \t" and ":" in line:
+                k, _, v = line.partition(":")
+                f[k] = v.strip()
+        if "Package" in f:
+            pk.setdefault(f["Package"], f)
+            for p in f.get("Provides", "").split(","):
+                if p.strip():
+                    provides.setdefault(p.strip().split(" ")[0], f)
+    return pk, provides
+main, provides = index("trixie")
+bpo, _ = index("trixie-backports")
+skip = {"debconf", "debconf-2.0", "dpkg", "libc-bin", "install-info", "perl-base", "base-files", "usrmerge", "usr-is-merged"}
+todo, seen = ["libc6", "libstdc++6", "libgcc-s1", "libvulkan1", "mesa-vulkan-drivers"], {}
+while todo:
+    name = todo.pop()
+    if name in seen or name in skip:
+        continue
+    f = bpo.get(name) if name.startswith("mesa") and name in bpo else main.get(name) or provides.get(name)
+    if f is None:
+        sys.exit(f"lavapipe-coop.sh: {name} is in neither trixie nor trixie-backports")
+    seen[name] = f
+    for dep in (f.get("Depends", "") + "," + f.get("Pre-Depends", "")).split(","):
+        if dep.strip():
+            todo.append(dep.split("|")[0].strip().split(" ")[0].split(":")[0])
+mesa = seen["mesa-vulkan-drivers"]["Version"]
+print(f"lavapipe-coop.sh: Mesa {mesa}, {len(seen)} packages")
+for f in seen.values():
+    path = os.path.join(out, os.path.basename(f["Filename"]))
+    with urllib.request.urlopen(f"{mirror}/{f['Filename']}", timeout=300) as r, open(path, "wb") as w:
+        w.write(r.read())
+EOF
+  for d in "$dir"/debs/*.deb; do dpkg-deb -x "$d" "$dir/root"; done
+  lib="$dir/root/usr/lib/x86_64-linux-gnu"
+  sed "s#\"library_path\": \"[^\"]*\"#\"library_path\": \"$lib/libvulkan_lvp.so\"#" \
+    "$dir/root/usr/share/vulkan/icd.d/lvp_icd.json" > "$dir/lvp.json"
+  printf '#!/bin/sh\n# Runs a program with trixie'"'"'s glibc and libraries (and so its Mesa).\nexec %s/ld-linux-x86-64.so.2 --library-path %s "$@"\n' "$lib" "$lib" > "$dir/run.sh"
+  chmod +x "$dir/run.sh"
+  rm -rf "$dir/debs"
+  touch "$dir/ready"
+fi
+
+export VK_ICD_FILENAMES="$dir/lvp.json"
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$dir/run.sh"
+if [ "${1:-}" = "setup" ]; then
+  echo "export VK_ICD_FILENAMES=$VK_ICD_FILENAMES"
+  echo "export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER"
+  exit 0
+fi
+"$dir/run.sh" "$(command -v vulkaninfo || echo /bin/true)" 2>/dev/null | grep -E "driverInfo|VK_KHR_cooperative_matrix " | head -2 || true
+export MOE_REQUIRE_BACKENDS=wgpu,wgpu_scalar
+cargo test -p moe-conformance --test conformance -- wgpu
+cargo test -p moe-wgpu
