@@ -134,25 +134,35 @@ fn gemm_bad<B: Backend>(name: &str, x: Spec, gather: Option<Spec>, w: Spec, offs
     })
 }
 
-/// Bad offsets or gather index in device data: InvalidArgument now or at the next synchronize,
-/// then a valid grouped GEMM must work.
-fn gemm_bad_data<B: Backend>(name: &str, offsets: &'static [u32], gather: Option<&'static [u32]>) -> Case<B> {
-    let (g, n, k) = (offsets.len() - 1, 4, 16);
+/// Bad offsets or gather index in device data, to `op` (`grouped_gemm` or its fused form):
+/// InvalidArgument now or at the next synchronize, then a valid call of the same op must work.
+fn gemm_bad_data<B: Backend>(op: Op, name: &str, offsets: &'static [u32], gather: Option<&'static [u32]>) -> Case<B> {
+    let swiglu = op == Op::GroupedGemmSwiglu;
+    let group = if swiglu { SWIGLU } else { GEMM };
+    // n: weight rows per group (2I when fused); the output has n or n / 2 columns.
+    let (g, n, k) = (offsets.len() - 1, if swiglu { 8 } else { 4 }, 16);
     let m = 8;
     let mx = if gather.is_some() { 4 } else { m };
     let shape = format!("M={m} N={n} K={k} offsets {offsets:?}{}", gather.map_or(String::new(), |t| format!(" gather {t:?} from {mx}")));
-    Case::new(GEMM, name, Op::GroupedGemm, Some(DType::F32), shape, move |b: &B| {
-        let mut rng = Rng::from_name(&format!("{GEMM}/data"));
+    Case::new(group, name, op, Some(DType::F32), shape, move |b: &B| {
+        let mut rng = Rng::from_name(&format!("{group}/data"));
         let xt = f32_tensor(b, &[mx, k], &rng.vec_f32(mx * k, 1.0))?;
         let wt = f32_tensor(b, &[g, n, k], &rng.vec_f32(g * n * k, 0.25))?;
         let ot = u32_tensor(b, &[g + 1], offsets)?;
         let tt = gather.map(|t| u32_tensor(b, &[m], t)).transpose()?;
-        let mut y = poisoned_f32(b, &[m, n])?;
-        let r = ops::grouped_gemm(b, &xt, tt.as_ref(), &wt, Some(&ot), &mut y);
-        expect_invalid_deferred("grouped_gemm with bad offsets or gather index", b, r)?;
+        let mut y = poisoned_f32(b, &[m, if swiglu { n / 2 } else { n }])?;
+        let r = if swiglu {
+            ops::grouped_gemm_swiglu(b, &xt, tt.as_ref(), &wt, Some(&ot), &mut y)
+        } else {
+            ops::grouped_gemm(b, &xt, tt.as_ref(), &wt, Some(&ot), &mut y)
+        };
+        expect_invalid_deferred(&format!("{op} with bad offsets or gather index"), b, r)?;
         b.synchronize().ctx("synchronize after the reported error")?;
-        check_gemm(b, DType::F32, &Layout::Grouped { sizes: vec![3, 0, 5], tail: 0, gather: Some(4) }, n, k, &format!("{GEMM}/recover")).map_err(|f| match f {
-            Fail::Wrong(m) => Fail::Wrong(format!("a valid grouped_gemm after the error: {m}")),
+        let valid = Layout::Grouped { sizes: vec![3, 0, 5], tail: 0, gather: Some(4) };
+        let seed = format!("{group}/recover");
+        let again = if swiglu { check_gemm_swiglu(b, DType::F32, &valid, n, k, &seed) } else { check_gemm(b, DType::F32, &valid, n, k, &seed) };
+        again.map_err(|f| match f {
+            Fail::Wrong(m) => Fail::Wrong(format!("a valid {op} after the error: {m}")),
             f => f,
         })
     })
@@ -163,10 +173,10 @@ fn gemm_bad_data<B: Backend>(name: &str, offsets: &'static [u32], gather: Option
 pub fn grouped_gemm<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     vec![
-        gemm_bad_data("offsets_decreasing", &[0, 5, 3, 8], None),
-        gemm_bad_data("offsets_past_m", &[0, 4, 9], None),
-        gemm_bad_data("offsets_not_from_zero", &[2, 4, 8], None),
-        gemm_bad_data("gather_index_out_of_range", &[0, 3, 8], Some(&[0, 1, 2, 3, 4, 0, 1, 2])),
+        gemm_bad_data(Op::GroupedGemm, "offsets_decreasing", &[0, 5, 3, 8], None),
+        gemm_bad_data(Op::GroupedGemm, "offsets_past_m", &[0, 4, 9], None),
+        gemm_bad_data(Op::GroupedGemm, "offsets_not_from_zero", &[2, 4, 8], None),
+        gemm_bad_data(Op::GroupedGemm, "gather_index_out_of_range", &[0, 3, 8], Some(&[0, 1, 2, 3, 4, 0, 1, 2])),
         gemm_bad("k_mismatch", (F32, &[4, 8]), None, (F32, &[2, 16, 9]), Some((U32, &[3])), (F32, &[4, 16])),
         gemm_bad("y_columns", (F32, &[4, 8]), None, (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 17])),
         gemm_bad("y_rows", (F32, &[4, 8]), None, (F32, &[16, 8]), None, (F32, &[5, 16])),
@@ -200,37 +210,12 @@ fn swiglu_bad<B: Backend>(name: &str, x: Spec, w: Spec, offsets: Option<Spec>, h
     })
 }
 
-/// Bad offsets or gather index in device data reach the fused kernel too: InvalidArgument now or
-/// at the next synchronize, then a valid fused GEMM must work.
-fn swiglu_bad_data<B: Backend>(name: &str, offsets: &'static [u32], gather: Option<&'static [u32]>) -> Case<B> {
-    let (g, n, k) = (offsets.len() - 1, 8, 16);
-    let m = 8;
-    let mx = if gather.is_some() { 4 } else { m };
-    let shape = format!("M={m} 2I={n} K={k} offsets {offsets:?}{}", gather.map_or(String::new(), |t| format!(" gather {t:?} from {mx}")));
-    Case::new(SWIGLU, name, Op::GroupedGemmSwiglu, Some(DType::F32), shape, move |b: &B| {
-        let mut rng = Rng::from_name(&format!("{SWIGLU}/data"));
-        let xt = f32_tensor(b, &[mx, k], &rng.vec_f32(mx * k, 1.0))?;
-        let wt = f32_tensor(b, &[g, n, k], &rng.vec_f32(g * n * k, 0.25))?;
-        let ot = u32_tensor(b, &[g + 1], offsets)?;
-        let tt = gather.map(|t| u32_tensor(b, &[m], t)).transpose()?;
-        let mut h = poisoned_f32(b, &[m, n / 2])?;
-        let r = ops::grouped_gemm_swiglu(b, &xt, tt.as_ref(), &wt, Some(&ot), &mut h);
-        expect_invalid_deferred("grouped_gemm_swiglu with bad offsets or gather index", b, r)?;
-        b.synchronize().ctx("synchronize after the reported error")?;
-        check_gemm_swiglu(b, DType::F32, &Layout::Grouped { sizes: vec![3, 0, 5], tail: 0, gather: Some(4) }, n, k, &format!("{SWIGLU}/recover")).map_err(|f| match f {
-            Fail::Wrong(m) => Fail::Wrong(format!("a valid grouped_gemm_swiglu after the error: {m}")),
-            f => f,
-        })
-    })
-    .exclusive()
-}
-
 /// The bad-input cases of `grouped_gemm_swiglu`: each must be an `InvalidArgument`, never a panic.
 pub fn grouped_gemm_swiglu<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     vec![
-        swiglu_bad_data("offsets_past_m", &[0, 4, 9], None),
-        swiglu_bad_data("gather_index_out_of_range", &[0, 3, 8], Some(&[0, 1, 2, 3, 4, 0, 1, 2])),
+        gemm_bad_data(Op::GroupedGemmSwiglu, "offsets_past_m", &[0, 4, 9], None),
+        gemm_bad_data(Op::GroupedGemmSwiglu, "gather_index_out_of_range", &[0, 3, 8], Some(&[0, 1, 2, 3, 4, 0, 1, 2])),
         swiglu_bad("odd_weight_rows", (F32, &[4, 8]), (F32, &[2, 15, 8]), Some((U32, &[3])), (F32, &[4, 7])),
         swiglu_bad("h_is_2i_wide", (F32, &[4, 8]), (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 16])),
         swiglu_bad("h_rows", (F32, &[4, 8]), (F32, &[16, 8]), None, (F32, &[5, 8])),
