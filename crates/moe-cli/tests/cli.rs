@@ -6,11 +6,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn moe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe")).args(args).output().expect("the moe binary runs")
+    Command::new(moe_bin()).args(args).output().expect("the moe binary runs")
 }
 
+/// The `moe` binary cargo built; where the test binary was moved to another machine without it
+/// (a staged GPU check: `.device/bin/` holds both), the `moe` beside this test binary.
+fn moe_bin() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_moe"));
+    let beside = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("moe")));
+    if built.exists() { built } else { beside.filter(|b| b.exists()).unwrap_or(built) }
+}
+
+/// tests/fixtures/hf of this checkout; on another machine (a staged GPU check runs from a copy of
+/// the checkout's root), the one under the working directory.
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf")
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf");
+    if here.exists() { here } else { PathBuf::from("tests/fixtures/hf") }
 }
 
 fn f64s(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f64>) {
