@@ -6,8 +6,9 @@
 # carries it. It needs trixie's glibc, so nothing is installed: the packages are unpacked into a
 # folder (default target/mesa-coop, ~250 MiB) and cargo runs the test binaries through that
 # glibc's dynamic loader (CARGO_TARGET_<triple>_RUNNER). Then the wgpu instances of the conformance
-# suite and moe-wgpu's tests run with `wgpu_scalar` required, which exists only where tensor cores
-# are in use, so the check cannot pass on the scalar kernels alone.
+# suite (`wgpu`, `wgpu_split` on tensor cores, `wgpu_scalar` on the FMA kernels of the same device)
+# and moe-wgpu's tests run, with MOE_REQUIRE_TENSOR_CORES=1 making a test fail unless the tensor
+# cores are in use, so the check cannot pass on the scalar kernels alone.
 #
 #   scripts/lavapipe-coop.sh [setup]    setup: only download and unpack, print the environment
 set -euo pipefail
@@ -78,6 +79,6 @@ if [ "${1:-}" = "setup" ]; then
   exit 0
 fi
 "$dir/run.sh" "$(command -v vulkaninfo || echo /bin/true)" 2>/dev/null | grep -E "driverInfo|VK_KHR_cooperative_matrix " | head -2 || true
-export MOE_REQUIRE_BACKENDS=wgpu,wgpu_scalar
-cargo test -p moe-conformance --test conformance -- wgpu
+export MOE_REQUIRE_BACKENDS=wgpu MOE_REQUIRE_TENSOR_CORES=1
 cargo test -p moe-wgpu
+cargo test -p moe-conformance --test conformance -- wgpu

@@ -66,6 +66,16 @@ fn poisoned<B: Backend>(b: &B, dtype: DType, shape: &[usize]) -> Tensor<B> {
 }
 
 #[test]
+fn tensor_cores_in_use_where_required() {
+    // scripts/lavapipe-coop.sh sets this on a lavapipe with cooperative matrices, so that its run
+    // cannot pass on the FMA kernels alone.
+    if std::env::var("MOE_REQUIRE_TENSOR_CORES").is_ok_and(|v| v == "1") {
+        let b = gpu();
+        assert!(b.tensor_cores().is_some(), "MOE_REQUIRE_TENSOR_CORES=1 but {} uses none: {:?}", b.info().device, b.info().features);
+    }
+}
+
+#[test]
 fn buffer_plan_splits_on_expert_then_row_boundaries() {
     assert_eq!(plan(DType::F32, &[4, 3, 5], 1024).unwrap(), vec![(0, 240)]);
     assert_eq!(plan(DType::F32, &[4, 3, 5], 128).unwrap(), vec![(0, 120), (120, 120)]);
