@@ -106,7 +106,8 @@
 //! * `*_invalid` (one per op): every wrong shape and dtype through [`moe_hal::ops`] and
 //!   [`moe_hal::Layer::upload`] is `Error::InvalidArgument`; top-k > E, bad group settings;
 //!   data-dependent bad input (an expert id >= E or u32::MAX to `permute`, non-cumulative or
-//!   overlong offsets and an out-of-range gather index to `grouped_gemm`, an out-of-range
+//!   overlong offsets and an out-of-range gather index to `grouped_gemm` and its fused form, at
+//!   decode and at tiled shapes with f32, f16 and bf16 weights so every kernel family sees them, an out-of-range
 //!   `row_index` to `combine`) is `InvalidArgument` from the op or at the latest from the next
 //!   `synchronize`, and the backend then runs a valid op correctly. These cases run alone
 //!   ([`Case::exclusive`]) so a deferred error cannot surface in another test.

@@ -134,22 +134,26 @@ fn gemm_bad<B: Backend>(name: &str, x: Spec, gather: Option<Spec>, w: Spec, offs
     })
 }
 
-/// Bad offsets or gather index in device data, to `op` (`grouped_gemm` or its fused form):
-/// InvalidArgument now or at the next synchronize, then a valid call of the same op must work.
-fn gemm_bad_data<B: Backend>(op: Op, name: &str, offsets: &'static [u32], gather: Option<&'static [u32]>) -> Case<B> {
+/// Bad offsets or gather index in device data, to `op` (`grouped_gemm` or its fused form) with
+/// `m` rows and weights in `dtype`: InvalidArgument now or at the next synchronize, then a valid
+/// call of the same op must work. `m = 8` over 2 or 3 groups reaches the decode kernels, `m = 40`
+/// the tiled ones (tensor cores for f16/bf16 where a backend has them): every kernel family must
+/// survive bad data without an out-of-bounds access. With `bad_gather`, the last row's gather
+/// index is past the rows of x.
+fn gemm_bad_data<B: Backend>(op: Op, name: &str, dtype: DType, m: usize, offsets: &'static [u32], bad_gather: bool) -> Case<B> {
     let swiglu = op == Op::GroupedGemmSwiglu;
     let group = if swiglu { SWIGLU } else { GEMM };
     // n: weight rows per group (2I when fused); the output has n or n / 2 columns.
     let (g, n, k) = (offsets.len() - 1, if swiglu { 8 } else { 4 }, 16);
-    let m = 8;
-    let mx = if gather.is_some() { 4 } else { m };
-    let shape = format!("M={m} N={n} K={k} offsets {offsets:?}{}", gather.map_or(String::new(), |t| format!(" gather {t:?} from {mx}")));
-    Case::new(group, name, op, Some(DType::F32), shape, move |b: &B| {
+    let mx = if bad_gather { m / 2 } else { m };
+    let gather: Option<Vec<u32>> = bad_gather.then(|| (0..m).map(|r| if r + 1 == m { (mx + 7) as u32 } else { (r % mx) as u32 }).collect());
+    let shape = format!("M={m} N={n} K={k} offsets {offsets:?}{}", if bad_gather { format!(" gather from {mx}, last index {}", mx + 7) } else { String::new() });
+    Case::new(group, name, op, Some(dtype), shape, move |b: &B| {
         let mut rng = Rng::from_name(&format!("{group}/data"));
         let xt = f32_tensor(b, &[mx, k], &rng.vec_f32(mx * k, 1.0))?;
-        let wt = f32_tensor(b, &[g, n, k], &rng.vec_f32(g * n * k, 0.25))?;
+        let (wt, _) = weight_tensor(b, dtype, &[g, n, k], &rng.vec_f32(g * n * k, 0.25))?;
         let ot = u32_tensor(b, &[g + 1], offsets)?;
-        let tt = gather.map(|t| u32_tensor(b, &[m], t)).transpose()?;
+        let tt = gather.as_ref().map(|t| u32_tensor(b, &[m], t)).transpose()?;
         let mut y = poisoned_f32(b, &[m, if swiglu { n / 2 } else { n }])?;
         let r = if swiglu {
             ops::grouped_gemm_swiglu(b, &xt, tt.as_ref(), &wt, Some(&ot), &mut y)
@@ -173,10 +177,15 @@ fn gemm_bad_data<B: Backend>(op: Op, name: &str, offsets: &'static [u32], gather
 pub fn grouped_gemm<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     vec![
-        gemm_bad_data(Op::GroupedGemm, "offsets_decreasing", &[0, 5, 3, 8], None),
-        gemm_bad_data(Op::GroupedGemm, "offsets_past_m", &[0, 4, 9], None),
-        gemm_bad_data(Op::GroupedGemm, "offsets_not_from_zero", &[2, 4, 8], None),
-        gemm_bad_data(Op::GroupedGemm, "gather_index_out_of_range", &[0, 3, 8], Some(&[0, 1, 2, 3, 4, 0, 1, 2])),
+        gemm_bad_data(Op::GroupedGemm, "offsets_decreasing", F32, 8, &[0, 5, 3, 8], false),
+        gemm_bad_data(Op::GroupedGemm, "offsets_past_m", F32, 8, &[0, 4, 9], false),
+        gemm_bad_data(Op::GroupedGemm, "offsets_not_from_zero", F32, 8, &[2, 4, 8], false),
+        gemm_bad_data(Op::GroupedGemm, "gather_index_out_of_range", F32, 8, &[0, 3, 8], true),
+        gemm_bad_data(Op::GroupedGemm, "tiled_offsets_decreasing_bf16", BF16, 40, &[0, 25, 13, 40], false),
+        gemm_bad_data(Op::GroupedGemm, "tiled_offsets_past_m_bf16", BF16, 40, &[0, 20, 45], false),
+        gemm_bad_data(Op::GroupedGemm, "tiled_offsets_not_from_zero_f16", F16, 40, &[3, 20, 40], false),
+        gemm_bad_data(Op::GroupedGemm, "tiled_gather_index_out_of_range_bf16", BF16, 40, &[0, 15, 40], true),
+        gemm_bad_data(Op::GroupedGemm, "tiled_gather_index_out_of_range_f32", F32, 40, &[0, 15, 40], true),
         gemm_bad("k_mismatch", (F32, &[4, 8]), None, (F32, &[2, 16, 9]), Some((U32, &[3])), (F32, &[4, 16])),
         gemm_bad("y_columns", (F32, &[4, 8]), None, (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 17])),
         gemm_bad("y_rows", (F32, &[4, 8]), None, (F32, &[16, 8]), None, (F32, &[5, 16])),
@@ -214,8 +223,10 @@ fn swiglu_bad<B: Backend>(name: &str, x: Spec, w: Spec, offsets: Option<Spec>, h
 pub fn grouped_gemm_swiglu<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     vec![
-        gemm_bad_data(Op::GroupedGemmSwiglu, "offsets_past_m", &[0, 4, 9], None),
-        gemm_bad_data(Op::GroupedGemmSwiglu, "gather_index_out_of_range", &[0, 3, 8], Some(&[0, 1, 2, 3, 4, 0, 1, 2])),
+        gemm_bad_data(Op::GroupedGemmSwiglu, "offsets_past_m", F32, 8, &[0, 4, 9], false),
+        gemm_bad_data(Op::GroupedGemmSwiglu, "gather_index_out_of_range", F32, 8, &[0, 3, 8], true),
+        gemm_bad_data(Op::GroupedGemmSwiglu, "tiled_offsets_past_m_bf16", BF16, 40, &[0, 20, 45], false),
+        gemm_bad_data(Op::GroupedGemmSwiglu, "tiled_gather_index_out_of_range_bf16", BF16, 40, &[0, 15, 40], true),
         swiglu_bad("odd_weight_rows", (F32, &[4, 8]), (F32, &[2, 15, 8]), Some((U32, &[3])), (F32, &[4, 7])),
         swiglu_bad("h_is_2i_wide", (F32, &[4, 8]), (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 16])),
         swiglu_bad("h_rows", (F32, &[4, 8]), (F32, &[16, 8]), None, (F32, &[5, 8])),
