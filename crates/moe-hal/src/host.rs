@@ -342,6 +342,33 @@ fn row_times_block_generic<const L: usize, const FMA: bool>(
     }
 }
 
+/// Helpers of the AVX2 tiles below.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The sum of the 8 lanes of `v`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// 8 bf16 values from `p` as f32 (a 16-bit shift each: exact).
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bf16 values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn widen8(p: *const half::bf16) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable bf16 values.
+        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
 /// Four activation rows times the `nb` weight rows of `w`, into `out` (`4 * nb`, row-major), with
 /// AVX2 intrinsics: a register tile of 4 x 2 dot products (eight 8-lane accumulators), so each
 /// weight load feeds four rows and each activation load two weight rows. (Written with intrinsics
@@ -349,14 +376,8 @@ fn row_times_block_generic<const L: usize, const FMA: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows4_times_block_avx2(xs: [&[f32]; 4], w: &[f32], k: usize, out: &mut [f32]) {
+    use avx2::hsum;
     use std::arch::x86_64::*;
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
     let tail = |x: &[f32], row: &[f32]| -> f32 { (k / 8 * 8..k).map(|i| x[i] * row[i]).sum() };
     let nb = out.len() / 4;
     let chunks = k / 8;
@@ -389,27 +410,51 @@ unsafe fn rows4_times_block_avx2(xs: [&[f32]; 4], w: &[f32], k: usize, out: &mut
     }
 }
 
+/// [`rows4_times_block_avx2`] reading bf16 weights straight from the weights, widened in
+/// registers (a shift) as they load: no widened copy of the block. Each weight vector feeds four
+/// rows, so the widening costs a quarter of what a separate pass over the block would.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows4_times_bf16_avx2(xs: [&[f32]; 4], w: &[half::bf16], k: usize, out: &mut [f32]) {
+    use avx2::{hsum, widen8};
+    use std::arch::x86_64::*;
+    let tail = |x: &[f32], row: &[half::bf16]| -> f32 { (k / 8 * 8..k).map(|i| x[i] * row[i].to_f32()).sum() };
+    let nb = out.len() / 4;
+    let chunks = k / 8;
+    for j in (0..nb).step_by(2) {
+        // Two weight rows per pass; an odd last row pairs with itself (computed twice, kept once).
+        let j1 = (j + 1).min(nb - 1);
+        let (w0, w1) = (&w[j * k..(j + 1) * k], &w[j1 * k..(j1 + 1) * k]);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in 0..chunks {
+            // SAFETY: c * 8 + 8 <= k, the length of every row and activation here.
+            unsafe {
+                let a = widen8(w0.as_ptr().add(c * 8));
+                let b = widen8(w1.as_ptr().add(c * 8));
+                for r in 0..4 {
+                    let xv = _mm256_loadu_ps(xs[r].as_ptr().add(c * 8));
+                    acc[2 * r] = _mm256_fmadd_ps(xv, a, acc[2 * r]);
+                    acc[2 * r + 1] = _mm256_fmadd_ps(xv, b, acc[2 * r + 1]);
+                }
+            }
+        }
+        for r in 0..4 {
+            out[r * nb + j] = hsum(acc[2 * r]) + tail(xs[r], w0);
+            if j1 != j {
+                out[r * nb + j1] = hsum(acc[2 * r + 1]) + tail(xs[r], w1);
+            }
+        }
+    }
+}
+
 /// One activation row times `nb` bf16 weight rows read straight from the weights (no widened
 /// copy), four weight rows per pass: for decode, where each weight is used by one or two rows and
 /// the widening pass would cost as much as the dot products.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [f32]) {
+    use avx2::{hsum, widen8};
     use std::arch::x86_64::*;
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn widen8(p: *const half::bf16) -> __m256 {
-        // SAFETY: the caller passes a pointer to 8 readable bf16 values.
-        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-    }
     let nb = out.len();
     let chunks = k / 8;
     let tail = |j: usize| -> f32 { (chunks * 8..k).map(|i| x[i] * w[j * k + i].to_f32()).sum() };
@@ -436,7 +481,7 @@ unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [
     }
 }
 
-/// Whether [`row_times_bf16_avx2`] can run here.
+/// Whether the bf16 tiles ([`rows4_times_bf16_avx2`], [`row_times_bf16_avx2`]) can run here.
 fn direct_bf16() -> bool {
     cfg!(target_arch = "x86_64") && isa() == "avx2"
 }
@@ -508,8 +553,10 @@ unsafe impl Sync for Out {}
 /// [`crate::Backend::grouped_gemm`] on the host.
 ///
 /// `x [Mx, K]`; `w` is `[G, N, K]` (or `[N, K]` with `G = 1` and no offsets); `y [M, N]`.
-/// Each task owns a block of weight rows of one group, widens them to f32 once, and multiplies
-/// every row of that group by them: each weight is read once, which is what decode needs.
+/// Each task owns a block of weight rows of one group and multiplies every row of that group by
+/// them: each weight is read once, which is what decode needs. bf16 blocks are read as they are
+/// and widened in registers (AVX2); other dtypes, and the portable build, widen the block to f32
+/// once per task.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm(
     x: &[f32],
@@ -555,16 +602,28 @@ pub fn grouped_gemm(
             &x[src * k..(src + 1) * k]
         };
         let (r0, end) = (offsets[g] as usize, offsets[g + 1] as usize);
-        // Decode: with fewer than four rows, read bf16 weights directly instead of widening them.
+        // bf16 weights are read directly, widened in registers: no widened copy of the block
+        // (at decode that pass would cost as much as the dot products; at prefill ~a third).
         #[cfg(target_arch = "x86_64")]
-        if let (Weights::BF16(wb), Accumulate::F32, true) = (w, accumulate, end - r0 < 4 && direct_bf16()) {
+        if let (Weights::BF16(wb), Accumulate::F32, true) = (w, accumulate, direct_bf16()) {
             let block = &wb[(g * n + n0) * k..(g * n + n0 + nb) * k];
-            let mut dots = vec![0f32; nb];
-            for r in r0..end {
+            let mut dots = vec![0f32; 4 * nb];
+            let mut r = r0;
+            while r < end {
+                let take = if end - r >= 4 { 4 } else { 1 };
                 // SAFETY: AVX2 and FMA are present (direct_bf16).
-                unsafe { row_times_bf16_avx2(xrow(r), block, k, &mut dots) };
-                // SAFETY: as below: row r, columns n0..n0+nb belong to this task alone.
-                unsafe { std::ptr::copy_nonoverlapping(dots.as_ptr(), out.0.add(r * n + n0), nb) };
+                unsafe {
+                    if take == 4 {
+                        rows4_times_bf16_avx2([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], block, k, &mut dots);
+                    } else {
+                        row_times_bf16_avx2(xrow(r), block, k, &mut dots[..nb]);
+                    }
+                }
+                for q in 0..take {
+                    // SAFETY: as below: row r + q, columns n0..n0+nb belong to this task alone.
+                    unsafe { std::ptr::copy_nonoverlapping(dots[q * nb..].as_ptr(), out.0.add((r + q) * n + n0), nb) };
+                }
+                r += take;
             }
             return;
         }
