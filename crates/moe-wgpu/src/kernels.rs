@@ -129,20 +129,41 @@ pub(crate) struct Pipe {
     pub layout: wgpu::BindGroupLayout,
 }
 
+/// How every shader declares its parameters (binding 0 of group 0, a uniform buffer).
+const UNIFORM_PARAMS: &str = "@group(0) @binding(0) var<uniform> p: Params;";
+
 /// Pipelines, built on first use.
 #[derive(Default)]
 pub(crate) struct Pipelines {
     map: Mutex<HashMap<(Kernel, Variant), Arc<Pipe>>>,
+    /// Parameters as immediates (push constants) instead of a uniform buffer per dispatch.
+    immediates: bool,
 }
 
 impl Pipelines {
+    /// Pipelines whose parameters are immediates (`true`: the device has `IMMEDIATES` with at
+    /// least [`PARAMS_BYTES`]) or a uniform buffer at binding 0.
+    pub fn new(immediates: bool) -> Self {
+        Pipelines { map: Default::default(), immediates }
+    }
+
+    /// Whether dispatches set their parameters with `set_immediates` (else: binding 0).
+    pub fn immediates(&self) -> bool {
+        self.immediates
+    }
+
     /// The pipeline of `kernel` in `variant`, compiling it the first time.
     pub fn get(&self, device: &wgpu::Device, kernel: Kernel, variant: Variant) -> Arc<Pipe> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.entry((kernel, variant))
             .or_insert_with(|| {
                 let label = format!("moe-wgpu {kernel:?} {variant:?}");
-                let source = format!("{}{}", variant.prelude(), kernel.source());
+                let mut source = format!("{}{}", variant.prelude(), kernel.source());
+                if self.immediates {
+                    // The same struct, read from the dispatch's immediates: no buffer per dispatch.
+                    assert!(source.contains(UNIFORM_PARAMS), "{kernel:?} declares its parameters differently");
+                    source = source.replace(UNIFORM_PARAMS, "var<immediate> p: Params;");
+                }
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(&label),
                     source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -151,6 +172,7 @@ impl Pipelines {
                     .binds()
                     .iter()
                     .enumerate()
+                    .skip(self.immediates as usize)
                     .map(|(i, b)| wgpu::BindGroupLayoutEntry {
                         binding: i as u32,
                         visibility: wgpu::ShaderStages::COMPUTE,
@@ -170,7 +192,7 @@ impl Pipelines {
                 let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                     label: Some(&label),
                     bind_group_layouts: &[Some(&layout)],
-                    immediate_size: 0,
+                    immediate_size: if self.immediates { PARAMS_BYTES } else { 0 },
                 });
                 let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(&label),
@@ -188,6 +210,9 @@ impl Pipelines {
 
 /// Uniform parameters of one dispatch: 16 words (64 bytes), read by each shader as its `Params`.
 pub(crate) type Params = [u32; 16];
+
+/// Bytes of [`Params`].
+pub(crate) const PARAMS_BYTES: u32 = 64;
 
 /// Fills a [`Params`] from its leading words.
 pub(crate) fn params(words: &[u32]) -> Params {

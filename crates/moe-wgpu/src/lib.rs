@@ -29,6 +29,11 @@
 //! ends with `tensor cores: ...`. `MOE_WGPU_COOP=0` opens the device without them;
 //! [`WgpuBackend::with_tensor_cores`]`(false)` keeps the f32 FMA kernels on a device that has them.
 //!
+//! Every kernel reads its parameters (64 bytes) as immediates (push constants) where the adapter
+//! has `IMMEDIATES` (Vulkan does), so a dispatch creates no buffer, only its bind group; elsewhere
+//! (or with `MOE_WGPU_IMMEDIATES=0`) from a small uniform buffer at binding 0, as the shader files
+//! declare them (the host rewrites that one line).
+//!
 //! `features` names `software-adapter` for a CPU adapter (lavapipe), so a caller choosing the
 //! fastest device can skip it. `memory_bytes` is host memory for a CPU adapter (lavapipe), the
 //! largest device-local heap on Vulkan (read through wgpu-hal), and host memory elsewhere (wgpu has
@@ -170,13 +175,21 @@ impl WgpuBackend {
         let limits = adapter.limits();
         // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
         let coop = device::coop_size(&adapter).filter(|_| std::env::var("MOE_WGPU_COOP").map_or(true, |v| v.trim() != "0"));
-        let (required_features, experimental_features) = match coop {
+        let (mut required_features, experimental_features) = match coop {
             // SAFETY: wgpu's token for its experimental features ("there may be UB-containing bugs
             // in these APIs"). The one kernel using them, `tiled_coop`, passes the conformance
             // suite on every adapter it has met (see the crate docs); MOE_WGPU_COOP=0 avoids it.
             Some(_) => (device::COOP_FEATURES, unsafe { wgpu::ExperimentalFeatures::enabled() }),
             None => (wgpu::Features::empty(), wgpu::ExperimentalFeatures::disabled()),
         };
+        // Kernel parameters as immediates (push constants) where the adapter has them: no buffer
+        // is created per dispatch. MOE_WGPU_IMMEDIATES=0 keeps the uniform buffers.
+        let immediates = adapter.features().contains(wgpu::Features::IMMEDIATES)
+            && limits.max_immediate_size >= kernels::PARAMS_BYTES
+            && std::env::var("MOE_WGPU_IMMEDIATES").map_or(true, |v| v.trim() != "0");
+        if immediates {
+            required_features |= wgpu::Features::IMMEDIATES;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moe-wgpu"),
             required_features,
@@ -191,6 +204,9 @@ impl WgpuBackend {
         let mut info = device::backend_info(&adapter, &limits);
         if let Some(s) = coop {
             info.features.push(format!("tensor cores: grouped_gemm on {s}x{s}x{s} f16->f32 cooperative matrices"));
+        }
+        if immediates {
+            info.features.push("immediates: kernel parameters without a buffer per dispatch".into());
         }
         let chunk = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(u32::MAX as u64) / 16 * 16;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
@@ -210,7 +226,7 @@ impl WgpuBackend {
             chunk,
             expert_chunk: chunk,
             coop,
-            pipelines: Default::default(),
+            pipelines: kernels::Pipelines::new(immediates),
             faults,
             errs,
             dummy,
@@ -393,29 +409,39 @@ impl WgpuBackend {
     pub(crate) fn run(&self, steps: &[ops::Step<'_>]) -> Result<()> {
         use wgpu::util::DeviceExt;
         self.faults.take()?;
+        let immediates = self.pipelines.immediates();
         let mut prepared = Vec::with_capacity(steps.len());
         let mut uniforms = Vec::with_capacity(steps.len());
         for s in steps {
             let pipe = self.pipelines.get(&self.device, s.kernel, s.variant);
-            let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("moe-wgpu params"),
-                contents: bytemuck::cast_slice(&s.params),
-                usage: wgpu::BufferUsages::UNIFORM,
+            let mut entries = Vec::with_capacity(s.bufs.len() + 1);
+            // Parameters: immediates set at dispatch, or a small uniform buffer at binding 0.
+            let uniform = (!immediates).then(|| {
+                self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("moe-wgpu params"),
+                    contents: bytemuck::cast_slice(&s.params),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                })
             });
-            let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+            if let Some(u) = &uniform {
+                entries.push(wgpu::BindGroupEntry { binding: 0, resource: u.as_entire_binding() });
+            }
             for (i, b) in s.bufs.iter().enumerate() {
                 entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
             }
             let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.layout, entries: &entries });
             drop(entries);
-            prepared.push((pipe, group, s.groups));
-            uniforms.push(uniform);
+            prepared.push((pipe, group, s.groups, s.params));
+            uniforms.extend(uniform);
         }
         let record = |enc: &mut wgpu::CommandEncoder| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moe-wgpu"), timestamp_writes: None });
-            for (pipe, group, (x, y)) in &prepared {
+            for (pipe, group, (x, y), params) in &prepared {
                 pass.set_pipeline(&pipe.pipeline);
                 pass.set_bind_group(0, group, &[]);
+                if immediates {
+                    pass.set_immediates(0, bytemuck::cast_slice(params));
+                }
                 pass.dispatch_workgroups(*x, *y, 1);
             }
         };
