@@ -11,6 +11,9 @@ moe_conformance::suite!(wgpu_split, moe_wgpu::WgpuBackend::new().map(|b| b.with_
 // runs the f32 FMA kernels of the same device, so both paths are proven there. (Elsewhere it
 // repeats `wgpu`; as a variant of `wgpu` it is required wherever `wgpu` is.)
 moe_conformance::suite!(wgpu_scalar, moe_wgpu::WgpuBackend::new().map(|b| b.with_tensor_cores(false)));
+// Kernel parameters in a uniform buffer per dispatch (adapters without immediates) instead of
+// immediates (push constants, which Vulkan has).
+moe_conformance::suite!(wgpu_uniform, moe_wgpu::WgpuBackend::new_without_immediates());
 moe_conformance::suite!(cuda, moe_cuda::CudaBackend::new());
 // The CUDA kernels compiled as C++ and run on the CPU (crates/moe-cuda/emu): no GPU needed, so
 // CI proves their logic on every run; a GPU run is still what proves them on the device. Named

@@ -166,11 +166,22 @@ impl WgpuBackend {
     /// [`Error::Driver`]; a panic inside wgpu or the driver while opening it is caught and
     /// reported as [`Error::Unavailable`].
     pub fn new() -> Result<WgpuBackend> {
-        std::panic::catch_unwind(Self::open)
+        Self::open_catching(true)
+    }
+
+    /// [`WgpuBackend::new`], but kernel parameters always go in a uniform buffer per dispatch, as
+    /// on an adapter without `IMMEDIATES` (the same as `MOE_WGPU_IMMEDIATES=0`): so that path is
+    /// tested, and can be compared, on adapters that have them.
+    pub fn new_without_immediates() -> Result<WgpuBackend> {
+        Self::open_catching(false)
+    }
+
+    fn open_catching(allow_immediates: bool) -> Result<WgpuBackend> {
+        std::panic::catch_unwind(|| Self::open(allow_immediates))
             .unwrap_or_else(|_| Err(Error::Unavailable("the wgpu driver panicked while opening the adapter".into())))
     }
 
-    fn open() -> Result<WgpuBackend> {
+    fn open(allow_immediates: bool) -> Result<WgpuBackend> {
         let (_instance, adapter) = device::best_adapter().map_err(Error::Unavailable)?;
         let limits = adapter.limits();
         // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
@@ -184,7 +195,8 @@ impl WgpuBackend {
         };
         // Kernel parameters as immediates (push constants) where the adapter has them: no buffer
         // is created per dispatch. MOE_WGPU_IMMEDIATES=0 keeps the uniform buffers.
-        let immediates = adapter.features().contains(wgpu::Features::IMMEDIATES)
+        let immediates = allow_immediates
+            && adapter.features().contains(wgpu::Features::IMMEDIATES)
             && limits.max_immediate_size >= kernels::PARAMS_BYTES
             && std::env::var("MOE_WGPU_IMMEDIATES").map_or(true, |v| v.trim() != "0");
         if immediates {
