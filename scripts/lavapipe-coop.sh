@@ -6,9 +6,15 @@
 # carries it. It needs trixie's glibc, so nothing is installed: the packages are unpacked into a
 # folder (default target/mesa-coop, ~250 MiB) and cargo runs the test binaries through that
 # glibc's dynamic loader (CARGO_TARGET_<triple>_RUNNER). Then the wgpu instances of the conformance
-# suite (`wgpu`, `wgpu_split` on tensor cores, `wgpu_scalar` on the FMA kernels of the same device)
-# and moe-wgpu's tests run, with MOE_REQUIRE_TENSOR_CORES=1 making a test fail unless the tensor
-# cores are in use, so the check cannot pass on the scalar kernels alone.
+# suite (`wgpu`, `wgpu_split` on tensor cores, `wgpu_scalar` on the FMA kernels of the same device,
+# `wgpu_uniform` with parameters in buffers) and moe-wgpu's tests run, with
+# MOE_REQUIRE_TENSOR_CORES=1 making a test fail unless the tensor cores are in use, so the check
+# cannot pass on the scalar kernels alone.
+#
+# The same run goes through trixie's Khronos validation layer (1.4.309: it knows
+# VK_KHR_cooperative_matrix; Debian 12's 1.3.239 does not), which checks every SPIR-V module
+# (spirv-val), every API call and the synchronisation between dispatches; any error or warning it
+# logs fails the script.
 #
 #   scripts/lavapipe-coop.sh [setup]    setup: only download and unpack, print the environment
 set -euo pipefail
@@ -16,7 +22,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${MOE_MESA_COOP_DIR:-$root/target/mesa-coop}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
-if [ ! -f "$dir/ready" ]; then
+if [ ! -f "$dir/ready-2" ]; then
   echo "lavapipe-coop.sh: unpacking Debian trixie's glibc and trixie-backports' Mesa into $dir"
   rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/root"
   # Resolve mesa-vulkan-drivers' dependencies (first alternative of each) from the two package
@@ -42,7 +48,7 @@ def index(suite):
 main, provides = index("trixie")
 bpo, _ = index("trixie-backports")
 skip = {"debconf", "debconf-2.0", "dpkg", "libc-bin", "install-info", "perl-base", "base-files", "usrmerge", "usr-is-merged"}
-todo, seen = ["libc6", "libstdc++6", "libgcc-s1", "libvulkan1", "mesa-vulkan-drivers"], {}
+todo, seen = ["libc6", "libstdc++6", "libgcc-s1", "libvulkan1", "mesa-vulkan-drivers", "vulkan-validationlayers"], {}
 while todo:
     name = todo.pop()
     if name in seen or name in skip:
@@ -67,8 +73,13 @@ EOF
     "$dir/root/usr/share/vulkan/icd.d/lvp_icd.json" > "$dir/lvp.json"
   printf '#!/bin/sh\n# Runs a program with trixie'"'"'s glibc and libraries (and so its Mesa).\nexec %s/ld-linux-x86-64.so.2 --library-path %s "$@"\n' "$lib" "$lib" > "$dir/run.sh"
   chmod +x "$dir/run.sh"
+  mkdir -p "$dir/layers"
+  sed "s#\"library_path\": \"[^\"]*\"#\"library_path\": \"$lib/libVkLayer_khronos_validation.so\"#" \
+    "$dir/root/usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json" > "$dir/layers/VkLayer_khronos_validation.json"
+  printf 'khronos_validation.debug_action = VK_DBG_LAYER_ACTION_LOG_MSG\nkhronos_validation.log_filename = %s\nkhronos_validation.report_flags = error,warn\n' \
+    "$dir/validation.log" > "$dir/vk_layer_settings.txt"
   rm -rf "$dir/debs"
-  touch "$dir/ready"
+  touch "$dir/ready-2"
 fi
 
 export VK_ICD_FILENAMES="$dir/lvp.json"
@@ -80,5 +91,16 @@ if [ "${1:-}" = "setup" ]; then
 fi
 "$dir/run.sh" "$(command -v vulkaninfo || echo /bin/true)" 2>/dev/null | grep -E "driverInfo|VK_KHR_cooperative_matrix " | head -2 || true
 export MOE_REQUIRE_BACKENDS=wgpu MOE_REQUIRE_TENSOR_CORES=1
+# The validation layer: found through VK_LAYER_PATH, enabled by wgpu (WGPU_VALIDATION), logging to
+# a file that must stay empty.
+export VK_LAYER_PATH="$dir/layers" VK_LAYER_SETTINGS_PATH="$dir" WGPU_VALIDATION=1
+rm -f "$dir/validation.log"
 cargo test -p moe-wgpu
 cargo test -p moe-conformance --test conformance -- wgpu
+if [ -s "$dir/validation.log" ]; then
+  echo "lavapipe-coop.sh: the Vulkan validation layer reported:"
+  grep -E "^Validation" "$dir/validation.log" | sort | uniq -c | head -20
+  exit 1
+fi
+[ -e "$dir/validation.log" ] || echo "lavapipe-coop.sh: note: the validation layer wrote no log file (nothing reported)"
+echo "lavapipe-coop.sh: Vulkan validation clean"

@@ -24,7 +24,8 @@ fn rank(info: &wgpu::AdapterInfo) -> (u32, u32) {
 
 /// The adapters of an instance on `backends` that can run compute shaders, best first.
 fn adapters(backends: wgpu::Backends) -> Vec<(wgpu::Instance, wgpu::Adapter)> {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    // WGPU_VALIDATION, WGPU_DEBUG and friends override the build defaults (validation in debug builds).
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = backends;
     let instance = wgpu::Instance::new(desc);
     let mut found = pollster::block_on(instance.enumerate_adapters(backends));
