@@ -9,7 +9,8 @@
 # suite (`wgpu`, `wgpu_split` on tensor cores, `wgpu_scalar` on the FMA kernels of the same device,
 # `wgpu_uniform` with parameters in buffers) and moe-wgpu's tests run, with
 # MOE_REQUIRE_TENSOR_CORES=1 making a test fail unless the tensor cores are in use, so the check
-# cannot pass on the scalar kernels alone.
+# cannot pass on the scalar kernels alone. The `wgpu` instance then runs again with 16x16 matrices
+# (NVIDIA's size, which lavapipe executes though it offers 8x8).
 #
 # The same run goes through trixie's Khronos validation layer (1.4.309: it knows
 # VK_KHR_cooperative_matrix; Debian 12's 1.3.239 does not), which checks every SPIR-V module
@@ -104,3 +105,10 @@ if [ -s "$dir/validation.log" ]; then
 fi
 [ -e "$dir/validation.log" ] || echo "lavapipe-coop.sh: note: the validation layer wrote no log file (nothing reported)"
 echo "lavapipe-coop.sh: Vulkan validation clean"
+# NVIDIA's size: lavapipe offers 8x8x8 but its compiler lowers any size, so the 16x16 code path
+# (tile dealing, offsets, strides) runs here too. Outside the validation layer, which rightly
+# reports a size the device does not offer (VUID-RuntimeSpirv-OpTypeCooperativeMatrixKHR-10163).
+unset VK_LAYER_PATH VK_LAYER_SETTINGS_PATH
+export WGPU_VALIDATION=0 MOE_WGPU_COOP_SIZE=16
+MOE_REQUIRE_TENSOR_CORES=16 cargo test -p moe-wgpu tensor_cores_in_use
+cargo test -p moe-conformance --test conformance -- wgpu::

@@ -27,6 +27,8 @@
 //! with a square f16 x f16 -> f32 configuration of 8 or 16, the device is opened with them and
 //! grouped GEMMs on f16/bf16 weights run on tensor cores (`tiled_coop` below); `features` then
 //! ends with `tensor cores: ...`. `MOE_WGPU_COOP=0` opens the device without them;
+//! `MOE_WGPU_COOP_SIZE=16` (tests only) uses 16x16 even where the adapter offers 8x8, which
+//! lavapipe executes, so CI runs the size an NVIDIA GPU will;
 //! [`WgpuBackend::with_tensor_cores`]`(false)` keeps the f32 FMA kernels on a device that has them.
 //!
 //! Every kernel reads its parameters (64 bytes) as immediates (push constants) where the adapter
@@ -186,6 +188,12 @@ impl WgpuBackend {
         let limits = adapter.limits();
         // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
         let coop = device::coop_size(&adapter).filter(|_| std::env::var("MOE_WGPU_COOP").map_or(true, |v| v.trim() != "0"));
+        // Tests only: run another size than the adapter offers (lavapipe lowers any size, so CI
+        // runs NVIDIA's 16x16 code path there). Real hardware must not be given this.
+        let coop = match std::env::var("MOE_WGPU_COOP_SIZE").ok().and_then(|v| v.trim().parse::<u32>().ok()) {
+            Some(s @ (8 | 16)) => coop.map(|_| s),
+            _ => coop,
+        };
         let (mut required_features, experimental_features) = match coop {
             // SAFETY: wgpu's token for its experimental features ("there may be UB-containing bugs
             // in these APIs"). The one kernel using them, `tiled_coop`, passes the conformance

@@ -68,10 +68,12 @@ fn poisoned<B: Backend>(b: &B, dtype: DType, shape: &[usize]) -> Tensor<B> {
 #[test]
 fn tensor_cores_in_use_where_required() {
     // scripts/lavapipe-coop.sh sets this on a lavapipe with cooperative matrices, so that its run
-    // cannot pass on the FMA kernels alone.
-    if std::env::var("MOE_REQUIRE_TENSOR_CORES").is_ok_and(|v| v == "1") {
+    // cannot pass on the FMA kernels alone: 1 for any size, 8 or 16 for that size.
+    if let Ok(v) = std::env::var("MOE_REQUIRE_TENSOR_CORES") {
         let b = gpu();
-        assert!(b.tensor_cores().is_some(), "MOE_REQUIRE_TENSOR_CORES=1 but {} uses none: {:?}", b.info().device, b.info().features);
+        let want: u32 = v.trim().parse().expect("MOE_REQUIRE_TENSOR_CORES is 1, 8 or 16");
+        let got = b.tensor_cores();
+        assert!(got.is_some_and(|s| want == 1 || s == want), "MOE_REQUIRE_TENSOR_CORES={want} but {} uses {got:?}: {:?}", b.info().device, b.info().features);
     }
 }
 
