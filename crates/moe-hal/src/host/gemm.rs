@@ -105,83 +105,69 @@ mod avx2 {
     }
 }
 
-/// Four activation rows times the `nb` weight rows of `w`, into `out` (`4 * nb`, row-major), with
-/// AVX2 intrinsics: a register tile of 4 x 2 dot products (eight 8-lane accumulators), so each
-/// weight load feeds four rows and each activation load two weight rows. (Written with intrinsics
-/// because the compiler spilled every array-based version of this tile to the stack.)
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows4_times_block_avx2(xs: [&[f32]; 4], w: &[f32], k: usize, out: &mut [f32]) {
-    use avx2::hsum;
-    use std::arch::x86_64::*;
-    let tail = |x: &[f32], row: &[f32]| -> f32 { (k / 8 * 8..k).map(|i| x[i] * row[i]).sum() };
-    let nb = out.len() / 4;
-    let chunks = k / 8;
-    for j in 0..nb {
-        // Two weight rows per pass; an odd last row pairs with itself (computed twice, kept once).
-        if j % 2 == 1 {
-            continue;
-        }
-        let j1 = (j + 1).min(nb - 1);
-        let (w0, w1) = (&w[j * k..(j + 1) * k], &w[j1 * k..(j1 + 1) * k]);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for c in 0..chunks {
-            // SAFETY: c * 8 + 8 <= k, the length of every row and activation here.
-            unsafe {
-                let a = _mm256_loadu_ps(w0.as_ptr().add(c * 8));
-                let b = _mm256_loadu_ps(w1.as_ptr().add(c * 8));
+/// The 4 x 2 register tile of [`rows4_times_block_avx2`] and [`rows4_times_bf16_avx2`], written
+/// once: `$w` is the weight element type, `$load` turns a pointer to 8 of them into 8 f32 lanes,
+/// `$get` one of them into an f32 (for the tail past the last multiple of 8).
+macro_rules! rows4_tile_avx2 {
+    ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $name(xs: [&[f32]; 4], w: &[$w], k: usize, out: &mut [f32]) {
+            use avx2::hsum;
+            use std::arch::x86_64::*;
+            let tail = |x: &[f32], row: &[$w]| -> f32 { (k / 8 * 8..k).map(|i| x[i] * $get(row[i])).sum() };
+            let nb = out.len() / 4;
+            let chunks = k / 8;
+            for j in (0..nb).step_by(2) {
+                // Two weight rows per pass; an odd last row pairs with itself (computed twice,
+                // kept once).
+                let j1 = (j + 1).min(nb - 1);
+                let (w0, w1) = (&w[j * k..(j + 1) * k], &w[j1 * k..(j1 + 1) * k]);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in 0..chunks {
+                    // SAFETY: c * 8 + 8 <= k, the length of every row and activation here.
+                    unsafe {
+                        let a = $load(w0.as_ptr().add(c * 8));
+                        let b = $load(w1.as_ptr().add(c * 8));
+                        for r in 0..4 {
+                            let xv = _mm256_loadu_ps(xs[r].as_ptr().add(c * 8));
+                            acc[2 * r] = _mm256_fmadd_ps(xv, a, acc[2 * r]);
+                            acc[2 * r + 1] = _mm256_fmadd_ps(xv, b, acc[2 * r + 1]);
+                        }
+                    }
+                }
                 for r in 0..4 {
-                    let xv = _mm256_loadu_ps(xs[r].as_ptr().add(c * 8));
-                    acc[2 * r] = _mm256_fmadd_ps(xv, a, acc[2 * r]);
-                    acc[2 * r + 1] = _mm256_fmadd_ps(xv, b, acc[2 * r + 1]);
+                    out[r * nb + j] = hsum(acc[2 * r]) + tail(xs[r], w0);
+                    if j1 != j {
+                        out[r * nb + j1] = hsum(acc[2 * r + 1]) + tail(xs[r], w1);
+                    }
                 }
             }
         }
-        for r in 0..4 {
-            out[r * nb + j] = hsum(acc[2 * r]) + tail(xs[r], w0);
-            if j1 != j {
-                out[r * nb + j1] = hsum(acc[2 * r + 1]) + tail(xs[r], w1);
-            }
-        }
-    }
+    };
 }
 
-/// [`rows4_times_block_avx2`] reading bf16 weights straight from the weights, widened in
-/// registers (a shift) as they load: no widened copy of the block. Each weight vector feeds four
-/// rows, so the widening costs a quarter of what a separate pass over the block would.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows4_times_bf16_avx2(xs: [&[f32]; 4], w: &[half::bf16], k: usize, out: &mut [f32]) {
-    use avx2::{hsum, widen8};
-    use std::arch::x86_64::*;
-    let tail = |x: &[f32], row: &[half::bf16]| -> f32 { (k / 8 * 8..k).map(|i| x[i] * row[i].to_f32()).sum() };
-    let nb = out.len() / 4;
-    let chunks = k / 8;
-    for j in (0..nb).step_by(2) {
-        // Two weight rows per pass; an odd last row pairs with itself (computed twice, kept once).
-        let j1 = (j + 1).min(nb - 1);
-        let (w0, w1) = (&w[j * k..(j + 1) * k], &w[j1 * k..(j1 + 1) * k]);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for c in 0..chunks {
-            // SAFETY: c * 8 + 8 <= k, the length of every row and activation here.
-            unsafe {
-                let a = widen8(w0.as_ptr().add(c * 8));
-                let b = widen8(w1.as_ptr().add(c * 8));
-                for r in 0..4 {
-                    let xv = _mm256_loadu_ps(xs[r].as_ptr().add(c * 8));
-                    acc[2 * r] = _mm256_fmadd_ps(xv, a, acc[2 * r]);
-                    acc[2 * r + 1] = _mm256_fmadd_ps(xv, b, acc[2 * r + 1]);
-                }
-            }
-        }
-        for r in 0..4 {
-            out[r * nb + j] = hsum(acc[2 * r]) + tail(xs[r], w0);
-            if j1 != j {
-                out[r * nb + j1] = hsum(acc[2 * r + 1]) + tail(xs[r], w1);
-            }
-        }
-    }
-}
+rows4_tile_avx2!(
+    /// Four activation rows times the `nb` weight rows of `w`, into `out` (`4 * nb`, row-major), with
+    /// AVX2 intrinsics: a register tile of 4 x 2 dot products (eight 8-lane accumulators), so each
+    /// weight load feeds four rows and each activation load two weight rows. (Written with intrinsics
+    /// because the compiler spilled every array-based version of this tile to the stack.)
+    rows4_times_block_avx2,
+    f32,
+    |p: *const f32| _mm256_loadu_ps(p),
+    |v: f32| v
+);
+
+rows4_tile_avx2!(
+    /// [`rows4_times_block_avx2`] reading bf16 weights straight from the weights, widened in
+    /// registers (a shift) as they load: no widened copy of the block. Each weight vector feeds
+    /// four rows, so the widening costs a quarter of what a separate pass over the block would.
+    rows4_times_bf16_avx2,
+    half::bf16,
+    |p: *const half::bf16| avx2::widen8(p),
+    |v: half::bf16| v.to_f32()
+);
 
 /// One activation row times `nb` bf16 weight rows read straight from the weights (no widened
 /// copy), four weight rows per pass: for decode, where each weight is used by one or two rows and
