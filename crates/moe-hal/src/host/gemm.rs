@@ -149,10 +149,10 @@ macro_rules! rows4_tile_avx2 {
 }
 
 rows4_tile_avx2!(
-    /// Four activation rows times the `nb` weight rows of `w`, into `out` (`4 * nb`, row-major), with
-    /// AVX2 intrinsics: a register tile of 4 x 2 dot products (eight 8-lane accumulators), so each
-    /// weight load feeds four rows and each activation load two weight rows. (Written with intrinsics
-    /// because the compiler spilled every array-based version of this tile to the stack.)
+    /// Four activation rows times the `nb` weight rows of `w`, into `out` (`4 * nb`, row-major),
+    /// with AVX2 intrinsics: a register tile of 4 x 2 dot products (eight 8-lane accumulators),
+    /// so each weight load feeds four rows and each activation load two weight rows. (Written
+    /// with intrinsics because the compiler spilled every array-based version of this tile.)
     rows4_times_block_avx2,
     f32,
     |p: *const f32| _mm256_loadu_ps(p),
