@@ -113,6 +113,7 @@ mod batch;
 mod buffer;
 mod device;
 mod kernels;
+mod memory;
 mod ops;
 #[cfg(test)]
 mod tests;
@@ -120,7 +121,7 @@ mod tests;
 use std::sync::{Arc, Mutex};
 
 pub use buffer::WgpuBuffer;
-use buffer::{Part, padded};
+use buffer::padded;
 use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 
 /// Probes for an adapter without creating a device: `Ok(description)` (e.g.
@@ -299,179 +300,6 @@ impl WgpuBackend {
     /// The limits the device was opened with (the adapter's own).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
-    }
-
-    /// Creates one native buffer inside error scopes: out of memory and validation failures come
-    /// back as errors here rather than through the uncaptured handler.
-    fn create(&self, size: u64, mapped: bool) -> Result<wgpu::Buffer> {
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("moe-wgpu tensor"),
-            size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: mapped,
-        });
-        let v = pollster::block_on(val.pop());
-        let o = pollster::block_on(oom.pop());
-        if let Some(e) = o {
-            let _ = e;
-            return Err(Error::OutOfMemory(format!("{} cannot allocate a buffer of {size} bytes", self.info.device)));
-        }
-        if let Some(e) = v {
-            return Err(device::map_error(e));
-        }
-        Ok(buf)
-    }
-
-    /// A scratch buffer of at least `bytes`, for one op's intermediate data.
-    pub(crate) fn scratch(&self, bytes: u64) -> Result<wgpu::Buffer> {
-        if padded(bytes) > self.chunk {
-            return Err(Error::Unsupported(format!(
-                "a scratch buffer of {} MiB exceeds one storage binding of this adapter ({} MiB); run fewer tokens per call",
-                bytes >> 20,
-                self.chunk >> 20
-            )));
-        }
-        self.create(padded(bytes), false)
-    }
-
-    fn make_buffer(&self, dtype: DType, shape: &[usize], host: Option<&[u8]>) -> Result<WgpuBuffer> {
-        let limit = if shape.len() >= 3 { self.expert_chunk } else { self.chunk };
-        self.make_buffer_within(dtype, shape, host, limit)
-    }
-
-    /// [`Self::make_buffer`] with parts of at most `limit` bytes.
-    pub(crate) fn make_buffer_within(&self, dtype: DType, shape: &[usize], host: Option<&[u8]>, limit: u64) -> Result<WgpuBuffer> {
-        self.faults.take()?;
-        let plan = buffer::plan(dtype, shape, limit)?;
-        let mut parts = Vec::with_capacity(plan.len());
-        for (start, bytes) in plan {
-            let buf = self.create(padded(bytes as u64), host.is_some())?;
-            if let Some(h) = host {
-                let mut view = buf.get_mapped_range_mut(..).map_err(|e| Error::Driver(format!("cannot map a new buffer: {e}")))?;
-                view.slice(..bytes).copy_from_slice(&h[start..start + bytes]);
-                drop(view);
-                buf.unmap();
-            }
-            parts.push(Part { buf, start, bytes });
-        }
-        let bytes = shape.iter().product::<usize>() * dtype.size();
-        Ok(WgpuBuffer { parts, bytes })
-    }
-
-    /// Submits `encoder` (which copies into `staging`), waits for it, and copies the first
-    /// `dst.len()` bytes of `staging` into `dst`.
-    ///
-    /// The map callback may be run by another thread's `poll` (tests and callers share one
-    /// backend across threads), possibly just after this thread's `poll` returned, so the result
-    /// comes through a channel and this thread polls again until it arrives.
-    fn read_back(&self, encoder: wgpu::CommandEncoder, staging: &wgpu::Buffer, dst: &mut [u8]) -> Result<()> {
-        use std::sync::mpsc;
-        use std::time::{Duration, Instant};
-        let index = self.queue.submit([encoder.finish()]);
-        let (tx, rx) = mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        let start = Instant::now();
-        let mapped = loop {
-            let polled = self.device.poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: None });
-            self.faults.take()?;
-            polled.map_err(|e| Error::Driver(format!("waiting for the device failed: {e}")))?;
-            match rx.recv_timeout(Duration::from_millis(5)) {
-                Ok(r) => break r,
-                Err(mpsc::RecvTimeoutError::Timeout) if start.elapsed() < Duration::from_secs(60) => continue,
-                Err(_) => return Err(Error::Driver("the device finished its work but a read-back never completed".into())),
-            }
-        };
-        mapped.map_err(|e| Error::Driver(format!("cannot map a read-back buffer: {e}")))?;
-        {
-            let view = staging.get_mapped_range(..).map_err(|e| Error::Driver(format!("cannot read a mapped buffer: {e}")))?;
-            dst.copy_from_slice(&view[..dst.len()]);
-        }
-        staging.unmap();
-        Ok(())
-    }
-
-    fn staging(&self, size: u64) -> Result<wgpu::Buffer> {
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("moe-wgpu read-back"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        if pollster::block_on(oom.pop()).is_some() {
-            return Err(Error::OutOfMemory(format!("{} cannot allocate a read-back buffer of {size} bytes", self.info.device)));
-        }
-        Ok(buf)
-    }
-
-    /// Waits for everything submitted, reads and clears the device error flags, and returns the
-    /// first failure: device lost, a recorded wgpu error, or a flag raised by a kernel.
-    fn check_flags(&self) -> Result<()> {
-        self.batches.flush(&self.device, &self.queue);
-        let _guard = self.flag_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.faults.take()?;
-        let size = (device::ERR_WORDS * 4) as u64;
-        let staging = self.staging(size)?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&self.errs, 0, &staging, 0, size);
-        enc.clear_buffer(&self.errs, 0, None);
-        let mut words = [0u8; device::ERR_WORDS * 4];
-        self.read_back(enc, &staging, &mut words)?;
-        let words: [u32; device::ERR_WORDS] = bytemuck::cast(words);
-        moe_hal::flags::decode(&words)
-    }
-
-    /// Records `steps` in one compute pass, submits it, and reports any wgpu error it raised.
-    pub(crate) fn run(&self, steps: &[ops::Step<'_>]) -> Result<()> {
-        use wgpu::util::DeviceExt;
-        self.faults.take()?;
-        let immediates = self.pipelines.immediates();
-        let mut prepared = Vec::with_capacity(steps.len());
-        let mut uniforms = Vec::with_capacity(steps.len());
-        for s in steps {
-            let pipe = self.pipelines.get(&self.device, s.kernel, s.variant);
-            let mut entries = Vec::with_capacity(s.bufs.len() + 1);
-            // Parameters: immediates set at dispatch, or a small uniform buffer at binding 0.
-            let uniform = (!immediates).then(|| {
-                self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("moe-wgpu params"),
-                    contents: bytemuck::cast_slice(&s.params),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                })
-            });
-            if let Some(u) = &uniform {
-                entries.push(wgpu::BindGroupEntry { binding: 0, resource: u.as_entire_binding() });
-            }
-            for (i, b) in s.bufs.iter().enumerate() {
-                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
-            }
-            let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.layout, entries: &entries });
-            drop(entries);
-            prepared.push((pipe, group, s.groups, s.params));
-            uniforms.extend(uniform);
-        }
-        let record = |enc: &mut wgpu::CommandEncoder| {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moe-wgpu"), timestamp_writes: None });
-            for (pipe, group, (x, y), params) in &prepared {
-                pass.set_pipeline(&pipe.pipeline);
-                pass.set_bind_group(0, group, &[]);
-                if immediates {
-                    pass.set_immediates(0, bytemuck::cast_slice(params));
-                }
-                pass.dispatch_workgroups(*x, *y, 1);
-            }
-        };
-        let bound: Vec<&wgpu::Buffer> = steps.iter().flat_map(|s| s.bufs.iter().copied()).chain(&uniforms).collect();
-        if !self.batches.record(&bound, record) {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            record(&mut enc);
-            self.queue.submit([enc.finish()]);
-        }
-        self.faults.take()
     }
 
     /// Largest workgroup count per dispatch dimension.

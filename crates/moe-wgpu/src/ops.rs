@@ -23,6 +23,55 @@ fn stride_groups(units: usize, max_dim: u32) -> (u32, u32) {
 pub(crate) const GEMV_ROWS_PER_GROUP: usize = 4;
 
 impl WgpuBackend {
+    /// Records `steps` in one compute pass, submits it, and reports any wgpu error it raised.
+    pub(crate) fn run(&self, steps: &[Step<'_>]) -> Result<()> {
+        use wgpu::util::DeviceExt;
+        self.faults.take()?;
+        let immediates = self.pipelines.immediates();
+        let mut prepared = Vec::with_capacity(steps.len());
+        let mut uniforms = Vec::with_capacity(steps.len());
+        for s in steps {
+            let pipe = self.pipelines.get(&self.device, s.kernel, s.variant);
+            let mut entries = Vec::with_capacity(s.bufs.len() + 1);
+            // Parameters: immediates set at dispatch, or a small uniform buffer at binding 0.
+            let uniform = (!immediates).then(|| {
+                self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("moe-wgpu params"),
+                    contents: bytemuck::cast_slice(&s.params),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                })
+            });
+            if let Some(u) = &uniform {
+                entries.push(wgpu::BindGroupEntry { binding: 0, resource: u.as_entire_binding() });
+            }
+            for (i, b) in s.bufs.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+            }
+            let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.layout, entries: &entries });
+            drop(entries);
+            prepared.push((pipe, group, s.groups, s.params));
+            uniforms.extend(uniform);
+        }
+        let record = |enc: &mut wgpu::CommandEncoder| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moe-wgpu"), timestamp_writes: None });
+            for (pipe, group, (x, y), params) in &prepared {
+                pass.set_pipeline(&pipe.pipeline);
+                pass.set_bind_group(0, group, &[]);
+                if immediates {
+                    pass.set_immediates(0, bytemuck::cast_slice(params));
+                }
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
+        };
+        let bound: Vec<&wgpu::Buffer> = steps.iter().flat_map(|s| s.bufs.iter().copied()).chain(&uniforms).collect();
+        if !self.batches.record(&bound, record) {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            record(&mut enc);
+            self.queue.submit([enc.finish()]);
+        }
+        self.faults.take()
+    }
+
     fn one<'a>(&self, t: &'a Tensor<Self>, name: &str) -> Result<&'a wgpu::Buffer> {
         t.buf.single(name, self.chunk)
     }
