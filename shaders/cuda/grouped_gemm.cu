@@ -491,14 +491,19 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
 #pragma unroll
         for (int kk = 0; kk < MMA_BK; kk += 16) {
             u32 a[MT][4], b[4][2];
+            // The A fragments (m16 x k16 per i) of this warp from a staged x slice: the values
+            // (As) or, with SPLIT, their lo parts (Al).
+            auto load_a = [&](const u16* S) {
 #pragma unroll
-            for (int i = 0; i < MT; i++) {
-                const u16* base = As + (wm * (16 * MT) + i * 16 + gid) * MMA_LDS + kk + tig * 2;
-                a[i][0] = *(const u32*)(base);
-                a[i][1] = *(const u32*)(base + 8 * MMA_LDS);
-                a[i][2] = *(const u32*)(base + 8);
-                a[i][3] = *(const u32*)(base + 8 * MMA_LDS + 8);
-            }
+                for (int i = 0; i < MT; i++) {
+                    const u16* base = S + (wm * (16 * MT) + i * 16 + gid) * MMA_LDS + kk + tig * 2;
+                    a[i][0] = *(const u32*)(base);
+                    a[i][1] = *(const u32*)(base + 8 * MMA_LDS);
+                    a[i][2] = *(const u32*)(base + 8);
+                    a[i][3] = *(const u32*)(base + 8 * MMA_LDS + 8);
+                }
+            };
+            load_a(As);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const u16* base = Bs + (wn * 32 + j * 8 + gid) * MMA_LDS + kk + tig * 2;
@@ -510,14 +515,7 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
 #pragma unroll
                 for (int j = 0; j < 4; j++) mma16816<DT>(acc[i][j], a[i], b[j]);
             if (SPLIT) {
-#pragma unroll
-                for (int i = 0; i < MT; i++) {
-                    const u16* base = Al + (wm * (16 * MT) + i * 16 + gid) * MMA_LDS + kk + tig * 2;
-                    a[i][0] = *(const u32*)(base);
-                    a[i][1] = *(const u32*)(base + 8 * MMA_LDS);
-                    a[i][2] = *(const u32*)(base + 8);
-                    a[i][3] = *(const u32*)(base + 8 * MMA_LDS + 8);
-                }
+                load_a(Al);
 #pragma unroll
                 for (int i = 0; i < MT; i++)
 #pragma unroll

@@ -79,14 +79,18 @@ impl Batches {
         BatchGuard { batches: self, queue, mine }
     }
 
-    /// Records into the calling thread's open batch and keeps `bufs` alive until it is
-    /// submitted; false (nothing recorded) when this thread has none.
-    pub fn record(&self, bufs: &[&wgpu::Buffer], f: impl FnOnce(&mut wgpu::CommandEncoder)) -> bool {
+    /// Records into the calling thread's open batch and keeps the buffers `bufs` yields alive
+    /// until it is submitted; false (nothing recorded, `bufs` not called) when this thread has none.
+    pub fn record<'b>(
+        &self,
+        bufs: impl FnOnce() -> Vec<&'b wgpu::Buffer>,
+        f: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> bool {
         let mut slot = self.lock();
         match slot.as_mut() {
             Some(b) if b.owner == std::thread::current().id() => {
                 f(&mut b.enc);
-                b.keep.extend(bufs.iter().map(|&x| x.clone()));
+                b.keep.extend(bufs().into_iter().cloned());
                 true
             }
             _ => false,

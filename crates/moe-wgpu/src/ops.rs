@@ -63,8 +63,9 @@ impl WgpuBackend {
                 pass.dispatch_workgroups(*x, *y, 1);
             }
         };
-        let bound: Vec<&wgpu::Buffer> = steps.iter().flat_map(|s| s.bufs.iter().copied()).chain(&uniforms).collect();
-        if !self.batches.record(&bound, record) {
+        // Only a batch needs the bound buffers listed (it keeps them until its one submit).
+        let bound = || steps.iter().flat_map(|s| s.bufs.iter().copied()).chain(&uniforms).collect();
+        if !self.batches.record(bound, record) {
             let mut enc = self.device.create_command_encoder(&Default::default());
             record(&mut enc);
             self.queue.submit([enc.finish()]);

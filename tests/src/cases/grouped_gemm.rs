@@ -60,18 +60,10 @@ pub fn swiglu_group(dtype: DType) -> &'static str {
     }
 }
 
-/// Builds the data for `layout`, runs `grouped_gemm` with weights in `dtype`, compares with the
-/// oracle, and checks rows past the last offset are exactly zero.
-pub fn check_gemm<B: Backend>(b: &B, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
-    check(b, Op::GroupedGemm, dtype, layout, n, k, seed)
-}
-
-/// [`check_gemm`] for `grouped_gemm_swiglu`: `n = 2I` weight rows per group, output `h [M, I]`.
-pub fn check_gemm_swiglu<B: Backend>(b: &B, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
-    check(b, Op::GroupedGemmSwiglu, dtype, layout, n, k, seed)
-}
-
-fn check<B: Backend>(b: &B, op: Op, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
+/// Builds the data for `layout`, runs `op` (`grouped_gemm`, or `grouped_gemm_swiglu` with `n = 2I`
+/// weight rows per group and output `h [M, I]`) with weights in `dtype`, compares with the oracle,
+/// and checks rows past the last offset are exactly zero.
+pub fn check_gemm<B: Backend>(b: &B, op: Op, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
     let mut rng = Rng::from_name(seed);
     // (rows of x, rows of y, groups, offsets, gather index)
     let (mx, m, g, offsets, gather): (usize, usize, usize, Option<Vec<u32>>, Option<Vec<u32>>) = match layout {
@@ -136,7 +128,7 @@ fn op_case<B: Backend>(op: Op, dtype: DType, name: &str, layout: Layout, n: usiz
         Layout::Planned { tokens, experts, top_k } => format!("T={tokens} E={experts} k={top_k} N={n} K={k} gather"),
     };
     let seed = format!("{group}/{name}");
-    Case::new(group, name, op, Some(dtype), shape, move |b: &B| check(b, op, dtype, &layout, n, k, &seed))
+    Case::new(group, name, op, Some(dtype), shape, move |b: &B| check_gemm(b, op, dtype, &layout, n, k, &seed))
 }
 
 /// The grouped_gemm cases for one weight dtype.

@@ -5,7 +5,7 @@
 //! the backend must work normally afterwards (each such case then runs a valid op and checks it).
 
 use super::forward::random_layer;
-use super::grouped_gemm::{check_gemm, check_gemm_swiglu, Layout};
+use super::grouped_gemm::{check_gemm, Layout};
 use crate::check::*;
 use crate::rng::Rng;
 use crate::runner::Case;
@@ -164,8 +164,7 @@ fn gemm_bad_data<B: Backend>(op: Op, name: &str, dtype: DType, m: usize, offsets
         b.synchronize().ctx("synchronize after the reported error")?;
         let valid = Layout::Grouped { sizes: vec![3, 0, 5], tail: 0, gather: Some(4) };
         let seed = format!("{group}/recover");
-        let again = if swiglu { check_gemm_swiglu(b, DType::F32, &valid, n, k, &seed) } else { check_gemm(b, DType::F32, &valid, n, k, &seed) };
-        again.map_err(|f| match f {
+        check_gemm(b, op, DType::F32, &valid, n, k, &seed).map_err(|f| match f {
             Fail::Wrong(m) => Fail::Wrong(format!("a valid {op} after the error: {m}")),
             f => f,
         })
