@@ -121,7 +121,7 @@ mod runner;
 
 pub use moe_hal;
 pub use rng::Rng;
-pub use runner::{backend_required, cases, report_line, run_all, run_case, run_group, Case, CaseFn, CaseInfo, Outcome, Slot, GROUPS};
+pub use runner::{Case, CaseFn, CaseInfo, GROUPS, Outcome, Slot, backend_required, cases, report_line, run_all, run_case, run_group};
 
 #[doc(hidden)]
 pub use runner::{check_groups, run_group_test};

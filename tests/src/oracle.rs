@@ -22,7 +22,7 @@ pub fn f16_to_f64(bits: u16) -> f64 {
     let exp = ((bits >> 10) & 0x1f) as i32;
     let man = (bits & 0x3ff) as f64;
     match exp {
-        0 => sign * man * 2f64.powi(-24),      // zero and subnormals: man * 2^-14 * 2^-10
+        0 => sign * man * 2f64.powi(-24), // zero and subnormals: man * 2^-14 * 2^-10
         31 if man == 0.0 => sign * f64::INFINITY,
         31 => f64::NAN,
         _ => sign * (1.0 + man / 1024.0) * 2f64.powi(exp - 15),
@@ -168,11 +168,7 @@ pub fn route_margin(logits: &[f64], bias: Option<&[f64]>, routing: &Routing, k: 
             let per = e / n_group;
             let gs = group_scores(&c, n_group);
             let groups = ranked(&gs, 0..n_group);
-            let group_gap = if topk_group < n_group {
-                (gs[groups[topk_group - 1]] - gs[groups[topk_group]]).abs()
-            } else {
-                f64::INFINITY
-            };
+            let group_gap = if topk_group < n_group { (gs[groups[topk_group - 1]] - gs[groups[topk_group]]).abs() } else { f64::INFINITY };
             let kept = &groups[..topk_group];
             let order = ranked(&c, (0..e).filter(|i| kept.contains(&(i / per))));
             chain_gap(&c, &order).min(group_gap)

@@ -4,7 +4,7 @@
 use crate::check::{CaseResult, Fail};
 use moe_hal::{Backend, DType, Op};
 use std::any::Any;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{OnceLock, RwLock};
 
 /// What a case is, for reports and filters.
@@ -81,7 +81,14 @@ pub struct Case<B: Backend> {
 
 impl<B: Backend> Case<B> {
     /// A case of `group` named `group/name`.
-    pub fn new(group: &'static str, name: &str, op: Op, dtype: Option<DType>, shape: impl Into<String>, body: impl Fn(&B) -> CaseResult + Send + Sync + 'static) -> Self {
+    pub fn new(
+        group: &'static str,
+        name: &str,
+        op: Op,
+        dtype: Option<DType>,
+        shape: impl Into<String>,
+        body: impl Fn(&B) -> CaseResult + Send + Sync + 'static,
+    ) -> Self {
         Case {
             info: CaseInfo { name: format!("{group}/{name}"), group, op, dtype, shape: shape.into() },
             exclusive: false,
@@ -126,7 +133,10 @@ pub const GROUPS: &[&str] = &[
 static EXCLUSIVE: RwLock<()> = RwLock::new(());
 
 fn panic_message(p: &(dyn Any + Send)) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(non-string panic payload)".into())
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".into())
 }
 
 /// Whether `backend` claims the case's op (for its dtype; for ops without weights, for any dtype).
@@ -167,10 +177,14 @@ pub fn cases<B: Backend>() -> Vec<Case<B>> {
 
 /// Runs every case whose info `filter` accepts; never panics.
 pub fn run_all<B: Backend>(backend: &B, filter: impl Fn(&CaseInfo) -> bool) -> Vec<(CaseInfo, Outcome)> {
-    cases::<B>().into_iter().filter(|c| filter(&c.info)).map(|c| {
-        let o = run_case(backend, &c);
-        (c.info, o)
-    }).collect()
+    cases::<B>()
+        .into_iter()
+        .filter(|c| filter(&c.info))
+        .map(|c| {
+            let o = run_case(backend, &c);
+            (c.info, o)
+        })
+        .collect()
 }
 
 /// Runs one group (see [`GROUPS`]).
@@ -197,7 +211,10 @@ pub type Slot = OnceLock<Result<Box<dyn Any + Send + Sync>, String>>;
 /// `<backend>` and is required whenever `<backend>` is.
 pub fn backend_required(backend: &str) -> bool {
     std::env::var("MOE_REQUIRE_BACKENDS").is_ok_and(|v| {
-        v.split(',').map(str::trim).filter(|n| !n.is_empty()).any(|n| backend == n || backend.strip_prefix(n).is_some_and(|rest| rest.starts_with('_')))
+        v.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .any(|n| backend == n || backend.strip_prefix(n).is_some_and(|rest| rest.starts_with('_')))
     })
 }
 
@@ -210,7 +227,9 @@ pub fn run_group_test<B: Backend>(slot: &'static Slot, backend_name: &str, ctor:
     let built = slot.get_or_init(|| ctor().map(|b| Box::new(b) as Box<dyn Any + Send + Sync>).map_err(|e| e.to_string()));
     let backend = match built {
         Ok(b) => b.downcast_ref::<B>().expect("one suite! instance always builds the same backend type"),
-        Err(why) if backend_required(backend_name) => panic!("backend {backend_name} is required (MOE_REQUIRE_BACKENDS) but unavailable: {why}"),
+        Err(why) if backend_required(backend_name) => {
+            panic!("backend {backend_name} is required (MOE_REQUIRE_BACKENDS) but unavailable: {why}")
+        }
         Err(why) => {
             println!("skipping {backend_name}: {why}");
             return;

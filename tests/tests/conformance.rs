@@ -23,7 +23,7 @@ moe_conformance::suite!(cudaemu, moe_cuda::CudaBackend::emulator());
 
 /// Random small layers: `ops::forward` on the CPU backend against the oracle.
 mod properties {
-    use moe_conformance::cases::{check_forward, LayerSpec};
+    use moe_conformance::cases::{LayerSpec, check_forward};
     use moe_conformance::moe_hal::{DType, Routing};
     use proptest::prelude::*;
 
@@ -31,18 +31,23 @@ mod properties {
         let divisors: Vec<usize> = (1..=experts).filter(|d| experts.is_multiple_of(*d)).collect();
         prop_oneof![
             any::<bool>().prop_map(|norm_topk_prob| Routing::Softmax { norm_topk_prob }),
-            (prop::sample::select(divisors), any::<bool>(), 0.5f32..3.0)
-                .prop_flat_map(|(n_group, norm, scale)| (1..=n_group).prop_map(move |topk_group| Routing::SigmoidGrouped {
-                    n_group,
-                    topk_group,
-                    norm_topk_prob: norm,
-                    routed_scaling_factor: scale,
-                })),
+            (prop::sample::select(divisors), any::<bool>(), 0.5f32..3.0).prop_flat_map(|(n_group, norm, scale)| (1..=n_group).prop_map(
+                move |topk_group| Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: norm, routed_scaling_factor: scale }
+            )),
         ]
     }
 
     fn spec() -> impl Strategy<Value = (LayerSpec, DType)> {
-        (1usize..=24, 0usize..=6, 1usize..=70, 1usize..=40, prop::sample::select(vec![0usize, 1, 7, 24]), any::<bool>(), any::<bool>(), prop::sample::select(DType::FLOATS.to_vec()))
+        (
+            1usize..=24,
+            0usize..=6,
+            1usize..=70,
+            1usize..=40,
+            prop::sample::select(vec![0usize, 1, 7, 24]),
+            any::<bool>(),
+            any::<bool>(),
+            prop::sample::select(DType::FLOATS.to_vec()),
+        )
             .prop_flat_map(|(experts, tokens, hidden, inter, shared, bias, router_f32, dtype)| {
                 routing(experts).prop_flat_map(move |routing| {
                     let reachable = match routing {
@@ -180,7 +185,14 @@ mod oracle_sanity {
         // with p = e^2 / (e^2 + e^-2) (renormalised: 1).
         let f = |shape: &[usize], v: &[f32]| HostTensor::from_f32(DType::F32, shape, v).unwrap();
         let layer = HostLayer {
-            config: MoeConfig { hidden: 1, intermediate: 1, experts: 2, top_k: 1, routing: Routing::Softmax { norm_topk_prob: false }, shared_intermediate: 1 },
+            config: MoeConfig {
+                hidden: 1,
+                intermediate: 1,
+                experts: 2,
+                top_k: 1,
+                routing: Routing::Softmax { norm_topk_prob: false },
+                shared_intermediate: 1,
+            },
             dtype: DType::F32,
             router: f(&[2, 1], &[1.0, -1.0]),
             bias: None,
@@ -210,8 +222,8 @@ mod oracle_sanity {
 /// The suite's own teeth: a host backend built on `moe_hal::fallback` passes everything, and the
 /// same backend with one injected fault fails exactly the cases meant to catch that fault.
 mod self_test {
-    use moe_conformance::moe_hal::{fallback, invalid, Backend, BackendInfo, DType, Op, Result, Routing, Tensor};
-    use moe_conformance::{run_all, CaseInfo, Outcome};
+    use moe_conformance::moe_hal::{Backend, BackendInfo, DType, Op, Result, Routing, Tensor, fallback, invalid};
+    use moe_conformance::{CaseInfo, Outcome, run_all};
 
     #[derive(Debug, Clone, Copy, PartialEq)]
     enum Fault {
@@ -296,7 +308,14 @@ mod self_test {
             Ok(())
         }
 
-        fn router_topk(&self, logits: &Tensor<Self>, bias: Option<&Tensor<Self>>, routing: &Routing, ids: &mut Tensor<Self>, w: &mut Tensor<Self>) -> Result<()> {
+        fn router_topk(
+            &self,
+            logits: &Tensor<Self>,
+            bias: Option<&Tensor<Self>>,
+            routing: &Routing,
+            ids: &mut Tensor<Self>,
+            w: &mut Tensor<Self>,
+        ) -> Result<()> {
             fallback::router_topk(self, logits, bias, routing, ids, w)?;
             if self.fault == Fault::TiesToHigher && ids.shape[1] >= 2 {
                 let k = ids.shape[1];
@@ -336,7 +355,14 @@ mod self_test {
             Ok(())
         }
 
-        fn grouped_gemm(&self, x: &Tensor<Self>, ti: Option<&Tensor<Self>>, w: &Tensor<Self>, off: Option<&Tensor<Self>>, y: &mut Tensor<Self>) -> Result<()> {
+        fn grouped_gemm(
+            &self,
+            x: &Tensor<Self>,
+            ti: Option<&Tensor<Self>>,
+            w: &Tensor<Self>,
+            off: Option<&Tensor<Self>>,
+            y: &mut Tensor<Self>,
+        ) -> Result<()> {
             let before = y.buf.clone();
             fallback::grouped_gemm(self, x, ti, w, off, y)?;
             let row = y.shape[1] * 4;
@@ -364,12 +390,20 @@ mod self_test {
             }
             let i = h.shape[1];
             let gu = f32s(&gate_up.buf);
-            let out: Vec<f32> = gu.chunks(2 * i).flat_map(|r| (0..i).map(move |c| r[c] * (r[c].exp() / (1.0 + r[c].exp())) * r[i + c])).collect();
+            let out: Vec<f32> =
+                gu.chunks(2 * i).flat_map(|r| (0..i).map(move |c| r[c] * (r[c].exp() / (1.0 + r[c].exp())) * r[i + c])).collect();
             h.buf = bytes_f32(&out);
             Ok(())
         }
 
-        fn combine(&self, y: &Tensor<Self>, ri: &Tensor<Self>, w: &Tensor<Self>, shared: Option<&Tensor<Self>>, out: &mut Tensor<Self>) -> Result<()> {
+        fn combine(
+            &self,
+            y: &Tensor<Self>,
+            ri: &Tensor<Self>,
+            w: &Tensor<Self>,
+            shared: Option<&Tensor<Self>>,
+            out: &mut Tensor<Self>,
+        ) -> Result<()> {
             match self.fault {
                 Fault::Panics => panic!("injected panic"),
                 Fault::NoShared => fallback::combine(self, y, ri, w, None, out),
@@ -398,14 +432,49 @@ mod self_test {
         // fault, groups to run, cases that must fail, cases that must still pass
         type Row = (Fault, &'static [&'static str], &'static [&'static str], &'static [&'static str]);
         let table: &[Row] = &[
-            (Fault::UnwrittenRow, &["grouped_gemm_f32", "forward_f32"], &["grouped_gemm_f32/dense_router_m33", "grouped_gemm_f32/gather_k7168", "forward_f32/mixtral_softmax_norm"], &[]),
-            (Fault::NoZeroTail, &["grouped_gemm_bf16"], &["grouped_gemm_bf16/grouped_rows_past_end", "grouped_gemm_bf16/gather_repeated_rows_past_end"], &["grouped_gemm_bf16/dense_router_m33"]),
-            (Fault::F16Output, &["grouped_gemm_f32", "grouped_gemm_f16"], &["grouped_gemm_f32/dense_router_m33", "grouped_gemm_f32/gather_gate_up"], &["grouped_gemm_f16/dense_router_m33", "grouped_gemm_f16/gather_gate_up"]),
-            (Fault::TiesToHigher, &["router_topk_f32"], &["router_topk_f32/ties_softmax", "router_topk_f32/ties_sigmoid_grouped"], &["router_topk_f32/softmax_raw_t37_e64_k6"]),
-            (Fault::UnstablePermute, &["permute_u32", "forward_f32"], &["permute_u32/t37_e64_k6", "permute_u32/repeated_ids"], &["forward_f32/softmax_raw_shared"]),
-            (Fault::PermuteClamps, &["permute_u32_invalid"], &["permute_u32_invalid/id_eq_e", "permute_u32_invalid/id_u32_max"], &["permute_u32_invalid/k_gt_e"]),
+            (
+                Fault::UnwrittenRow,
+                &["grouped_gemm_f32", "forward_f32"],
+                &["grouped_gemm_f32/dense_router_m33", "grouped_gemm_f32/gather_k7168", "forward_f32/mixtral_softmax_norm"],
+                &[],
+            ),
+            (
+                Fault::NoZeroTail,
+                &["grouped_gemm_bf16"],
+                &["grouped_gemm_bf16/grouped_rows_past_end", "grouped_gemm_bf16/gather_repeated_rows_past_end"],
+                &["grouped_gemm_bf16/dense_router_m33"],
+            ),
+            (
+                Fault::F16Output,
+                &["grouped_gemm_f32", "grouped_gemm_f16"],
+                &["grouped_gemm_f32/dense_router_m33", "grouped_gemm_f32/gather_gate_up"],
+                &["grouped_gemm_f16/dense_router_m33", "grouped_gemm_f16/gather_gate_up"],
+            ),
+            (
+                Fault::TiesToHigher,
+                &["router_topk_f32"],
+                &["router_topk_f32/ties_softmax", "router_topk_f32/ties_sigmoid_grouped"],
+                &["router_topk_f32/softmax_raw_t37_e64_k6"],
+            ),
+            (
+                Fault::UnstablePermute,
+                &["permute_u32", "forward_f32"],
+                &["permute_u32/t37_e64_k6", "permute_u32/repeated_ids"],
+                &["forward_f32/softmax_raw_shared"],
+            ),
+            (
+                Fault::PermuteClamps,
+                &["permute_u32_invalid"],
+                &["permute_u32_invalid/id_eq_e", "permute_u32_invalid/id_u32_max"],
+                &["permute_u32_invalid/k_gt_e"],
+            ),
             (Fault::NaiveSilu, &["activation_f32"], &["activation_f32/extreme_gates"], &["activation_f32/m7_i33"]),
-            (Fault::NoShared, &["combine_f32", "forward_bf16"], &["combine_f32/t33_k6_h129_shared", "forward_bf16/kimi_e384_shared"], &["combine_f32/t33_k6_h127"]),
+            (
+                Fault::NoShared,
+                &["combine_f32", "forward_bf16"],
+                &["combine_f32/t33_k6_h129_shared", "forward_bf16/kimi_e384_shared"],
+                &["combine_f32/t33_k6_h127"],
+            ),
         ];
         for (fault, groups, fail, pass) in table {
             let results = run(*fault, groups);

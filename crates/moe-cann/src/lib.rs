@@ -142,13 +142,21 @@ pub fn toolkit_linked() -> bool {
 /// The Ascend operator(s) that implement `op`, for reports and error messages.
 pub fn operator(op: Op) -> &'static str {
     match op {
-        Op::RouterTopk => "aclnnMoeGatingTopKSoftmax / aclnnMoeGatingTopKSoftmaxV2 (softmax routing), aclnnMoeGatingTopK (sigmoid, bias-corrected, group-limited routing)",
+        Op::RouterTopk => {
+            "aclnnMoeGatingTopKSoftmax / aclnnMoeGatingTopKSoftmaxV2 (softmax routing), aclnnMoeGatingTopK (sigmoid, bias-corrected, group-limited routing)"
+        }
         Op::Permute => "aclnnMoeInitRoutingV2",
-        Op::GroupedGemm => "aclnnGroupedMatmulV4 (expert_offsets as its cumulative group list, groupListType 0); aclnnMatmul without offsets",
-        Op::GroupedGemmSwiglu => "aclnnGroupedMatmulV4 then aclnnSwiGlu (the trait's default composes them; unconfirmed: a fused aclnnGroupedMatmulSwigluQuant exists for quantized weights only)",
+        Op::GroupedGemm => {
+            "aclnnGroupedMatmulV4 (expert_offsets as its cumulative group list, groupListType 0); aclnnMatmul without offsets"
+        }
+        Op::GroupedGemmSwiglu => {
+            "aclnnGroupedMatmulV4 then aclnnSwiGlu (the trait's default composes them; unconfirmed: a fused aclnnGroupedMatmulSwigluQuant exists for quantized weights only)"
+        }
         Op::Activation => "aclnnSwiGlu",
         Op::Combine => "aclnnMoeFinalizeRoutingV2 (or aclnnMoeFinalizeRouting)",
-        Op::Forward => "aclnnMatmul -> aclnnMoeGatingTopK(Softmax) -> aclnnMoeInitRoutingV2 -> aclnnGroupedMatmulV4 -> aclnnSwiGlu -> aclnnGroupedMatmulV4 -> aclnnMoeFinalizeRoutingV2",
+        Op::Forward => {
+            "aclnnMatmul -> aclnnMoeGatingTopK(Softmax) -> aclnnMoeInitRoutingV2 -> aclnnGroupedMatmulV4 -> aclnnSwiGlu -> aclnnGroupedMatmulV4 -> aclnnMoeFinalizeRoutingV2"
+        }
     }
 }
 
@@ -370,14 +378,24 @@ impl Backend for CannBackend {
     /// operators' tie-breaking (moe-hal: the lower index wins) and NaN order (moe-hal: NaN ranks
     /// last); the conformance suite's tie and NaN cases decide whether a custom Ascend C kernel
     /// (`shaders/cann/router_topk.cpp`) is needed.
-    fn router_topk(&self, logits: &Tensor<Self>, _bias: Option<&Tensor<Self>>, routing: &Routing, _topk_ids: &mut Tensor<Self>, _topk_weights: &mut Tensor<Self>) -> Result<()> {
+    fn router_topk(
+        &self,
+        logits: &Tensor<Self>,
+        _bias: Option<&Tensor<Self>>,
+        routing: &Routing,
+        _topk_ids: &mut Tensor<Self>,
+        _topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
         let e = logits.shape.get(1).copied().unwrap_or(0);
         let how = match *routing {
             Routing::Softmax { norm_topk_prob: false } => {
-                format!("aclnnMoeGatingTopKSoftmax (softmax over the {e} experts, then top-k; yOut = topk_weights, expertIdxOut = topk_ids as INT32)")
+                format!(
+                    "aclnnMoeGatingTopKSoftmax (softmax over the {e} experts, then top-k; yOut = topk_weights, expertIdxOut = topk_ids as INT32)"
+                )
             }
             Routing::Softmax { norm_topk_prob: true } => {
-                "aclnnMoeGatingTopKSoftmaxV2 with renorm = 1 (top-k of the logits, then softmax over the k: the renormalised softmax top-k)".to_string()
+                "aclnnMoeGatingTopKSoftmaxV2 with renorm = 1 (top-k of the logits, then softmax over the k: the renormalised softmax top-k)"
+                    .to_string()
             }
             Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: true, routed_scaling_factor } => format!(
                 "aclnnMoeGatingTopK with normType = 1 (sigmoid), biasOptional = e_score_correction_bias, groupCount = {n_group}, \
@@ -417,7 +435,13 @@ impl Backend for CannBackend {
     ///   documents that ids must lie in `[0, E - 1]`. Ids from [`Backend::router_topk`] always do;
     ///   for caller-supplied ids a port needs a device-side range check (e.g. `aclnnMax` compared
     ///   with `E` and surfaced at the next blocking call).
-    fn permute(&self, _topk_ids: &Tensor<Self>, _expert_offsets: &mut Tensor<Self>, _row_index: &mut Tensor<Self>, _token_index: &mut Tensor<Self>) -> Result<()> {
+    fn permute(
+        &self,
+        _topk_ids: &Tensor<Self>,
+        _expert_offsets: &mut Tensor<Self>,
+        _row_index: &mut Tensor<Self>,
+        _token_index: &mut Tensor<Self>,
+    ) -> Result<()> {
         Err(not_ported(
             Op::Permute,
             "aclnnMoeInitRoutingV2 (dropless; expandedRowIdxOut = row_index, expertTokensCountOrCumsumOut with flag 1 = expert_offsets[1..]; \
@@ -451,11 +475,22 @@ impl Backend for CannBackend {
     /// **Without `expert_offsets`** (the router, the shared expert): one plain GEMM, `aclnnMatmul`
     /// (or `aclnnMm`) of `x [M, K]` with the transposed view of `w [N, K]`, f32 kept f32
     /// (`cubeMathType = 0`, KEEP_DTYPE; unconfirmed whether the default lowers f32 to HF32 on A2).
-    fn grouped_gemm(&self, _x: &Tensor<Self>, token_index: Option<&Tensor<Self>>, _w: &Tensor<Self>, expert_offsets: Option<&Tensor<Self>>, _y: &mut Tensor<Self>) -> Result<()> {
+    fn grouped_gemm(
+        &self,
+        _x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        _w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        _y: &mut Tensor<Self>,
+    ) -> Result<()> {
         let how = match (expert_offsets.is_some(), token_index.is_some()) {
-            (true, true) => "aclnnGroupedMatmulV4 with expert_offsets[1..] as its cumulative group list (groupListType = 0, groupType = 0), \
-                             after gathering x by token_index (aclnnIndexSelect)",
-            (true, false) => "aclnnGroupedMatmulV4 with expert_offsets[1..] as its cumulative group list (groupListType = 0, groupType = 0)",
+            (true, true) => {
+                "aclnnGroupedMatmulV4 with expert_offsets[1..] as its cumulative group list (groupListType = 0, groupType = 0), \
+                             after gathering x by token_index (aclnnIndexSelect)"
+            }
+            (true, false) => {
+                "aclnnGroupedMatmulV4 with expert_offsets[1..] as its cumulative group list (groupListType = 0, groupType = 0)"
+            }
             (false, _) => "aclnnMatmul of x with the transposed view of w (aclnnGroupedMatmulV4 serves the grouped case)",
         };
         Err(not_ported(Op::GroupedGemm, how))
@@ -481,7 +516,14 @@ impl Backend for CannBackend {
     /// `aclnnMoeFinalizeRouting` makes `x1`, `bias` and `expandedExpertIdx` mandatory and reads
     /// the column-major index: pass zeros and a transposed `row_index`, or prefer V2.
     /// unconfirmed: the order of the sum over `j` (moe-hal: `j = 0, 1, ..`).
-    fn combine(&self, _y: &Tensor<Self>, _row_index: &Tensor<Self>, _topk_weights: &Tensor<Self>, shared: Option<&Tensor<Self>>, _out: &mut Tensor<Self>) -> Result<()> {
+    fn combine(
+        &self,
+        _y: &Tensor<Self>,
+        _row_index: &Tensor<Self>,
+        _topk_weights: &Tensor<Self>,
+        shared: Option<&Tensor<Self>>,
+        _out: &mut Tensor<Self>,
+    ) -> Result<()> {
         let how = if shared.is_some() {
             "aclnnMoeFinalizeRoutingV2 (dropPadMode = 2, scalesOptional = topk_weights, the shared experts' output as x1Optional)"
         } else {
@@ -497,7 +539,14 @@ impl Backend for CannBackend {
     /// `aclnnMatmul`) → `aclnnMoeFinalizeRoutingV2`. CANN also has fused operators a port may try
     /// later (`aclnnGroupedMatmulFinalizeRouting*`, which folds the down projection into the
     /// combine); the conformance suite checks any fusion against the same oracle.
-    fn forward(&self, _layer: &Layer<Self>, _x: &Tensor<Self>, _out: &mut Tensor<Self>, _topk_ids: &mut Tensor<Self>, _topk_weights: &mut Tensor<Self>) -> Result<()> {
+    fn forward(
+        &self,
+        _layer: &Layer<Self>,
+        _x: &Tensor<Self>,
+        _out: &mut Tensor<Self>,
+        _topk_ids: &mut Tensor<Self>,
+        _topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
         Err(not_ported(Op::Forward, &format!("the chain {}", operator(Op::Forward))))
     }
 }
@@ -552,8 +601,14 @@ mod tests {
         let cases = [
             (Routing::Softmax { norm_topk_prob: false }, "aclnnMoeGatingTopKSoftmax "),
             (Routing::Softmax { norm_topk_prob: true }, "aclnnMoeGatingTopKSoftmaxV2"),
-            (Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.5 }, "aclnnMoeGatingTopK with normType = 1"),
-            (Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: false, routed_scaling_factor: 1.0 }, "aclnnMoeGatingTopK for the ids"),
+            (
+                Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.5 },
+                "aclnnMoeGatingTopK with normType = 1",
+            ),
+            (
+                Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: false, routed_scaling_factor: 1.0 },
+                "aclnnMoeGatingTopK for the ids",
+            ),
         ];
         for (routing, needle) in cases {
             let (mut ids, mut w) = (t(DType::U32, &[3, 2]), t(DType::F32, &[3, 2]));
@@ -570,14 +625,20 @@ mod tests {
         let ids = t(DType::U32, &[3, 2]);
         let (mut off, mut ri, mut ti) = (t(DType::U32, &[5]), t(DType::U32, &[6]), t(DType::U32, &[6]));
         let msg = unsupported(b.permute(&ids, &mut off, &mut ri, &mut ti));
-        assert!(msg.starts_with("permute") && msg.contains("aclnnMoeInitRoutingV2") && msg.contains("expandedRowIdxOut = row_index"), "{msg}");
+        assert!(
+            msg.starts_with("permute") && msg.contains("aclnnMoeInitRoutingV2") && msg.contains("expandedRowIdxOut = row_index"),
+            "{msg}"
+        );
 
         let x = t(DType::F32, &[3, 16]);
         let w = t(DType::BF16, &[4, 10, 16]);
         let mut y = t(DType::F32, &[6, 10]);
         for gather in [None, Some(&ti)] {
             let msg = unsupported(b.grouped_gemm(&x, gather, &w, Some(&off), &mut y));
-            assert!(msg.starts_with("grouped_gemm") && msg.contains("aclnnGroupedMatmulV4") && msg.contains("cumulative group list"), "{msg}");
+            assert!(
+                msg.starts_with("grouped_gemm") && msg.contains("aclnnGroupedMatmulV4") && msg.contains("cumulative group list"),
+                "{msg}"
+            );
             assert_eq!(msg.contains("aclnnIndexSelect"), gather.is_some(), "{msg}");
         }
         let dense = t(DType::F32, &[10, 16]);
@@ -605,7 +666,14 @@ mod tests {
     fn forward_names_the_whole_chain() {
         let b = CannBackend::slot();
         let (h, i, e, k) = (16, 4, 4, 2);
-        let config = MoeConfig { hidden: h, intermediate: i, experts: e, top_k: k, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 };
+        let config = MoeConfig {
+            hidden: h,
+            intermediate: i,
+            experts: e,
+            top_k: k,
+            routing: Routing::Softmax { norm_topk_prob: true },
+            shared_intermediate: 0,
+        };
         let layer = Layer {
             config,
             dtype: DType::F32,

@@ -164,7 +164,12 @@ unsafe extern "C" {
         executor: *mut *mut aclOpExecutor,
     ) -> aclnnStatus;
     /// Phase 2 of `aclnnMoeGatingTopKSoftmax`.
-    pub fn aclnnMoeGatingTopKSoftmax(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+    pub fn aclnnMoeGatingTopKSoftmax(
+        workspace: *mut c_void,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
 
     /// Phase 1 of `aclnnMoeGatingTopKSoftmaxV2`: `renorm = 1` takes the top-k of the logits and
     /// then a softmax over those k (the renormalised softmax top-k).
@@ -181,7 +186,12 @@ unsafe extern "C" {
         executor: *mut *mut aclOpExecutor,
     ) -> aclnnStatus;
     /// Phase 2 of `aclnnMoeGatingTopKSoftmaxV2`.
-    pub fn aclnnMoeGatingTopKSoftmaxV2(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+    pub fn aclnnMoeGatingTopKSoftmaxV2(
+        workspace: *mut c_void,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
 
     /// Phase 1 of `aclnnMoeGatingTopK`: sigmoid (or softmax), + bias, group-limited top-k,
     /// `y / (sum + eps) * routedScalingFactor`.
@@ -204,7 +214,12 @@ unsafe extern "C" {
         executor: *mut *mut aclOpExecutor,
     ) -> aclnnStatus;
     /// Phase 2 of `aclnnMoeGatingTopK`.
-    pub fn aclnnMoeGatingTopK(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+    pub fn aclnnMoeGatingTopK(
+        workspace: *mut c_void,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
 
     /// Phase 1 of `aclnnMoeInitRoutingV2`: sort pairs by expert, `expandedRowIdxOut` (our
     /// `row_index`), gathered rows, per-expert counts or cumulative counts.
@@ -225,7 +240,12 @@ unsafe extern "C" {
         executor: *mut *mut aclOpExecutor,
     ) -> aclnnStatus;
     /// Phase 2 of `aclnnMoeInitRoutingV2`.
-    pub fn aclnnMoeInitRoutingV2(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+    pub fn aclnnMoeInitRoutingV2(
+        workspace: *mut c_void,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
 
     /// Phase 1 of `aclnnGroupedMatmulV4`: per group `y_i = x_i · weight_i (+ bias_i)`; with
     /// `groupType = 0` (M axis), single tensors and `groupListType = 0` the group list is
@@ -254,10 +274,21 @@ unsafe extern "C" {
         executor: *mut *mut aclOpExecutor,
     ) -> aclnnStatus;
     /// Phase 2 of `aclnnGroupedMatmulV4`.
-    pub fn aclnnGroupedMatmulV4(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+    pub fn aclnnGroupedMatmulV4(
+        workspace: *mut c_void,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
 
     /// Phase 1 of `aclnnSwiGlu`: `out = swish(A) * B`, `A`/`B` the halves of `x` along `dim`.
-    pub fn aclnnSwiGluGetWorkspaceSize(x: *const aclTensor, dim: i64, out: *const aclTensor, workspace_size: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
+    pub fn aclnnSwiGluGetWorkspaceSize(
+        x: *const aclTensor,
+        dim: i64,
+        out: *const aclTensor,
+        workspace_size: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus;
     /// Phase 2 of `aclnnSwiGlu`.
     pub fn aclnnSwiGlu(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
 
@@ -277,13 +308,27 @@ unsafe extern "C" {
         executor: *mut *mut aclOpExecutor,
     ) -> aclnnStatus;
     /// Phase 2 of `aclnnMoeFinalizeRoutingV2`.
-    pub fn aclnnMoeFinalizeRoutingV2(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+    pub fn aclnnMoeFinalizeRoutingV2(
+        workspace: *mut c_void,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
 
     /// Phase 1 of `aclnnTransMatmulWeight`: rewrites a weight from ND to FRACTAL_NZ in place (the
     /// buffer must be sized for the NZ layout, `aclnnCalculateMatmulWeightSizeV2`).
-    pub fn aclnnTransMatmulWeightGetWorkspaceSize(mm_weight_ref: *mut aclTensor, workspace_size: *mut u64, executor: *mut *mut aclOpExecutor) -> aclnnStatus;
+    pub fn aclnnTransMatmulWeightGetWorkspaceSize(
+        mm_weight_ref: *mut aclTensor,
+        workspace_size: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus;
     /// Phase 2 of `aclnnTransMatmulWeight`.
-    pub fn aclnnTransMatmulWeight(workspace: *mut c_void, workspace_size: u64, executor: *mut aclOpExecutor, stream: aclrtStream) -> aclnnStatus;
+    pub fn aclnnTransMatmulWeight(
+        workspace: *mut c_void,
+        workspace_size: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
 }
 
 /// The text of the last AscendCL failure on this thread (empty when there is none).
@@ -292,10 +337,6 @@ pub fn recent_error() -> String {
     // owned by the runtime, valid until the next ACL call on this thread; it is copied at once.
     unsafe {
         let p = aclGetRecentErrMsg();
-        if p.is_null() {
-            String::new()
-        } else {
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
+        if p.is_null() { String::new() } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() }
     }
 }

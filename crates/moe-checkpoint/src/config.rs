@@ -92,8 +92,8 @@ impl ModelConfig {
 
     /// Interprets the text of a `config.json`; `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Checkpoint(format!("{} is not valid JSON: {e}", path.display())))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::Checkpoint(format!("{} is not valid JSON: {e}", path.display())))?;
         let Some(map) = value.as_object() else {
             return Err(Error::Checkpoint(format!("{} must hold a JSON object, found {}", path.display(), kind(&value))));
         };
@@ -132,13 +132,15 @@ impl ModelConfig {
                 let default_scoring = if model_type == "deepseek_v2" { "softmax" } else { "sigmoid" };
                 let scoring = keys.opt_str("scoring_func")?.unwrap_or_else(|| default_scoring.to_string());
                 let topk_method = keys.opt_str("topk_method")?;
-                let routing = deepseek_routing(&keys, &scoring, topk_method.as_deref(), n_group, topk_group, norm_topk_prob, routed_scaling_factor)?;
+                let routing =
+                    deepseek_routing(&keys, &scoring, topk_method.as_deref(), n_group, topk_group, norm_topk_prob, routed_scaling_factor)?;
                 let first_k_dense_replace = keys.usize("first_k_dense_replace")?;
                 let moe_layer_freq = keys.opt_usize("moe_layer_freq")?.unwrap_or(1);
                 if moe_layer_freq == 0 {
                     return Err(keys.bad("moe_layer_freq", "must be at least 1"));
                 }
-                let moe = MoeConfig { hidden, intermediate, experts, top_k, routing, shared_intermediate: n_shared.unwrap_or(0) * intermediate };
+                let moe =
+                    MoeConfig { hidden, intermediate, experts, top_k, routing, shared_intermediate: n_shared.unwrap_or(0) * intermediate };
                 (moe, n_shared, MoeLayers::DenseFirst { first_k_dense_replace, moe_layer_freq })
             }
             Family::Qwen3Moe => {
@@ -165,13 +167,27 @@ impl ModelConfig {
                     return Err(keys.bad("decoder_sparse_step", "must be at least 1"));
                 }
                 let mlp_only_layers = keys.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
-                let moe = MoeConfig { hidden, intermediate, experts, top_k, routing: Routing::Softmax { norm_topk_prob }, shared_intermediate: 0 };
+                let moe = MoeConfig {
+                    hidden,
+                    intermediate,
+                    experts,
+                    top_k,
+                    routing: Routing::Softmax { norm_topk_prob },
+                    shared_intermediate: 0,
+                };
                 (moe, None, MoeLayers::SparseStep { decoder_sparse_step, mlp_only_layers })
             }
             Family::Mixtral => {
                 let intermediate = keys.usize("intermediate_size")?;
                 let experts = keys.usize("num_local_experts")?;
-                let moe = MoeConfig { hidden, intermediate, experts, top_k, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 };
+                let moe = MoeConfig {
+                    hidden,
+                    intermediate,
+                    experts,
+                    top_k,
+                    routing: Routing::Softmax { norm_topk_prob: true },
+                    shared_intermediate: 0,
+                };
                 (moe, None, MoeLayers::All)
             }
         };
@@ -197,7 +213,9 @@ impl ModelConfig {
     /// True when decoder layer `layer` has an MoE block (whether or not `layer` exists).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         match &self.moe_layers {
-            MoeLayers::DenseFirst { first_k_dense_replace, moe_layer_freq } => layer >= *first_k_dense_replace && layer.is_multiple_of(*moe_layer_freq),
+            MoeLayers::DenseFirst { first_k_dense_replace, moe_layer_freq } => {
+                layer >= *first_k_dense_replace && layer.is_multiple_of(*moe_layer_freq)
+            }
             MoeLayers::SparseStep { decoder_sparse_step, mlp_only_layers } => {
                 !mlp_only_layers.contains(&layer) && (layer + 1).is_multiple_of(*decoder_sparse_step)
             }
@@ -332,7 +350,9 @@ impl Keys<'_> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).map(Some).ok_or_else(|| self.bad(key, "is not a non-negative integer")),
+            Some(v) => {
+                v.as_u64().and_then(|n| usize::try_from(n).ok()).map(Some).ok_or_else(|| self.bad(key, "is not a non-negative integer"))
+            }
         }
     }
 

@@ -95,7 +95,11 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
             for p in 0..3 {
                 let t = files.require(&names.expert(x, p))?;
                 let want = if p == 2 { [h, i] } else { [i, h] };
-                check_shape(&t, &want, if p == 2 { "[hidden_size, expert intermediate size]" } else { "[expert intermediate size, hidden_size]" })?;
+                check_shape(
+                    &t,
+                    &want,
+                    if p == 2 { "[hidden_size, expert intermediate size]" } else { "[expert intermediate size, hidden_size]" },
+                )?;
                 list.push(t);
             }
         }
@@ -171,11 +175,17 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
     // logits in f32): rounding it to the experts' dtype can flip near-tied expert choices.
     let router_t = gather(files, "router weight", &[e, h], moe_hal::router_dtype(router_stored_dtype, dtype), &[&router])?;
     let (gate_up, down) = if fused {
-        (gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype, &[&experts[0]])?, gather(files, "expert down weights", &[e, h, i], dtype, &[&experts[1]])?)
+        (
+            gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype, &[&experts[0]])?,
+            gather(files, "expert down weights", &[e, h, i], dtype, &[&experts[1]])?,
+        )
     } else {
         let gu: Vec<&Found> = experts.chunks(3).flat_map(|c| [&c[0], &c[1]]).collect();
         let dn: Vec<&Found> = experts.chunks(3).map(|c| &c[2]).collect();
-        (gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype, &gu)?, gather(files, "expert down weights", &[e, h, i], dtype, &dn)?)
+        (
+            gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype, &gu)?,
+            gather(files, "expert down weights", &[e, h, i], dtype, &dn)?,
+        )
     };
     let bias = bias.map(|b| gather(files, "e_score_correction_bias", &[e], DType::F32, &[&b])).transpose()?;
     let (shared_intermediate, shared_gate_up, shared_down) = match &shared {

@@ -51,7 +51,7 @@ use std::path::{Path, PathBuf};
 
 use moe_hal::{DType, Error, HostLayer, Result, Routing};
 
-pub use config::{Family, ModelConfig, MoeLayers, DEEPSEEK_MODEL_TYPES};
+pub use config::{DEEPSEEK_MODEL_TYPES, Family, ModelConfig, MoeLayers};
 pub use safetensors_dir::{INDEX_FILE, SINGLE_FILE};
 
 /// One MoE layer read from a checkpoint directory, with what the checkpoint said about it.

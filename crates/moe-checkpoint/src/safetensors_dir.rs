@@ -99,9 +99,9 @@ impl Mapped {
 fn corrupt(path: &Path, len: u64, e: &SafeTensorError) -> Error {
     let p = path.display();
     Error::Checkpoint(match e {
-        SafeTensorError::MetadataIncompleteBuffer => format!(
-            "{p} is truncated or corrupt: its header's tensor offsets do not end at the file's end ({len} bytes)"
-        ),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            format!("{p} is truncated or corrupt: its header's tensor offsets do not end at the file's end ({len} bytes)")
+        }
         SafeTensorError::InvalidHeaderLength => {
             format!("{p} is truncated or corrupt: its header length runs past the file's end ({len} bytes)")
         }

@@ -3,9 +3,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use moe_checkpoint::{load_layer, read_config, Checkpoint, Family};
+use moe_checkpoint::{Checkpoint, Family, load_layer, read_config};
 use moe_hal::host::Accumulate;
-use moe_hal::{ops, DType, Error, Layer, Routing, Tensor};
+use moe_hal::{DType, Error, Layer, Routing, Tensor, ops};
 use safetensors::{Dtype, SafeTensors};
 
 /// tests/fixtures/hf of this checkout; on another machine (a staged GPU check runs from a copy of
@@ -135,7 +135,8 @@ fn every_fixture_loads_with_its_config_and_shapes() {
 #[test]
 fn opens_only_the_shards_of_the_layer() {
     for case in ["deepseek_v3_bf16", "kimi_k2_bf16", "mixtral_bf16"] {
-        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("model.safetensors.index.json")).unwrap()).unwrap();
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(case).join("model.safetensors.index.json")).unwrap()).unwrap();
         let want: BTreeSet<PathBuf> = index["weight_map"]
             .as_object()
             .unwrap()
@@ -155,7 +156,8 @@ fn layout_matches_the_files() {
     let ck = load("deepseek_v3_bf16", None);
     let (h, i) = (64, 32);
     let expert = 5;
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
     let raw = |name: &str| -> Vec<u8> {
         let file = index["weight_map"][name].as_str().unwrap();
         let bytes = std::fs::read(dir.join(file)).unwrap();
@@ -209,7 +211,10 @@ fn forced_dtypes_convert_every_weight() {
     // An f32 router keeps its precision whatever the experts' dtype.
     assert_eq!(half.layer.router, src.layer.router);
     let ds = load("deepseek_v3_f32", Some(DType::BF16));
-    assert_eq!(ds.layer.shared_down.as_ref().unwrap().data, DType::BF16.encode(&load("deepseek_v3_f32", None).layer.shared_down.unwrap().to_f32()));
+    assert_eq!(
+        ds.layer.shared_down.as_ref().unwrap().data,
+        DType::BF16.encode(&load("deepseek_v3_f32", None).layer.shared_down.unwrap().to_f32())
+    );
     assert_eq!(ds.layer.bias.as_ref().unwrap().dtype, DType::F32);
     let e = load_layer(&fixture("mixtral_f32"), 1, Some(DType::U32)).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
@@ -288,7 +293,9 @@ fn layer_out_of_range_names_the_range() {
     let e = load_layer(&fixture("qwen3_moe_f32"), 2, None).unwrap_err();
     assert_eq!(
         e,
-        Error::InvalidArgument("layer 2 does not exist: this qwen3_moe model has 2 layers, numbered 0 to 1; choose a layer from 0 to 1".into())
+        Error::InvalidArgument(
+            "layer 2 does not exist: this qwen3_moe model has 2 layers, numbered 0 to 1; choose a layer from 0 to 1".into()
+        )
     );
 }
 
@@ -311,10 +318,8 @@ fn rewrite(path: &Path, mut edit: impl FnMut(&str, Dtype, &[usize], &[u8]) -> Ve
     for (name, t) in st.tensors() {
         kept.extend(edit(&name, t.dtype(), t.shape(), t.data()));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        kept.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
@@ -322,9 +327,15 @@ fn rewrite(path: &Path, mut edit: impl FnMut(&str, Dtype, &[usize], &[u8]) -> Ve
 fn missing_tensor_in_single_file_is_named() {
     let tmp = copy_fixture("qwen3_moe_f32");
     let gone = "model.layers.1.mlp.experts.3.up_proj.weight";
-    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| if n == gone { vec![] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] });
+    rewrite(
+        &tmp.path().join("model.safetensors"),
+        |n, d, s, b| if n == gone { vec![] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] },
+    );
     let e = load_layer(tmp.path(), 1, None).unwrap_err();
-    assert_eq!(e, Error::Checkpoint(format!("tensor {gone} is missing: {} does not contain it", tmp.path().join("model.safetensors").display())));
+    assert_eq!(
+        e,
+        Error::Checkpoint(format!("tensor {gone} is missing: {} does not contain it", tmp.path().join("model.safetensors").display()))
+    );
     // Layer 0 does not need it.
     load_layer(tmp.path(), 0, None).unwrap();
 }
@@ -341,10 +352,17 @@ fn missing_tensor_in_index_is_named() {
     assert_eq!(e, Error::Checkpoint(format!("tensor {gone} is missing: the weight_map of {} does not list it", index_path.display())));
 
     // Listed, but not in the shard the index names.
-    index["weight_map"][gone] = serde_json::Value::String(if file == "model-00001-of-00002.safetensors" { "model-00002-of-00002.safetensors" } else { "model-00001-of-00002.safetensors" }.into());
+    index["weight_map"][gone] = serde_json::Value::String(
+        if file == "model-00001-of-00002.safetensors" { "model-00002-of-00002.safetensors" } else { "model-00001-of-00002.safetensors" }
+            .into(),
+    );
     std::fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
     let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
-    assert!(e.starts_with(&format!("checkpoint: tensor {gone} is missing: {} lists it in model-0000", index_path.display())) && e.ends_with("does not contain it"), "{e}");
+    assert!(
+        e.starts_with(&format!("checkpoint: tensor {gone} is missing: {} lists it in model-0000", index_path.display()))
+            && e.ends_with("does not contain it"),
+        "{e}"
+    );
 
     // Listed in a shard that does not exist.
     index["weight_map"][gone] = serde_json::Value::String("model-00009-of-00009.safetensors".into());
@@ -414,10 +432,19 @@ fn fused_expert_layout_loads_the_same_layer() {
 
     // A fused tensor of the wrong shape names both shapes.
     rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
-        if n == "model.layers.1.mlp.experts.down_proj" { vec![(n.into(), d, vec![e, 32, 64], b.to_vec())] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] }
+        if n == "model.layers.1.mlp.experts.down_proj" {
+            vec![(n.into(), d, vec![e, 32, 64], b.to_vec())]
+        } else {
+            vec![(n.into(), d, s.to_vec(), b.to_vec())]
+        }
     });
     let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
-    assert!(e.contains("tensor model.layers.1.mlp.experts.down_proj in model.safetensors has shape [16, 32, 64], but config.json implies [16, 64, 32]"), "{e}");
+    assert!(
+        e.contains(
+            "tensor model.layers.1.mlp.experts.down_proj in model.safetensors has shape [16, 32, 64], but config.json implies [16, 64, 32]"
+        ),
+        "{e}"
+    );
 }
 
 #[test]

@@ -7,9 +7,9 @@
 //! the device's copy bandwidth measured in the same run; the floor
 //! `max(bytes / bandwidth, flops / peak)` with the peak from [`peak_flops`] or `--peak-tflops`.
 
-use crate::backends::{dispatch, Choice, Job};
+use crate::backends::{Choice, Job, dispatch};
 use crate::synthetic::{random_layer, uniform};
-use moe_hal::{ops, Backend, BackendInfo, DType, Error, Layer, MoeConfig, Result, Routing, Tensor};
+use moe_hal::{Backend, BackendInfo, DType, Error, Layer, MoeConfig, Result, Routing, Tensor, ops};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -45,8 +45,22 @@ impl Preset {
         match self {
             Preset::DeepseekV3 => deepseek(256, 8, 4, 2.5),
             Preset::KimiK2 => deepseek(384, 1, 1, 2.827),
-            Preset::Qwen3_30bA3b => MoeConfig { hidden: 2048, intermediate: 768, experts: 128, top_k: 8, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 },
-            Preset::Mixtral8x7b => MoeConfig { hidden: 4096, intermediate: 14336, experts: 8, top_k: 2, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 0 },
+            Preset::Qwen3_30bA3b => MoeConfig {
+                hidden: 2048,
+                intermediate: 768,
+                experts: 128,
+                top_k: 8,
+                routing: Routing::Softmax { norm_topk_prob: true },
+                shared_intermediate: 0,
+            },
+            Preset::Mixtral8x7b => MoeConfig {
+                hidden: 4096,
+                intermediate: 14336,
+                experts: 8,
+                top_k: 2,
+                routing: Routing::Softmax { norm_topk_prob: true },
+                shared_intermediate: 0,
+            },
         }
     }
 }
@@ -182,7 +196,8 @@ fn shape_name(c: &MoeConfig) -> String {
 
 /// The bytes and FLOPs one layer over `tokens` must at least move and compute.
 pub fn cost(c: &MoeConfig, dtype: DType, tokens: usize, touched: usize) -> (f64, f64) {
-    let (h, i, e, k, s, t) = (c.hidden as f64, c.intermediate as f64, c.experts as f64, c.top_k as f64, c.shared_intermediate as f64, tokens as f64);
+    let (h, i, e, k, s, t) =
+        (c.hidden as f64, c.intermediate as f64, c.experts as f64, c.top_k as f64, c.shared_intermediate as f64, tokens as f64);
     let weights = (e * h + touched as f64 * 3.0 * h * i + 3.0 * h * s) * dtype.size() as f64;
     let activations = 2.0 * t * h * 4.0 + t * k * 8.0;
     let flops = 2.0 * t * h * e + 2.0 * t * k * 3.0 * h * i + 2.0 * t * 3.0 * h * s;
@@ -244,7 +259,12 @@ impl Job for Measure<'_> {
         };
         let weight_bytes = c.weight_bytes(args.dtype);
         if weight_bytes as f64 > 0.9 * info.memory_bytes as f64 {
-            let msg = format!("skipped: the layer's {:.1} GiB of weights do not fit the {:.1} GiB of {}", weight_bytes as f64 / 1073741824.0, info.memory_bytes as f64 / 1073741824.0, info.device);
+            let msg = format!(
+                "skipped: the layer's {:.1} GiB of weights do not fit the {:.1} GiB of {}",
+                weight_bytes as f64 / 1073741824.0,
+                info.memory_bytes as f64 / 1073741824.0,
+                info.device
+            );
             self.progress.println(format!("{}: {msg}", info.name));
             run.skipped.push(msg);
             return Ok(run);
@@ -271,7 +291,10 @@ impl Job for Measure<'_> {
             let rows = t * c.top_k;
             let scratch = 4 * (t * c.experts + rows * (3 * c.intermediate + c.hidden + 4) + t * (3 * c.hidden + 3 * c.shared_intermediate));
             if (weight_bytes as usize + scratch) as f64 > 0.9 * info.memory_bytes as f64 {
-                let msg = format!("{t} tokens skipped: weights and scratch need {:.1} GiB", (weight_bytes as usize + scratch) as f64 / 1073741824.0);
+                let msg = format!(
+                    "{t} tokens skipped: weights and scratch need {:.1} GiB",
+                    (weight_bytes as usize + scratch) as f64 / 1073741824.0
+                );
                 self.progress.println(format!("{}: {msg}", info.name));
                 run.skipped.push(msg);
                 self.progress.inc((args.warmup + args.iters) as u64);
@@ -281,7 +304,9 @@ impl Job for Measure<'_> {
             let batch = t * c.hidden;
             let pool = (((256usize << 20) / (4 * batch).max(1)).max(2)).min(args.iters.max(2));
             let xs: Vec<Tensor<B>> = (0..pool)
-                .map(|p| Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ ((p as u64 + 1) * 0x9E37) ^ t as u64)))
+                .map(|p| {
+                    Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ ((p as u64 + 1) * 0x9E37) ^ t as u64))
+                })
                 .collect::<Result<_>>()?;
             let mut out = Tensor::alloc(b, DType::F32, &[t, c.hidden])?;
             let mut ids = Tensor::alloc(b, DType::U32, &[t, c.top_k])?;
@@ -314,7 +339,17 @@ impl Job for Measure<'_> {
             let time_s = median(&mut times);
             let floor_s = median(&mut floors);
             let bytes = median(&mut bytes_v);
-            let row = Row { tokens: t, touched: touched_sum as f64 / n as f64, time_s, bytes, flops, floor_s, gbs: bytes / time_s / 1e9, tflops: flops / time_s / 1e12, fraction: floor_s / time_s };
+            let row = Row {
+                tokens: t,
+                touched: touched_sum as f64 / n as f64,
+                time_s,
+                bytes,
+                flops,
+                floor_s,
+                gbs: bytes / time_s / 1e9,
+                tflops: flops / time_s / 1e12,
+                fraction: floor_s / time_s,
+            };
             self.progress.println(format_row(&info.name, &row));
             run.rows.push(row);
         }
@@ -391,19 +426,46 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         return moe_hal::invalid!("--plot writes SVG or PNG; name the file *.svg or *.png (got {})", p.display());
     }
     let peers = args.compare.as_ref().map(read_report).transpose()?;
-    println!("moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration", args.preset.and_then(|p| clap::ValueEnum::to_possible_value(&p)).map_or("deepseek-v3 (default)".into(), |v| v.get_name().to_string()), shape_name(&c), args.dtype, args.tokens, args.warmup, args.iters);
+    println!(
+        "moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration",
+        args.preset
+            .and_then(|p| clap::ValueEnum::to_possible_value(&p))
+            .map_or("deepseek-v3 (default)".into(), |v| v.get_name().to_string()),
+        shape_name(&c),
+        args.dtype,
+        args.tokens,
+        args.warmup,
+        args.iters
+    );
     let total = (args.backends.len() * args.tokens.len() * (args.warmup + args.iters)) as u64;
     let progress = indicatif::ProgressBar::new(total);
-    progress.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} iterations {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} iterations {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let mut report = Report { date: today(), commit: commit(), runs: vec![] };
     for &choice in &args.backends {
         let run = dispatch(choice, Measure { args, config: &c, progress: &progress })?;
-        progress.println(format!("{}: {} copy bandwidth {:.1} GB/s (measured now), peak {}", run.backend, run.device, run.copy_bandwidth_gbs, run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s ({})", run.peak_source))));
+        progress.println(format!(
+            "{}: {} copy bandwidth {:.1} GB/s (measured now), peak {}",
+            run.backend,
+            run.device,
+            run.copy_bandwidth_gbs,
+            run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s ({})", run.peak_source))
+        ));
         report.runs.push(run);
     }
     progress.finish_and_clear();
     for run in &report.runs {
-        println!("\n{} on {} ({}, {}): copy {:.1} GB/s, peak {}", run.backend, run.device, run.shape, run.dtype, run.copy_bandwidth_gbs, run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s")));
+        println!(
+            "\n{} on {} ({}, {}): copy {:.1} GB/s, peak {}",
+            run.backend,
+            run.device,
+            run.shape,
+            run.dtype,
+            run.copy_bandwidth_gbs,
+            run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"))
+        );
         for r in &run.rows {
             println!("{}", format_row(&run.backend, r));
         }
@@ -442,7 +504,15 @@ fn print_ratios(ours: &Report, peers: &Report) {
         for peer in peers.runs.iter().filter(|p| p.shape == run.shape && p.dtype == run.dtype) {
             for r in &run.rows {
                 if let Some(p) = peer.rows.iter().find(|p| p.tokens == r.tokens) {
-                    println!("{:>8} vs {:<24} {:>6} tok  {:>8.3} ms vs {:>8.3} ms  ratio {:.2}", run.backend, peer.backend, r.tokens, r.time_s * 1e3, p.time_s * 1e3, p.time_s / r.time_s);
+                    println!(
+                        "{:>8} vs {:<24} {:>6} tok  {:>8.3} ms vs {:>8.3} ms  ratio {:.2}",
+                        run.backend,
+                        peer.backend,
+                        r.tokens,
+                        r.time_s * 1e3,
+                        p.time_s * 1e3,
+                        p.time_s / r.time_s
+                    );
                 }
             }
         }

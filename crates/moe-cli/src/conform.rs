@@ -1,8 +1,8 @@
 //! `moe conform`: the conformance suite against one backend, as a support matrix a person can read
 //! (Markdown) and a program can compare (JSON), instead of a test log.
 
-use crate::backends::{dispatch, Choice, Job};
-use moe_conformance::{run_all, CaseInfo, Outcome};
+use crate::backends::{Choice, Job, dispatch};
+use moe_conformance::{CaseInfo, Outcome, run_all};
 use moe_hal::{Backend, Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,10 +1,10 @@
 //! `moe` / `moe demo`: the main job. A DeepSeek-V3-shaped layer scaled to fit this machine, run on
 //! the best available backend and checked against the CPU reference.
 
-use crate::backends::{dispatch, Choice, Job};
+use crate::backends::{Choice, Job, dispatch};
 use crate::synthetic::{random_layer, uniform};
 use moe_hal::host::Accumulate;
-use moe_hal::{ops, Backend, DType, HostLayer, Layer, MoeConfig, Result, Routing, Tensor};
+use moe_hal::{Backend, DType, HostLayer, Layer, MoeConfig, Result, Routing, Tensor, ops};
 use std::time::Instant;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -39,7 +39,17 @@ pub struct DemoArgs {
 
 impl Default for DemoArgs {
     fn default() -> Self {
-        DemoArgs { backend: Choice::Auto, tokens: 64, hidden: 2048, intermediate: 512, experts: 64, top_k: 8, dtype: DType::BF16, iters: 5, seed: 0 }
+        DemoArgs {
+            backend: Choice::Auto,
+            tokens: 64,
+            hidden: 2048,
+            intermediate: 512,
+            experts: 64,
+            top_k: 8,
+            dtype: DType::BF16,
+            iters: 5,
+            seed: 0,
+        }
     }
 }
 
@@ -106,7 +116,12 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         intermediate: args.intermediate,
         experts: args.experts,
         top_k: args.top_k,
-        routing: Routing::SigmoidGrouped { n_group: groups, topk_group: groups.div_ceil(2), norm_topk_prob: true, routed_scaling_factor: 2.5 },
+        routing: Routing::SigmoidGrouped {
+            n_group: groups,
+            topk_group: groups.div_ceil(2),
+            norm_topk_prob: true,
+            routed_scaling_factor: 2.5,
+        },
         shared_intermediate: args.intermediate,
     };
     config.validate()?;
@@ -169,7 +184,10 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     let tolerance = if args.dtype == DType::F32 { 1e-4 } else { 1e-2 };
     // NaN error fails too: `err < tolerance` is false for NaN.
     if same_sets != args.tokens || err.is_nan() || err >= tolerance {
-        return Err(moe_hal::Error::Driver(format!("the {} result differs from the CPU reference (relative L2 {err:.2e}, {same_sets}/{} routing sets equal)", ran.device, args.tokens)));
+        return Err(moe_hal::Error::Driver(format!(
+            "the {} result differs from the CPU reference (relative L2 {err:.2e}, {same_sets}/{} routing sets equal)",
+            ran.device, args.tokens
+        )));
     }
     println!("ok:       matches the reference");
     Ok(())

@@ -22,11 +22,14 @@ const FONTS: &[&str] = &[
 fn register_font() -> Result<()> {
     static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
-        let bytes = FONTS
-            .iter()
-            .find_map(|p| std::fs::read(p).ok())
-            .ok_or_else(|| format!("a plot needs a TrueType font for its text and none of {} exists; install one (Debian: fonts-dejavu-core)", FONTS.join(", ")))?;
-        plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).map_err(|_| "the font file is not a TrueType font".to_string())
+        let bytes = FONTS.iter().find_map(|p| std::fs::read(p).ok()).ok_or_else(|| {
+            format!(
+                "a plot needs a TrueType font for its text and none of {} exists; install one (Debian: fonts-dejavu-core)",
+                FONTS.join(", ")
+            )
+        })?;
+        plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+            .map_err(|_| "the font file is not a TrueType font".to_string())
     })
     .clone()
     .map_err(Error::InvalidArgument)
@@ -55,7 +58,8 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, path: &Path, title: &s
     let err = |e: &dyn std::fmt::Display| Error::Io(format!("cannot draw {}: {e}", path.display()));
     let rows = || runs.iter().flat_map(|r| r.rows.iter());
     let (tmin, tmax) = rows().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.tokens as f64), b.max(r.tokens as f64)));
-    let (ymin, ymax) = rows().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.time_s.min(r.floor_s) * 1e3), b.max(r.time_s.max(r.floor_s) * 1e3)));
+    let (ymin, ymax) =
+        rows().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.time_s.min(r.floor_s) * 1e3), b.max(r.time_s.max(r.floor_s) * 1e3)));
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("MoE layer: {title}"), ("sans-serif", 22))
@@ -83,7 +87,13 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, path: &Path, title: &s
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.mix(0.6)));
         }
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).border_style(BLACK).background_style(WHITE.mix(0.9)).draw().map_err(|e| err(&e))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .draw()
+        .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `moe run`: one layer of a real checkpoint on one backend.
 
-use crate::backends::{dispatch, Choice, Job};
-use crate::tensor_file::{read_hidden_states, write_output, RunOutput};
-use moe_hal::{ops, Backend, DType, HostLayer, Layer, Result, Tensor};
+use crate::backends::{Choice, Job, dispatch};
+use crate::tensor_file::{RunOutput, read_hidden_states, write_output};
+use moe_hal::{Backend, DType, HostLayer, Layer, Result, Tensor, ops};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -68,9 +68,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let r = dispatch(args.backend, Forward { layer, tokens, x: &x })?;
     if let Some(i) = r.out.iter().position(|v| !v.is_finite()) {
-        return Err(moe_hal::Error::Driver(format!("the backend produced a non-finite output at token {}; nothing was written", i / hidden)));
+        return Err(moe_hal::Error::Driver(format!(
+            "the backend produced a non-finite output at token {}; nothing was written",
+            i / hidden
+        )));
     }
-    write_output(&args.output, &RunOutput { tokens, hidden, top_k: layer.config.top_k, output: &r.out, topk_ids: &r.ids, topk_weights: &r.weights })?;
+    write_output(
+        &args.output,
+        &RunOutput { tokens, hidden, top_k: layer.config.top_k, output: &r.out, topk_ids: &r.ids, topk_weights: &r.weights },
+    )?;
     eprintln!(
         "moe run: {} layer {} ({}, {} experts, top-{}), {tokens} tokens on {} -> {}",
         ckpt.model_type,

@@ -9,7 +9,8 @@ use std::path::Path;
 pub fn read_hidden_states(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     let what = path.display();
     let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("cannot read the input file {what}: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::InvalidArgument(format!("{what} is not a valid safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::InvalidArgument(format!("{what} is not a valid safetensors file: {e}")))?;
     let view = st.tensor("hidden_states").map_err(|_| {
         let names = st.names().join(", ");
         Error::InvalidArgument(format!("{what} has no tensor named hidden_states (it holds: {names})"))
@@ -26,7 +27,12 @@ pub fn read_hidden_states(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     };
     let values = dtype.decode(view.data());
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return moe_hal::invalid!("hidden_states in {what} holds a non-finite value ({}) at token {}, column {}", values[i], i / h.max(1), i % h.max(1));
+        return moe_hal::invalid!(
+            "hidden_states in {what} holds a non-finite value ({}) at token {}, column {}",
+            values[i],
+            i / h.max(1),
+            i % h.max(1)
+        );
     }
     Ok((t, h, values))
 }

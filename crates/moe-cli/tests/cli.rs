@@ -65,7 +65,19 @@ fn run_matches_transformers() {
         for case in cases {
             let model = fixtures().join(case);
             let out = dir.path().join(format!("{case}-{backend}.safetensors"));
-            let o = moe(&["run", "--model", model.to_str().unwrap(), "--layer", "1", "--input", model.join("input.safetensors").to_str().unwrap(), "--output", out.to_str().unwrap(), "--backend", &backend]);
+            let o = moe(&[
+                "run",
+                "--model",
+                model.to_str().unwrap(),
+                "--layer",
+                "1",
+                "--input",
+                model.join("input.safetensors").to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--backend",
+                &backend,
+            ]);
             assert!(o.status.success(), "{case} on {backend}: {}", stderr(&o));
             let got_bytes = std::fs::read(&out).unwrap();
             let got = SafeTensors::deserialize(&got_bytes).unwrap();
@@ -95,7 +107,11 @@ fn run_matches_transformers() {
                 mine.sort_by_key(|p| p.0);
                 for (j, (id, w)) in mine.iter().enumerate() {
                     assert_eq!(*id, ids_ref[t * k + j] as i64, "{case} on {backend}: token {t} chose different experts");
-                    assert!((w - ws_ref[t * k + j]).abs() <= 1e-4 * ws_ref[t * k + j].abs().max(1.0), "{case} on {backend}: token {t} expert {id} weight {w} vs {}", ws_ref[t * k + j]);
+                    assert!(
+                        (w - ws_ref[t * k + j]).abs() <= 1e-4 * ws_ref[t * k + j].abs().max(1.0),
+                        "{case} on {backend}: token {t} expert {id} weight {w} vs {}",
+                        ws_ref[t * k + j]
+                    );
                 }
             }
             eprintln!("{case} on {backend}: relative L2 {rel:.2e}");
@@ -114,7 +130,17 @@ fn run_with(dir: &Path, input: &Path, extra: &[&str]) -> (bool, String) {
     let out = dir.join("out.safetensors");
     let _ = std::fs::remove_file(&out);
     let model = fixtures().join("mixtral_f32");
-    let mut args = vec!["run", "--model", model.to_str().unwrap(), "--layer", "1", "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let mut args = vec![
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--layer",
+        "1",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let o = moe(&args);
     let err = stderr(&o);
@@ -123,7 +149,8 @@ fn run_with(dir: &Path, input: &Path, extra: &[&str]) -> (bool, String) {
         assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "a panic: {err}");
         assert!(err.starts_with("error: "), "error is not one sentence: {err}");
         // Nothing half-written either: no temporary files remain.
-        let leftovers: Vec<_> = std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+        let leftovers: Vec<_> =
+            std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
         assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     }
     (o.status.success(), err)
@@ -209,13 +236,35 @@ fn bad_inputs_give_one_clear_sentence_and_no_output() {
     let out = d.join("o.safetensors");
     for (model, layer, needle) in [("mixtral_f32", "7", "layer"), ("deepseek_v3_f32", "0", "dense")] {
         let m = fixtures().join(model);
-        let o = moe(&["run", "--model", m.to_str().unwrap(), "--layer", layer, "--input", m.join("input.safetensors").to_str().unwrap(), "--output", out.to_str().unwrap(), "--backend", "cpu"]);
+        let o = moe(&[
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--layer",
+            layer,
+            "--input",
+            m.join("input.safetensors").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ]);
         let err = stderr(&o);
         assert!(!o.status.success() && err.contains(needle) && !out.exists(), "{model} layer {layer}: {err}");
     }
 
     // A missing model directory.
-    let o = moe(&["run", "--model", "/nonexistent/model", "--layer", "1", "--input", good.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let o = moe(&[
+        "run",
+        "--model",
+        "/nonexistent/model",
+        "--layer",
+        "1",
+        "--input",
+        good.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("/nonexistent/model"), "{}", stderr(&o));
 }
 
@@ -232,7 +281,23 @@ fn devices_lists_every_backend() {
 
 #[test]
 fn demo_runs_and_checks_itself() {
-    let o = moe(&["demo", "--backend", "cpu", "--tokens", "9", "--hidden", "129", "--intermediate", "33", "--experts", "16", "--top-k", "4", "--iters", "2"]);
+    let o = moe(&[
+        "demo",
+        "--backend",
+        "cpu",
+        "--tokens",
+        "9",
+        "--hidden",
+        "129",
+        "--intermediate",
+        "33",
+        "--experts",
+        "16",
+        "--top-k",
+        "4",
+        "--iters",
+        "2",
+    ]);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{s}{}", stderr(&o));
     for needle in ["routing:", "error:", "time:", "GB/s", "matches the reference"] {
@@ -275,7 +340,29 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("b.json");
     let svg = dir.path().join("b.svg");
-    let o = moe(&["bench", "--backend", "cpu", "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4", "--tokens", "1,3", "--iters", "2", "--warmup", "1", "--json", json.to_str().unwrap(), "--plot", svg.to_str().unwrap()]);
+    let o = moe(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "16",
+        "--experts",
+        "16",
+        "--top-k",
+        "4",
+        "--tokens",
+        "1,3",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(out.contains("of floor") && out.contains("GB/s"), "{out}");
@@ -289,12 +376,52 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     // The same plot as PNG (text drawn with a system TrueType font).
     let png = dir.path().join("b.png");
-    let o = moe(&["bench", "--backend", "cpu", "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4", "--tokens", "1,3", "--iters", "2", "--warmup", "1", "--plot", png.to_str().unwrap()]);
+    let o = moe(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "16",
+        "--experts",
+        "16",
+        "--top-k",
+        "4",
+        "--tokens",
+        "1,3",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"), "not a PNG");
     let o = moe(&["bench", "--backend", "cpu", "--tokens", "1", "--plot", "x.gif"]);
     assert!(!o.status.success() && stderr(&o).contains("SVG or PNG"), "{}", stderr(&o));
-    let o = moe(&["bench", "--backend", "cpu", "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4", "--tokens", "1,3", "--iters", "2", "--warmup", "1", "--compare", json.to_str().unwrap()]);
+    let o = moe(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "16",
+        "--experts",
+        "16",
+        "--top-k",
+        "4",
+        "--tokens",
+        "1,3",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--compare",
+        json.to_str().unwrap(),
+    ]);
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ratio"), "{}", stderr(&o));
     // Bad flags are one sentence.
     let o = moe(&["bench", "--backend", "cpu", "--tokens", "0"]);

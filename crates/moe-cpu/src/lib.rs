@@ -94,7 +94,6 @@ impl CpuBackend {
     }
 }
 
-
 impl Backend for CpuBackend {
     type Buffer = CpuBuffer;
 
@@ -141,17 +140,51 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn router_topk(&self, logits: &Tensor<Self>, bias: Option<&Tensor<Self>>, routing: &Routing, topk_ids: &mut Tensor<Self>, topk_weights: &mut Tensor<Self>) -> Result<()> {
-        host::router_topk(logits.buf.f32(), logits.shape[1], bias.map(|b| b.buf.f32()), routing, topk_ids.buf.u32_mut(), topk_weights.buf.f32_mut());
+    fn router_topk(
+        &self,
+        logits: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        routing: &Routing,
+        topk_ids: &mut Tensor<Self>,
+        topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
+        host::router_topk(
+            logits.buf.f32(),
+            logits.shape[1],
+            bias.map(|b| b.buf.f32()),
+            routing,
+            topk_ids.buf.u32_mut(),
+            topk_weights.buf.f32_mut(),
+        );
         Ok(())
     }
 
-    fn permute(&self, topk_ids: &Tensor<Self>, expert_offsets: &mut Tensor<Self>, row_index: &mut Tensor<Self>, token_index: &mut Tensor<Self>) -> Result<()> {
+    fn permute(
+        &self,
+        topk_ids: &Tensor<Self>,
+        expert_offsets: &mut Tensor<Self>,
+        row_index: &mut Tensor<Self>,
+        token_index: &mut Tensor<Self>,
+    ) -> Result<()> {
         let experts = expert_offsets.len() - 1;
-        host::permute(topk_ids.buf.u32(), experts, expert_offsets.buf.u32_mut(), row_index.buf.u32_mut(), token_index.buf.u32_mut(), topk_ids.shape[1])
+        host::permute(
+            topk_ids.buf.u32(),
+            experts,
+            expert_offsets.buf.u32_mut(),
+            row_index.buf.u32_mut(),
+            token_index.buf.u32_mut(),
+            topk_ids.shape[1],
+        )
     }
 
-    fn grouped_gemm(&self, x: &Tensor<Self>, token_index: Option<&Tensor<Self>>, w: &Tensor<Self>, expert_offsets: Option<&Tensor<Self>>, y: &mut Tensor<Self>) -> Result<()> {
+    fn grouped_gemm(
+        &self,
+        x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
         let n = y.shape[1];
         host::grouped_gemm(
             x.buf.f32(),
@@ -171,7 +204,22 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn combine(&self, y: &Tensor<Self>, row_index: &Tensor<Self>, topk_weights: &Tensor<Self>, shared: Option<&Tensor<Self>>, out: &mut Tensor<Self>) -> Result<()> {
-        host::combine(y.buf.f32(), y.shape[1], row_index.buf.u32(), topk_weights.buf.f32(), topk_weights.shape[1], shared.map(|s| s.buf.f32()), out.buf.f32_mut())
+    fn combine(
+        &self,
+        y: &Tensor<Self>,
+        row_index: &Tensor<Self>,
+        topk_weights: &Tensor<Self>,
+        shared: Option<&Tensor<Self>>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()> {
+        host::combine(
+            y.buf.f32(),
+            y.shape[1],
+            row_index.buf.u32(),
+            topk_weights.buf.f32(),
+            topk_weights.shape[1],
+            shared.map(|s| s.buf.f32()),
+            out.buf.f32_mut(),
+        )
     }
 }

@@ -147,7 +147,9 @@ pub(crate) fn driver_library() -> std::result::Result<(), String> {
                 if unsafe { sys::is_culib_present() } {
                     return Ok(());
                 }
-                for dir in ["/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib/wsl/lib"] {
+                for dir in
+                    ["/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib/wsl/lib"]
+                {
                     let path = Path::new(dir).join("libcuda.so.1");
                     // SAFETY: as above.
                     if path.is_file() && preload(&path) && unsafe { sys::is_culib_present() } {
@@ -376,13 +378,19 @@ impl Device {
     pub fn emulated(lib: &Path) -> Result<Device> {
         // SAFETY: loading our own emulator library; the symbols have the declared signatures.
         let emu = unsafe {
-            let l = libloading::Library::new(lib).map_err(|e| Error::Unavailable(format!("cannot load the CUDA emulator {}: {e}", lib.display())))?;
+            let l = libloading::Library::new(lib)
+                .map_err(|e| Error::Unavailable(format!("cannot load the CUDA emulator {}: {e}", lib.display())))?;
             let sym = |name: &[u8]| -> Result<*const ()> {
-                l.get::<*const ()>(name).map(|s| *s).map_err(|e| Error::Unavailable(format!("the CUDA emulator {} lacks a symbol: {e}", lib.display())))
+                l.get::<*const ()>(name)
+                    .map(|s| *s)
+                    .map_err(|e| Error::Unavailable(format!("the CUDA emulator {} lacks a symbol: {e}", lib.display())))
             };
             let (launch, alloc, free) = (sym(b"emu_launch\0")?, sym(b"emu_alloc\0")?, sym(b"emu_free\0")?);
             Emu {
-                launch: std::mem::transmute::<*const (), unsafe extern "C" fn(*const std::ffi::c_char, u32, u32, u32, *const u32, *const u64, i32) -> i32>(launch),
+                launch: std::mem::transmute::<
+                    *const (),
+                    unsafe extern "C" fn(*const std::ffi::c_char, u32, u32, u32, *const u32, *const u64, i32) -> i32,
+                >(launch),
                 alloc: std::mem::transmute::<*const (), unsafe extern "C" fn(usize) -> u64>(alloc),
                 free: std::mem::transmute::<*const (), unsafe extern "C" fn(u64)>(free),
                 _lib: l,

@@ -2,7 +2,7 @@
 //! first use for the device's own architecture, loaded as a module and cached per device, and the
 //! helper that launches one kernel.
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{CString, c_char, c_void};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result as dr;
@@ -217,13 +217,13 @@ pub(crate) fn compile(source: Source, target: Target, extra: &[&str]) -> Result<
         })
         .unwrap_or_default();
     let image = match compiled {
-        Err(e) => Err(Error::Driver(format!(
-            "NVRTC could not compile {} for {target} ({:?}); options {opts:?}:\n{log}",
-            source.file(),
-            e.0
-        ))),
+        Err(e) => {
+            Err(Error::Driver(format!("NVRTC could not compile {} for {target} ({:?}); options {opts:?}:\n{log}", source.file(), e.0)))
+        }
         Ok(()) => match target {
-            Target::Ptx(_) => unsafe { nr::get_ptx(prog) }.map(|p| p.into_iter().map(|c| c as u8).collect()).map_err(|e| nvrtc_err("nvrtcGetPTX", e)),
+            Target::Ptx(_) => {
+                unsafe { nr::get_ptx(prog) }.map(|p| p.into_iter().map(|c| c as u8).collect()).map_err(|e| nvrtc_err("nvrtcGetPTX", e))
+            }
             Target::Cubin(_) => unsafe { cubin(prog) },
         },
     };
@@ -337,14 +337,27 @@ impl Device {
     /// `params` (each kernel reads it as its own struct of 16 32-bit fields), then `ptrs`, device
     /// pointers, in order.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn launch(&self, source: Source, entry: &'static str, grid: u32, block: u32, smem: u32, params: &[u32; 16], ptrs: &[u64]) -> Result<()> {
+    pub(crate) fn launch(
+        &self,
+        source: Source,
+        entry: &'static str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        params: &[u32; 16],
+        ptrs: &[u64],
+    ) -> Result<()> {
         if let Some(emu) = &self.emu {
             self.ready()?;
             let name = CString::new(entry).unwrap_or_default();
             // SAFETY: the emulator reads `params` (16 words) and `ptrs` (`ptrs.len()` words) during
             // the call and runs the whole launch before returning.
             let r = unsafe { (emu.launch)(name.as_ptr(), grid.max(1), block, smem, params.as_ptr(), ptrs.as_ptr(), ptrs.len() as i32) };
-            return if r == 0 { Ok(()) } else { Err(Error::Driver(format!("the emulator could not launch {entry} from {} (code {r})", source.file()))) };
+            return if r == 0 {
+                Ok(())
+            } else {
+                Err(Error::Driver(format!("the emulator could not launch {entry} from {} (code {r})", source.file())))
+            };
         }
         let f = self.func(source, entry)?;
         self.ready()?;

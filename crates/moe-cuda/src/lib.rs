@@ -209,7 +209,14 @@ impl CudaBackend {
         features.push(format!("L2 {} MiB", f.l2_bytes >> 20));
         let info = BackendInfo {
             name: "cuda".into(),
-            device: format!("{} (sm_{}, {} SMs, CUDA driver {}.{})", f.name, f.cc, f.sms, f.driver_version / 1000, f.driver_version % 1000 / 10),
+            device: format!(
+                "{} (sm_{}, {} SMs, CUDA driver {}.{})",
+                f.name,
+                f.cc,
+                f.sms,
+                f.driver_version / 1000,
+                f.driver_version % 1000 / 10
+            ),
             memory_bytes: f.total_mem as u64,
             max_buffer_bytes: f.total_mem as u64,
             subgroup_size: Some(32),

@@ -15,7 +15,8 @@ fn params(words: &[u32]) -> [u32; 16] {
 
 /// `v` as a kernel's 32-bit size, or [`Error::Unsupported`] naming it.
 fn dim(name: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::Unsupported(format!("{name} = {v} does not fit the kernels' 32-bit indices; run fewer tokens per call")))
+    u32::try_from(v)
+        .map_err(|_| Error::Unsupported(format!("{name} = {v} does not fit the kernels' 32-bit indices; run fewer tokens per call")))
 }
 
 /// A grid of `blocks` blocks, checked against CUDA's limit for the x dimension.
@@ -54,11 +55,7 @@ pub(crate) enum Plan {
 pub(crate) fn plan(force: GemmPath, m: usize, n: usize, g: usize, grouped: bool, dtype: DType, cc: u32, sms: u32, swiglu: bool) -> Plan {
     let tensor = dtype != DType::F32 && cc >= 80;
     let tiled = || {
-        if !tensor {
-            Plan::Simt
-        } else {
-            Plan::Mma { bm: if m <= 64 * g { 64 } else { 128 }, split: !grouped }
-        }
+        if !tensor { Plan::Simt } else { Plan::Mma { bm: if m <= 64 * g { 64 } else { 128 }, split: !grouped } }
     };
     let gemv = || {
         // Four weight rows per warp unless that leaves fewer than two blocks per multiprocessor.
@@ -88,17 +85,44 @@ fn dtype_name(d: DType) -> &'static str {
 pub(crate) fn gemm_entry(plan: Plan, dtype: DType, k: usize) -> &'static str {
     let names: &[&'static str] = match plan {
         Plan::Gemv { .. } => &[
-            "gemv_f32_r1_vec", "gemv_f32_r1_any", "gemv_f32_r2_vec", "gemv_f32_r2_any", "gemv_f32_r4_vec", "gemv_f32_r4_any",
-            "gemv_f16_r1_vec", "gemv_f16_r1_any", "gemv_f16_r2_vec", "gemv_f16_r2_any", "gemv_f16_r4_vec", "gemv_f16_r4_any",
-            "gemv_bf16_r1_vec", "gemv_bf16_r1_any", "gemv_bf16_r2_vec", "gemv_bf16_r2_any", "gemv_bf16_r4_vec", "gemv_bf16_r4_any",
+            "gemv_f32_r1_vec",
+            "gemv_f32_r1_any",
+            "gemv_f32_r2_vec",
+            "gemv_f32_r2_any",
+            "gemv_f32_r4_vec",
+            "gemv_f32_r4_any",
+            "gemv_f16_r1_vec",
+            "gemv_f16_r1_any",
+            "gemv_f16_r2_vec",
+            "gemv_f16_r2_any",
+            "gemv_f16_r4_vec",
+            "gemv_f16_r4_any",
+            "gemv_bf16_r1_vec",
+            "gemv_bf16_r1_any",
+            "gemv_bf16_r2_vec",
+            "gemv_bf16_r2_any",
+            "gemv_bf16_r4_vec",
+            "gemv_bf16_r4_any",
         ],
         Plan::Mma { split: false, .. } => &[
-            "mma_f16_m64_vec", "mma_f16_m64_any", "mma_f16_m128_vec", "mma_f16_m128_any",
-            "mma_bf16_m64_vec", "mma_bf16_m64_any", "mma_bf16_m128_vec", "mma_bf16_m128_any",
+            "mma_f16_m64_vec",
+            "mma_f16_m64_any",
+            "mma_f16_m128_vec",
+            "mma_f16_m128_any",
+            "mma_bf16_m64_vec",
+            "mma_bf16_m64_any",
+            "mma_bf16_m128_vec",
+            "mma_bf16_m128_any",
         ],
         Plan::Mma { split: true, .. } => &[
-            "mma_split_f16_m64_vec", "mma_split_f16_m64_any", "mma_split_f16_m128_vec", "mma_split_f16_m128_any",
-            "mma_split_bf16_m64_vec", "mma_split_bf16_m64_any", "mma_split_bf16_m128_vec", "mma_split_bf16_m128_any",
+            "mma_split_f16_m64_vec",
+            "mma_split_f16_m64_any",
+            "mma_split_f16_m128_vec",
+            "mma_split_f16_m128_any",
+            "mma_split_bf16_m64_vec",
+            "mma_split_bf16_m64_any",
+            "mma_split_bf16_m128_vec",
+            "mma_split_bf16_m128_any",
         ],
         Plan::Simt => &["simt_f32_vec", "simt_f32_any", "simt_f16_vec", "simt_f16_any", "simt_bf16_vec", "simt_bf16_any"],
     };
@@ -187,7 +211,8 @@ impl CudaBackend {
         dim("(experts + 1) * tiles", (e + 1) * tiles)?;
         let counts = self.scratch((e + 1) * tiles.max(1) * 4)?;
         let p = params(&[dim("T * k", pairs)?, dim("experts", e)?, dim("top-k", k)?, tiles as u32]);
-        let (ids, ri, ti, off, errs) = (Self::ptr(topk_ids), Self::ptr(row_index), Self::ptr(token_index), Self::ptr(expert_offsets), self.dev.errs);
+        let (ids, ri, ti, off, errs) =
+            (Self::ptr(topk_ids), Self::ptr(row_index), Self::ptr(token_index), Self::ptr(expert_offsets), self.dev.errs);
         let g = grid("permute", tiles)?;
         if tiles > 0 {
             self.dev.launch(Source::Permute, "permute_rank", g, 1024, 0, &p, &[ids, ri, counts.ptr, errs])?;
@@ -217,7 +242,8 @@ impl CudaBackend {
         let gather = token_index.is_some();
         let head = [dim("M", m)?, dim("N", n)?, dim("K", k)?, dim("rows of x", mx)?, dim("groups", g)?, grouped as u32, gather as u32];
         dim("G * N", g * n)?;
-        let (xp, tip, wp, offp, yp) = (Self::ptr(x), self.ptr_or_dummy(token_index), Self::ptr(w), self.ptr_or_dummy(expert_offsets), Self::ptr(y));
+        let (xp, tip, wp, offp, yp) =
+            (Self::ptr(x), self.ptr_or_dummy(token_index), Self::ptr(w), self.ptr_or_dummy(expert_offsets), Self::ptr(y));
 
         let mut head = params(&head);
         head[11] = swiglu as u32;

@@ -2,8 +2,8 @@
 //! "unavailable" path), and tests against `moe-cpu` that run only where a CUDA device is (they
 //! print why they skip elsewhere, and fail when `MOE_REQUIRE_BACKENDS` names `cuda`).
 
-use crate::kernels::{self, choose_target, Source, Target};
-use crate::ops::{gemm_entry, plan, Plan};
+use crate::kernels::{self, Source, Target, choose_target};
+use crate::ops::{Plan, gemm_entry, plan};
 use crate::{CudaBackend, GemmPath};
 use moe_hal::{DType, Error};
 
@@ -79,7 +79,12 @@ fn nvrtc_compiles_every_kernel() {
             // The cubin the backend loads, with the backend's options.
             match kernels::compile(source, Target::Cubin(arch), &[]) {
                 Ok(c) if !c.log.is_empty() => failures.push(format!("{} sm_{arch}: NVRTC said:\n{}", source.file(), c.log)),
-                Ok(c) => println!("{:<16} sm_{arch} cubin {:>8} bytes in {:>5} ms, no warnings", source.file(), c.image.len(), start.elapsed().as_millis()),
+                Ok(c) => println!(
+                    "{:<16} sm_{arch} cubin {:>8} bytes in {:>5} ms, no warnings",
+                    source.file(),
+                    c.image.len(),
+                    start.elapsed().as_millis()
+                ),
                 Err(e) => {
                     failures.push(format!("{} sm_{arch}: {e}", source.file()));
                     continue;
@@ -106,7 +111,13 @@ fn nvrtc_compiles_every_kernel() {
                 Ok(c) => {
                     let usage = parse_ptxas(&c.log);
                     if usage.len() != source.entries().len() {
-                        failures.push(format!("{} sm_{arch}: ptxas reported {} kernels, expected {}:\n{}", source.file(), usage.len(), source.entries().len(), c.log));
+                        failures.push(format!(
+                            "{} sm_{arch}: ptxas reported {} kernels, expected {}:\n{}",
+                            source.file(),
+                            usage.len(),
+                            source.entries().len(),
+                            c.log
+                        ));
                     }
                     for u in usage {
                         println!(
@@ -114,7 +125,13 @@ fn nvrtc_compiles_every_kernel() {
                             u.name, u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads
                         );
                         if u.spill_stores != 0 || u.spill_loads != 0 {
-                            failures.push(format!("{} sm_{arch}: {} spills registers ({} B stores, {} B loads)", source.file(), u.name, u.spill_stores, u.spill_loads));
+                            failures.push(format!(
+                                "{} sm_{arch}: {} spills registers ({} B stores, {} B loads)",
+                                source.file(),
+                                u.name,
+                                u.spill_stores,
+                                u.spill_loads
+                            ));
                         }
                     }
                 }
@@ -222,7 +239,7 @@ fn no_driver_means_unavailable_not_a_panic() {
 
 #[test]
 fn flags_decode_to_sentences() {
-    use moe_hal::flags::{decode as decode_flags, WORDS as ERR_WORDS};
+    use moe_hal::flags::{WORDS as ERR_WORDS, decode as decode_flags};
     let mut w = [0u32; ERR_WORDS];
     assert!(decode_flags(&w).is_ok());
     w[0] = 1;

@@ -23,15 +23,8 @@ pub enum Op {
 
 impl Op {
     /// Every op, in pipeline order.
-    pub const ALL: [Op; 7] = [
-        Op::RouterTopk,
-        Op::Permute,
-        Op::GroupedGemm,
-        Op::GroupedGemmSwiglu,
-        Op::Activation,
-        Op::Combine,
-        Op::Forward,
-    ];
+    pub const ALL: [Op; 7] =
+        [Op::RouterTopk, Op::Permute, Op::GroupedGemm, Op::GroupedGemmSwiglu, Op::Activation, Op::Combine, Op::Forward];
 
     /// The one name of this op: the trait method, the shader files, the conformance case.
     pub fn name(self) -> &'static str {
@@ -130,10 +123,7 @@ pub trait Backend: Send + Sync + 'static {
     /// needs the bandwidth as a flag.
     fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<()> {
         let _ = (src, dst);
-        Err(crate::Error::Unsupported(format!(
-            "{} has no device copy",
-            self.info().name
-        )))
+        Err(crate::Error::Unsupported(format!("{} has no device copy", self.info().name)))
     }
 
     /// Routing: `logits [T, E]` f32 → `topk_ids [T, k]` u32 (best first) and `topk_weights [T, k]`

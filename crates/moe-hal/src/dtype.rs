@@ -50,14 +50,8 @@ impl DType {
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             DType::F32 => bytemuck::cast_slice(values).to_vec(),
-            DType::F16 => values
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect(),
-            DType::BF16 => values
-                .iter()
-                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                .collect(),
+            DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
             DType::U32 => panic!("DType::encode is for float dtypes; use bytemuck for u32"),
         }
     }

@@ -28,14 +28,7 @@ pub fn router_topk<B: Backend + ?Sized>(
     let bias = bias.map(|t| t.to_f32(b)).transpose()?;
     let mut ids = vec![0u32; topk_ids.len()];
     let mut w = vec![0f32; topk_weights.len()];
-    host::router_topk(
-        &l,
-        logits.shape[1],
-        bias.as_deref(),
-        routing,
-        &mut ids,
-        &mut w,
-    );
+    host::router_topk(&l, logits.shape[1], bias.as_deref(), routing, &mut ids, &mut w);
     put(b, topk_ids, bytemuck::cast_slice(&ids))?;
     put(b, topk_weights, bytemuck::cast_slice(&w))
 }
@@ -52,14 +45,7 @@ pub fn permute<B: Backend + ?Sized>(
     let mut off = vec![0u32; expert_offsets.len()];
     let mut ri = vec![0u32; row_index.len()];
     let mut ti = vec![0u32; token_index.len()];
-    host::permute(
-        &ids,
-        off.len() - 1,
-        &mut off,
-        &mut ri,
-        &mut ti,
-        topk_ids.shape[1],
-    )?;
+    host::permute(&ids, off.len() - 1, &mut off, &mut ri, &mut ti, topk_ids.shape[1])?;
     put(b, expert_offsets, bytemuck::cast_slice(&off))?;
     put(b, row_index, bytemuck::cast_slice(&ri))?;
     put(b, token_index, bytemuck::cast_slice(&ti))
@@ -91,25 +77,12 @@ pub fn grouped_gemm<B: Backend + ?Sized>(
     };
     let n = y.shape[1];
     let mut ys = vec![0f32; y.len()];
-    host::grouped_gemm(
-        &xs,
-        x.shape[1],
-        ti.as_deref(),
-        weights,
-        n,
-        off.as_deref(),
-        &mut ys,
-        Accumulate::F32,
-    )?;
+    host::grouped_gemm(&xs, x.shape[1], ti.as_deref(), weights, n, off.as_deref(), &mut ys, Accumulate::F32)?;
     put(b, y, bytemuck::cast_slice(&ys))
 }
 
 /// [`Backend::activation`] through the host.
-pub fn activation<B: Backend + ?Sized>(
-    b: &B,
-    gate_up: &Tensor<B>,
-    h: &mut Tensor<B>,
-) -> Result<()> {
+pub fn activation<B: Backend + ?Sized>(b: &B, gate_up: &Tensor<B>, h: &mut Tensor<B>) -> Result<()> {
     let gu = gate_up.to_f32(b)?;
     let mut hs = vec![0f32; h.len()];
     host::activation(&gu, h.shape[1], &mut hs);
@@ -130,14 +103,6 @@ pub fn combine<B: Backend + ?Sized>(
     let w = topk_weights.to_f32(b)?;
     let s = shared.map(|t| t.to_f32(b)).transpose()?;
     let mut o = vec![0f32; out.len()];
-    host::combine(
-        &ys,
-        y.shape[1],
-        &ri,
-        &w,
-        topk_weights.shape[1],
-        s.as_deref(),
-        &mut o,
-    )?;
+    host::combine(&ys, y.shape[1], &ri, &w, topk_weights.shape[1], s.as_deref(), &mut o)?;
     put(b, out, bytemuck::cast_slice(&o))
 }

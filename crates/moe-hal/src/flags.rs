@@ -27,11 +27,7 @@ pub const WORDS: usize = 16;
 /// The first error the flag words describe, or `Ok` when none is raised.
 pub fn decode(w: &[u32; WORDS]) -> Result<()> {
     if w[0] != 0 {
-        return crate::invalid!(
-            "topk_ids holds an expert id >= {} (largest: {}); ids must be below the expert count",
-            w[2],
-            w[1]
-        );
+        return crate::invalid!("topk_ids holds an expert id >= {} (largest: {}); ids must be below the expert count", w[2], w[1]);
     }
     if w[3] & 1 != 0 {
         return crate::invalid!("expert_offsets must start at 0");
@@ -40,11 +36,7 @@ pub fn decode(w: &[u32; WORDS]) -> Result<()> {
         return crate::invalid!("expert_offsets are not cumulative (they decrease somewhere)");
     }
     if w[3] & 4 != 0 {
-        return crate::invalid!(
-            "expert_offsets ends at {} but y has only {} rows",
-            w[4],
-            w[5]
-        );
+        return crate::invalid!("expert_offsets ends at {} but y has only {} rows", w[4], w[5]);
     }
     if w[6] != 0 {
         return crate::invalid!("token_index holds {} but x has only {} rows", w[7], w[8]);

@@ -32,13 +32,7 @@ pub fn composed<B: Backend>(
 
     let mut logits = Tensor::alloc(b, DType::F32, &[t, e])?;
     b.grouped_gemm(x, None, &layer.router, None, &mut logits)?;
-    b.router_topk(
-        &logits,
-        layer.bias.as_ref(),
-        &c.routing,
-        topk_ids,
-        topk_weights,
-    )?;
+    b.router_topk(&logits, layer.bias.as_ref(), &c.routing, topk_ids, topk_weights)?;
 
     let mut offsets = Tensor::alloc(b, DType::U32, &[e + 1])?;
     let mut row_index = Tensor::alloc(b, DType::U32, &[rows])?;

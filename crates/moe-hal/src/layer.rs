@@ -111,39 +111,21 @@ impl MoeConfig {
             return invalid!("{} experts is more than ids can hold", self.experts);
         }
         if self.top_k == 0 || self.top_k > self.experts {
-            return invalid!(
-                "top-k must be between 1 and the expert count {}, got {}",
-                self.experts,
-                self.top_k
-            );
+            return invalid!("top-k must be between 1 and the expert count {}, got {}", self.experts, self.top_k);
         }
-        if let Routing::SigmoidGrouped {
-            n_group,
-            topk_group,
-            routed_scaling_factor,
-            ..
-        } = self.routing
-        {
+        if let Routing::SigmoidGrouped { n_group, topk_group, routed_scaling_factor, .. } = self.routing {
             if n_group == 0 || !self.experts.is_multiple_of(n_group) {
-                return invalid!(
-                    "n_group {n_group} must divide the expert count {}",
-                    self.experts
-                );
+                return invalid!("n_group {n_group} must divide the expert count {}", self.experts);
             }
             if topk_group == 0 || topk_group > n_group {
                 return invalid!("topk_group {topk_group} must be between 1 and n_group {n_group}");
             }
             let reachable = topk_group * (self.experts / n_group);
             if self.top_k > reachable {
-                return invalid!(
-                    "top-k {} is larger than the {reachable} experts in the {topk_group} kept groups",
-                    self.top_k
-                );
+                return invalid!("top-k {} is larger than the {reachable} experts in the {topk_group} kept groups", self.top_k);
             }
             if !routed_scaling_factor.is_finite() {
-                return invalid!(
-                    "routed_scaling_factor must be finite, got {routed_scaling_factor}"
-                );
+                return invalid!("routed_scaling_factor must be finite, got {routed_scaling_factor}");
             }
         }
         Ok(())
@@ -151,18 +133,9 @@ impl MoeConfig {
 
     /// Bytes of all weights of this layer stored in `dtype` (the bias is always f32).
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
-        let (h, i, e, s) = (
-            self.hidden as u64,
-            self.intermediate as u64,
-            self.experts as u64,
-            self.shared_intermediate as u64,
-        );
+        let (h, i, e, s) = (self.hidden as u64, self.intermediate as u64, self.experts as u64, self.shared_intermediate as u64);
         let elems = e * h + e * 3 * i * h + 3 * s * h;
-        let bias = if matches!(self.routing, Routing::SigmoidGrouped { .. }) {
-            4 * e
-        } else {
-            0
-        };
+        let bias = if matches!(self.routing, Routing::SigmoidGrouped { .. }) { 4 * e } else { 0 };
         elems * dtype.size() as u64 + bias
     }
 }
@@ -183,16 +156,9 @@ impl HostTensor {
     pub fn new(dtype: DType, shape: &[usize], data: Vec<u8>) -> Result<Self> {
         let want = shape.iter().product::<usize>() * dtype.size();
         if data.len() != want {
-            return invalid!(
-                "a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}",
-                data.len()
-            );
+            return invalid!("a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}", data.len());
         }
-        Ok(HostTensor {
-            dtype,
-            shape: shape.to_vec(),
-            data,
-        })
+        Ok(HostTensor { dtype, shape: shape.to_vec(), data })
     }
 
     /// Encodes f32 values into `dtype` (rounding to nearest even).
@@ -270,19 +236,12 @@ impl HostLayer {
                 );
             }
         }
-        let m = |t: &HostTensor| Meta {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        };
+        let m = |t: &HostTensor| Meta { dtype: t.dtype, shape: t.shape.clone() };
         check_layout(
             &self.config,
             self.dtype,
             [m(&self.router), m(&self.gate_up), m(&self.down)],
-            [
-                self.bias.as_ref().map(m),
-                self.shared_gate_up.as_ref().map(m),
-                self.shared_down.as_ref().map(m),
-            ],
+            [self.bias.as_ref().map(m), self.shared_gate_up.as_ref().map(m), self.shared_down.as_ref().map(m)],
         )
     }
 
@@ -310,11 +269,7 @@ impl HostLayer {
 /// The dtype a router stored in `stored` keeps when the experts move to `experts`: f32 when either
 /// is f32 (never round a router that has the precision), else the experts' dtype.
 pub fn router_dtype(stored: DType, experts: DType) -> DType {
-    if stored == DType::F32 || experts == DType::F32 {
-        DType::F32
-    } else {
-        experts
-    }
+    if stored == DType::F32 || experts == DType::F32 { DType::F32 } else { experts }
 }
 
 /// The weights of one MoE layer resident on a backend; made by [`Layer::upload`].
@@ -380,19 +335,12 @@ impl<B: Backend + ?Sized> Layer<B> {
     /// Checks every resident tensor against the config (the fields are public, so a caller may
     /// have assembled a layer by hand).
     pub fn validate(&self) -> Result<()> {
-        let m = |t: &Tensor<B>| Meta {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        };
+        let m = |t: &Tensor<B>| Meta { dtype: t.dtype, shape: t.shape.clone() };
         check_layout(
             &self.config,
             self.dtype,
             [m(&self.router), m(&self.gate_up), m(&self.down)],
-            [
-                self.bias.as_ref().map(m),
-                self.shared_gate_up.as_ref().map(m),
-                self.shared_down.as_ref().map(m),
-            ],
+            [self.bias.as_ref().map(m), self.shared_gate_up.as_ref().map(m), self.shared_down.as_ref().map(m)],
         )
     }
 }
@@ -405,12 +353,7 @@ struct Meta {
 
 /// The one check of a layer's tensors against its config, for [`HostLayer`] and [`Layer`]:
 /// `[router, gate_up, down]` and the optional `[bias, shared_gate_up, shared_down]`.
-fn check_layout(
-    c: &MoeConfig,
-    dtype: DType,
-    required: [Meta; 3],
-    optional: [Option<Meta>; 3],
-) -> Result<()> {
+fn check_layout(c: &MoeConfig, dtype: DType, required: [Meta; 3], optional: [Option<Meta>; 3]) -> Result<()> {
     c.validate()?;
     if !dtype.is_float() {
         return invalid!("layer weights must be f32, f16 or bf16, not {dtype}");
@@ -418,21 +361,14 @@ fn check_layout(
     let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared_intermediate);
     let check = |name: &str, t: &Meta, dtype: DType, shape: &[usize]| -> Result<()> {
         if t.dtype != dtype || t.shape != shape {
-            return invalid!(
-                "{name} must be {dtype} {shape:?}, got {} {:?}",
-                t.dtype,
-                t.shape
-            );
+            return invalid!("{name} must be {dtype} {shape:?}, got {} {:?}", t.dtype, t.shape);
         }
         Ok(())
     };
     let [router, gate_up, down] = required;
     let [bias, shared_gate_up, shared_down] = optional;
     if !router.dtype.is_float() {
-        return invalid!(
-            "router weight must be f32, f16 or bf16, not {}",
-            router.dtype
-        );
+        return invalid!("router weight must be f32, f16 or bf16, not {}", router.dtype);
     }
     check("router weight", &router, router.dtype, &[e, h])?;
     check("expert gate/up weights", &gate_up, dtype, &[e, 2 * i, h])?;

@@ -5,12 +5,7 @@
 
 use crate::{Backend, DType, Layer, Result, Routing, Tensor, invalid};
 
-fn expect<B: Backend + ?Sized>(
-    name: &str,
-    t: &Tensor<B>,
-    dtype: DType,
-    shape: &[usize],
-) -> Result<()> {
+fn expect<B: Backend + ?Sized>(name: &str, t: &Tensor<B>, dtype: DType, shape: &[usize]) -> Result<()> {
     if t.dtype != dtype {
         return invalid!("{name} must be {dtype}, got {}", t.dtype);
     }
@@ -39,14 +34,7 @@ pub fn router_topk<B: Backend + ?Sized>(
     let (t, e) = matrix("logits", logits)?;
     expect("logits", logits, DType::F32, &[t, e])?;
     let (_, k) = matrix("topk_ids", topk_ids)?;
-    let config = crate::MoeConfig {
-        hidden: 1,
-        intermediate: 1,
-        experts: e,
-        top_k: k,
-        routing: *routing,
-        shared_intermediate: 0,
-    };
+    let config = crate::MoeConfig { hidden: 1, intermediate: 1, experts: e, top_k: k, routing: *routing, shared_intermediate: 0 };
     config.validate()?;
     expect("topk_ids", topk_ids, DType::U32, &[t, k])?;
     expect("topk_weights", topk_weights, DType::F32, &[t, k])?;
@@ -75,10 +63,7 @@ pub fn permute<B: Backend + ?Sized>(
     let e = match expert_offsets.shape[..] {
         [n] if n >= 2 => n - 1,
         _ => {
-            return invalid!(
-                "expert_offsets must be [E + 1] with E >= 1, got shape {:?}",
-                expert_offsets.shape
-            );
+            return invalid!("expert_offsets must be [E + 1] with E >= 1, got shape {:?}", expert_offsets.shape);
         }
     };
     expect("expert_offsets", expert_offsets, DType::U32, &[e + 1])?;
@@ -173,11 +158,7 @@ fn gemm_shape<B: Backend + ?Sized>(
 }
 
 /// Validates, then [`Backend::activation`].
-pub fn activation<B: Backend + ?Sized>(
-    backend: &B,
-    gate_up: &Tensor<B>,
-    h: &mut Tensor<B>,
-) -> Result<()> {
+pub fn activation<B: Backend + ?Sized>(backend: &B, gate_up: &Tensor<B>, h: &mut Tensor<B>) -> Result<()> {
     let (m, two_i) = matrix("gate_up", gate_up)?;
     expect("gate_up", gate_up, DType::F32, &[m, two_i])?;
     if two_i % 2 != 0 {
@@ -230,10 +211,7 @@ pub fn forward<B: Backend>(
     let c = &layer.config;
     let (t, h) = matrix("hidden_states", x)?;
     if h != c.hidden {
-        return invalid!(
-            "hidden_states has {h} columns but the layer's hidden size is {}",
-            c.hidden
-        );
+        return invalid!("hidden_states has {h} columns but the layer's hidden size is {}", c.hidden);
     }
     expect("hidden_states", x, DType::F32, &[t, h])?;
     expect("output", out, DType::F32, &[t, h])?;

@@ -15,27 +15,16 @@ pub struct Tensor<B: Backend + ?Sized> {
 impl<B: Backend + ?Sized> Tensor<B> {
     /// Allocates an uninitialised tensor.
     pub fn alloc(backend: &B, dtype: DType, shape: &[usize]) -> Result<Self> {
-        Ok(Tensor {
-            buf: backend.alloc(dtype, shape)?,
-            dtype,
-            shape: shape.to_vec(),
-        })
+        Ok(Tensor { buf: backend.alloc(dtype, shape)?, dtype, shape: shape.to_vec() })
     }
 
     /// Copies little-endian `bytes` to a new tensor; their length must match the shape.
     pub fn upload(backend: &B, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Self> {
         let want = shape.iter().product::<usize>() * dtype.size();
         if bytes.len() != want {
-            return invalid!(
-                "a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}",
-                bytes.len()
-            );
+            return invalid!("a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}", bytes.len());
         }
-        Ok(Tensor {
-            buf: backend.upload(dtype, shape, bytes)?,
-            dtype,
-            shape: shape.to_vec(),
-        })
+        Ok(Tensor { buf: backend.upload(dtype, shape, bytes)?, dtype, shape: shape.to_vec() })
     }
 
     /// Uploads f32 values, encoded as `dtype` (f32, f16 or bf16).

@@ -81,11 +81,7 @@ impl Batches {
 
     /// Records into the calling thread's open batch and keeps the buffers `bufs` yields alive
     /// until it is submitted; false (nothing recorded, `bufs` not called) when this thread has none.
-    pub fn record<'b>(
-        &self,
-        bufs: impl FnOnce() -> Vec<&'b wgpu::Buffer>,
-        f: impl FnOnce(&mut wgpu::CommandEncoder),
-    ) -> bool {
+    pub fn record<'b>(&self, bufs: impl FnOnce() -> Vec<&'b wgpu::Buffer>, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> bool {
         let mut slot = self.lock();
         match slot.as_mut() {
             Some(b) if b.owner == std::thread::current().id() => {

@@ -66,7 +66,6 @@ pub(crate) fn describe(info: &wgpu::AdapterInfo) -> String {
     format!("{} ({api})", info.name)
 }
 
-
 /// The largest device-local Vulkan memory heap, when the adapter is a Vulkan one.
 pub(crate) fn vulkan_device_local_bytes(adapter: &wgpu::Adapter) -> Option<u64> {
     // SAFETY: the hal adapter is only read (one query of memory properties on its own physical
@@ -126,9 +125,8 @@ pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
 }
 
 /// The features `tiled_coop` (grouped_gemm on cooperative matrices) needs from the device.
-pub(crate) const COOP_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
-    .union(wgpu::Features::SUBGROUP)
-    .union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+pub(crate) const COOP_FEATURES: wgpu::Features =
+    wgpu::Features::SHADER_F16.union(wgpu::Features::SUBGROUP).union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
 
 /// The cooperative-matrix size `tiled_coop` can use on `adapter`: the largest square f16 x f16 ->
 /// f32 configuration of size 8 or 16, when the adapter has [`COOP_FEATURES`], 24 KiB of workgroup

@@ -73,7 +73,12 @@ fn tensor_cores_in_use_where_required() {
         let b = gpu();
         let want: u32 = v.trim().parse().expect("MOE_REQUIRE_TENSOR_CORES is 1, 8 or 16");
         let got = b.tensor_cores();
-        assert!(got.is_some_and(|s| want == 1 || s == want), "MOE_REQUIRE_TENSOR_CORES={want} but {} uses {got:?}: {:?}", b.info().device, b.info().features);
+        assert!(
+            got.is_some_and(|s| want == 1 || s == want),
+            "MOE_REQUIRE_TENSOR_CORES={want} but {} uses {got:?}: {:?}",
+            b.info().device,
+            b.info().features
+        );
     }
 }
 
@@ -535,7 +540,14 @@ fn forwards_from_several_threads_at_once() {
     let b = gpu();
     let cpu = CpuBackend::new();
     let mut r = Rng(5);
-    let config = MoeConfig { hidden: 40, intermediate: 24, experts: 8, top_k: 3, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 8 };
+    let config = MoeConfig {
+        hidden: 40,
+        intermediate: 24,
+        experts: 8,
+        top_k: 3,
+        routing: Routing::Softmax { norm_topk_prob: true },
+        shared_intermediate: 8,
+    };
     let layer = random_layer(&mut r, config, DType::BF16);
     std::thread::scope(|s| {
         for seed in 1..5u64 {

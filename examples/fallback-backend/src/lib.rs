@@ -15,7 +15,7 @@
 //! It is written the way an out-of-tree crate would be: it depends only on `moe-hal` (and on
 //! `moe-conformance` for its tests) and uses nothing private of either.
 
-use moe_hal::{fallback, Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
+use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor, fallback};
 
 /// A buffer in host memory standing in for a device allocation: little-endian bytes.
 ///
@@ -78,7 +78,6 @@ impl FallbackBackend {
     }
 }
 
-
 impl Backend for FallbackBackend {
     type Buffer = HostBuffer;
 
@@ -124,17 +123,37 @@ impl Backend for FallbackBackend {
     }
 
     /// Step 2: through the host.
-    fn router_topk(&self, logits: &Tensor<Self>, bias: Option<&Tensor<Self>>, routing: &Routing, topk_ids: &mut Tensor<Self>, topk_weights: &mut Tensor<Self>) -> Result<()> {
+    fn router_topk(
+        &self,
+        logits: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        routing: &Routing,
+        topk_ids: &mut Tensor<Self>,
+        topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
         fallback::router_topk(self, logits, bias, routing, topk_ids, topk_weights)
     }
 
     /// Step 2: through the host.
-    fn permute(&self, topk_ids: &Tensor<Self>, expert_offsets: &mut Tensor<Self>, row_index: &mut Tensor<Self>, token_index: &mut Tensor<Self>) -> Result<()> {
+    fn permute(
+        &self,
+        topk_ids: &Tensor<Self>,
+        expert_offsets: &mut Tensor<Self>,
+        row_index: &mut Tensor<Self>,
+        token_index: &mut Tensor<Self>,
+    ) -> Result<()> {
         fallback::permute(self, topk_ids, expert_offsets, row_index, token_index)
     }
 
     /// Step 2: through the host.
-    fn grouped_gemm(&self, x: &Tensor<Self>, token_index: Option<&Tensor<Self>>, w: &Tensor<Self>, expert_offsets: Option<&Tensor<Self>>, y: &mut Tensor<Self>) -> Result<()> {
+    fn grouped_gemm(
+        &self,
+        x: &Tensor<Self>,
+        token_index: Option<&Tensor<Self>>,
+        w: &Tensor<Self>,
+        expert_offsets: Option<&Tensor<Self>>,
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
         fallback::grouped_gemm(self, x, token_index, w, expert_offsets, y)
     }
 
@@ -144,7 +163,14 @@ impl Backend for FallbackBackend {
     }
 
     /// Step 2: through the host.
-    fn combine(&self, y: &Tensor<Self>, row_index: &Tensor<Self>, topk_weights: &Tensor<Self>, shared: Option<&Tensor<Self>>, out: &mut Tensor<Self>) -> Result<()> {
+    fn combine(
+        &self,
+        y: &Tensor<Self>,
+        row_index: &Tensor<Self>,
+        topk_weights: &Tensor<Self>,
+        shared: Option<&Tensor<Self>>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()> {
         fallback::combine(self, y, row_index, topk_weights, shared, out)
     }
 

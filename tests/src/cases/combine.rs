@@ -6,7 +6,7 @@ use crate::check::*;
 use crate::oracle;
 use crate::rng::Rng;
 use crate::runner::Case;
-use moe_hal::{ops, Backend, Op};
+use moe_hal::{Backend, Op, ops};
 
 const GROUP: &str = "combine_f32";
 

@@ -3,12 +3,12 @@
 //! Kimi K2 grouped sigmoid routing, with and without a shared expert; T = 0 and 1, k = E, experts
 //! with no tokens, E = 256 and 384, hidden 7168.
 
-use super::{margin_threshold, routing_name, DEEPSEEK, KIMI, MIXTRAL, SOFTMAX_RAW};
+use super::{DEEPSEEK, KIMI, MIXTRAL, SOFTMAX_RAW, margin_threshold, routing_name};
 use crate::check::*;
 use crate::oracle;
 use crate::rng::Rng;
 use crate::runner::Case;
-use moe_hal::{ops, Backend, DType, HostLayer, HostTensor, Layer, MoeConfig, Op, Routing};
+use moe_hal::{Backend, DType, HostLayer, HostTensor, Layer, MoeConfig, Op, Routing, ops};
 
 /// One whole-layer problem: the layer's shape, whether it has an `e_score_correction_bias`
 /// (sigmoid routing only), whether the router stays f32 while the experts are f16/bf16 (as
@@ -28,8 +28,22 @@ pub struct LayerSpec {
 impl LayerSpec {
     /// A spec from its parts (`shared` = shared expert intermediate size, 0 for none).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(tokens: usize, hidden: usize, intermediate: usize, experts: usize, top_k: usize, routing: Routing, bias: bool, shared: usize) -> Self {
-        LayerSpec { config: MoeConfig { hidden, intermediate, experts, top_k, routing, shared_intermediate: shared }, bias, router_f32: false, tokens }
+    pub fn new(
+        tokens: usize,
+        hidden: usize,
+        intermediate: usize,
+        experts: usize,
+        top_k: usize,
+        routing: Routing,
+        bias: bool,
+        shared: usize,
+    ) -> Self {
+        LayerSpec {
+            config: MoeConfig { hidden, intermediate, experts, top_k, routing, shared_intermediate: shared },
+            bias,
+            router_f32: false,
+            tokens,
+        }
     }
 
     /// The same layer with its router stored in f32 whatever the experts' dtype.
@@ -67,8 +81,10 @@ pub fn random_layer(config: &MoeConfig, bias: bool, dtype: DType, router_dtype: 
     let router = t(router_dtype, &[e, h], h, 2.0);
     let gate_up = t(dtype, &[e, 2 * i, h], h, 1.0);
     let down = t(dtype, &[e, h, i], i, 1.0);
-    let (shared_gate_up, shared_down) = if s > 0 { (Some(t(dtype, &[2 * s, h], h, 1.0)), Some(t(dtype, &[h, s], s, 1.0))) } else { (None, None) };
-    let bias = (bias && matches!(config.routing, Routing::SigmoidGrouped { .. })).then(|| HostTensor::from_f32(DType::F32, &[e], &rng.vec_f32(e, 0.1)).expect("shape matches"));
+    let (shared_gate_up, shared_down) =
+        if s > 0 { (Some(t(dtype, &[2 * s, h], h, 1.0)), Some(t(dtype, &[h, s], s, 1.0))) } else { (None, None) };
+    let bias = (bias && matches!(config.routing, Routing::SigmoidGrouped { .. }))
+        .then(|| HostTensor::from_f32(DType::F32, &[e], &rng.vec_f32(e, 0.1)).expect("shape matches"));
     HostLayer { config: config.clone(), dtype, router, bias, gate_up, down, shared_gate_up, shared_down }
 }
 
@@ -142,7 +158,12 @@ fn case<B: Backend>(dtype: DType, name: &str, spec: LayerSpec) -> Case<B> {
 
 /// The whole-layer cases for one weight dtype.
 pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
-    let grouped = |n_group, topk_group, norm, scale| Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: norm, routed_scaling_factor: scale };
+    let grouped = |n_group, topk_group, norm, scale| Routing::SigmoidGrouped {
+        n_group,
+        topk_group,
+        norm_topk_prob: norm,
+        routed_scaling_factor: scale,
+    };
     vec![
         case(dtype, "mixtral_softmax_norm", LayerSpec::new(9, 65, 33, 8, 2, MIXTRAL, false, 0)),
         case(dtype, "softmax_raw_shared", LayerSpec::new(17, 127, 31, 64, 8, SOFTMAX_RAW, false, 63)),

@@ -10,7 +10,7 @@ use crate::check::*;
 use crate::oracle;
 use crate::rng::Rng;
 use crate::runner::Case;
-use moe_hal::{ops, Backend, DType, Op};
+use moe_hal::{Backend, DType, Op, ops};
 
 /// How the rows of `y` map onto groups of weights.
 #[derive(Debug, Clone)]
@@ -107,7 +107,13 @@ pub fn check_gemm<B: Backend>(b: &B, op: Op, dtype: DType, layout: &Layout, n: u
     if let Some(off) = &offsets {
         let end = *off.last().unwrap() as usize * width;
         if let Some(i) = got[end..].iter().position(|&v| v != 0.0) {
-            return wrong!("{name}: row {} is past expert_offsets[G] = {} and must be written as zero, element {} is {}", (end + i) / width, off.last().unwrap(), (end + i) % width, got[end + i]);
+            return wrong!(
+                "{name}: row {} is past expert_offsets[G] = {} and must be written as zero, element {} is {}",
+                (end + i) / width,
+                off.last().unwrap(),
+                (end + i) % width,
+                got[end + i]
+            );
         }
     }
     Ok(err)
@@ -123,7 +129,12 @@ fn op_case<B: Backend>(op: Op, dtype: DType, name: &str, layout: Layout, n: usiz
         Layout::Dense { m } => format!("M={m} N={n} K={k} dense"),
         Layout::Grouped { sizes, tail, gather } => {
             let g = if sizes.len() <= 8 { format!("{sizes:?}") } else { format!("{} groups", sizes.len()) };
-            format!("M={} N={n} K={k} rows/group {g}{}{}", sizes.iter().sum::<usize>() + tail, if *tail > 0 { format!(" +{tail} past end") } else { String::new() }, gather.map_or(String::new(), |mx| format!(" gather from {mx}")))
+            format!(
+                "M={} N={n} K={k} rows/group {g}{}{}",
+                sizes.iter().sum::<usize>() + tail,
+                if *tail > 0 { format!(" +{tail} past end") } else { String::new() },
+                gather.map_or(String::new(), |mx| format!(" gather from {mx}"))
+            )
         }
         Layout::Planned { tokens, experts, top_k } => format!("T={tokens} E={experts} k={top_k} N={n} K={k} gather"),
     };

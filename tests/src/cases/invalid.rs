@@ -5,11 +5,11 @@
 //! the backend must work normally afterwards (each such case then runs a valid op and checks it).
 
 use super::forward::random_layer;
-use super::grouped_gemm::{check_gemm, Layout};
+use super::grouped_gemm::{Layout, check_gemm};
 use crate::check::*;
 use crate::rng::Rng;
 use crate::runner::Case;
-use moe_hal::{ops, Backend, DType, Layer, MoeConfig, Op, Routing, Tensor};
+use moe_hal::{Backend, DType, Layer, MoeConfig, Op, Routing, Tensor, ops};
 
 /// A tensor of `dtype` and `shape` holding harmless valid-looking data (0.5 for floats, 0 for u32).
 fn filled<B: Backend>(b: &B, dtype: DType, shape: &[usize]) -> Result<Tensor<B>, Fail> {
@@ -28,7 +28,8 @@ type Spec = (DType, &'static [usize]);
 // ---------------------------------------------------------------------------------------------
 
 fn router_bad<B: Backend>(name: &str, routing: Routing, logits: Spec, bias: Option<Spec>, ids: Spec, w: Spec) -> Case<B> {
-    let shape = format!("logits {:?} ids {:?} weights {:?}{}", logits.1, ids.1, w.1, bias.map_or(String::new(), |b| format!(" bias {:?}", b.1)));
+    let shape =
+        format!("logits {:?} ids {:?} weights {:?}{}", logits.1, ids.1, w.1, bias.map_or(String::new(), |b| format!(" bias {:?}", b.1)));
     Case::new("router_topk_f32_invalid", name, Op::RouterTopk, None, shape, move |b: &B| {
         let l = filled(b, logits.0, logits.1)?;
         let bt = bias.map(|s| filled(b, s.0, s.1)).transpose()?;
@@ -42,7 +43,8 @@ fn router_bad<B: Backend>(name: &str, routing: Routing, logits: Spec, bias: Opti
 pub fn router_topk<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
     let sm = Routing::Softmax { norm_topk_prob: true };
-    let grouped = |n_group, topk_group, scale| Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: scale };
+    let grouped =
+        |n_group, topk_group, scale| Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: true, routed_scaling_factor: scale };
     vec![
         router_bad("k_gt_e", sm, (F32, &[2, 4]), None, (U32, &[2, 5]), (F32, &[2, 5])),
         router_bad("k_zero", sm, (F32, &[2, 4]), None, (U32, &[2, 0]), (F32, &[2, 0])),
@@ -123,7 +125,15 @@ pub fn permute<B: Backend>() -> Vec<Case<B>> {
 const GEMM: &str = "grouped_gemm_f32_invalid";
 
 fn gemm_bad<B: Backend>(name: &str, x: Spec, gather: Option<Spec>, w: Spec, offsets: Option<Spec>, y: Spec) -> Case<B> {
-    let shape = format!("x {:?} w {} {:?} y {:?}{}{}", x.1, w.0, w.1, y.1, offsets.map_or(String::new(), |o| format!(" offsets {:?}", o.1)), gather.map_or(String::new(), |g| format!(" gather {:?}", g.1)));
+    let shape = format!(
+        "x {:?} w {} {:?} y {:?}{}{}",
+        x.1,
+        w.0,
+        w.1,
+        y.1,
+        offsets.map_or(String::new(), |o| format!(" offsets {:?}", o.1)),
+        gather.map_or(String::new(), |g| format!(" gather {:?}", g.1))
+    );
     Case::new(GEMM, name, Op::GroupedGemm, Some(DType::F32), shape, move |b: &B| {
         let xt = filled(b, x.0, x.1)?;
         let gt = gather.map(|s| filled(b, s.0, s.1)).transpose()?;
@@ -147,7 +157,10 @@ fn gemm_bad_data<B: Backend>(op: Op, name: &str, dtype: DType, m: usize, offsets
     let (g, n, k) = (offsets.len() - 1, if swiglu { 8 } else { 4 }, 16);
     let mx = if bad_gather { m / 2 } else { m };
     let gather: Option<Vec<u32>> = bad_gather.then(|| (0..m).map(|r| if r + 1 == m { (mx + 7) as u32 } else { (r % mx) as u32 }).collect());
-    let shape = format!("M={m} N={n} K={k} offsets {offsets:?}{}", if bad_gather { format!(" gather from {mx}, last index {}", mx + 7) } else { String::new() });
+    let shape = format!(
+        "M={m} N={n} K={k} offsets {offsets:?}{}",
+        if bad_gather { format!(" gather from {mx}, last index {}", mx + 7) } else { String::new() }
+    );
     Case::new(group, name, op, Some(dtype), shape, move |b: &B| {
         let mut rng = Rng::from_name(&format!("{group}/data"));
         let xt = f32_tensor(b, &[mx, k], &rng.vec_f32(mx * k, 1.0))?;
@@ -239,11 +252,18 @@ pub fn grouped_gemm_swiglu<B: Backend>() -> Vec<Case<B>> {
 // ---------------------------------------------------------------------------------------------
 
 fn activation_bad<B: Backend>(name: &str, gate_up: Spec, h: Spec) -> Case<B> {
-    Case::new("activation_f32_invalid", name, Op::Activation, None, format!("gate_up {} {:?} h {} {:?}", gate_up.0, gate_up.1, h.0, h.1), move |b: &B| {
-        let gu = filled(b, gate_up.0, gate_up.1)?;
-        let mut ht = filled(b, h.0, h.1)?;
-        expect_invalid("activation", ops::activation(b, &gu, &mut ht))
-    })
+    Case::new(
+        "activation_f32_invalid",
+        name,
+        Op::Activation,
+        None,
+        format!("gate_up {} {:?} h {} {:?}", gate_up.0, gate_up.1, h.0, h.1),
+        move |b: &B| {
+            let gu = filled(b, gate_up.0, gate_up.1)?;
+            let mut ht = filled(b, h.0, h.1)?;
+            expect_invalid("activation", ops::activation(b, &gu, &mut ht))
+        },
+    )
 }
 
 /// The bad-input cases of `activation`: each must be an `InvalidArgument`, never a panic.
@@ -264,7 +284,14 @@ pub fn activation<B: Backend>() -> Vec<Case<B>> {
 // ---------------------------------------------------------------------------------------------
 
 fn combine_bad<B: Backend>(name: &str, y: Spec, rows: Spec, w: Spec, shared: Option<Spec>, out: Spec) -> Case<B> {
-    let shape = format!("y {:?} row_index {:?} weights {:?} out {:?}{}", y.1, rows.1, w.1, out.1, shared.map_or(String::new(), |s| format!(" shared {:?}", s.1)));
+    let shape = format!(
+        "y {:?} row_index {:?} weights {:?} out {:?}{}",
+        y.1,
+        rows.1,
+        w.1,
+        out.1,
+        shared.map_or(String::new(), |s| format!(" shared {:?}", s.1))
+    );
     Case::new("combine_f32_invalid", name, Op::Combine, None, shape, move |b: &B| {
         let yt = filled(b, y.0, y.1)?;
         let rt = filled(b, rows.0, rows.1)?;
@@ -278,22 +305,23 @@ fn combine_bad<B: Backend>(name: &str, y: Spec, rows: Spec, w: Spec, shared: Opt
 /// The bad-input cases of `combine`: each must be an `InvalidArgument`, never a panic.
 pub fn combine<B: Backend>() -> Vec<Case<B>> {
     use DType::*;
-    let bad_row = Case::new("combine_f32_invalid", "row_index_out_of_range", Op::Combine, None, "T=3 k=2 H=8 one row index = 6", |b: &B| {
-        let (t, k, h) = (3, 2, 8);
-        let mut rng = Rng::from_name("combine_f32_invalid/data");
-        let yt = f32_tensor(b, &[t * k, h], &rng.vec_f32(t * k * h, 1.0))?;
-        let rt = u32_tensor(b, &[t * k], &[0, 1, 2, 6, 4, 5])?;
-        let wt = f32_tensor(b, &[t, k], &rng.vec_f32(t * k, 1.0))?;
-        let mut out = poisoned_f32(b, &[t, h])?;
-        let r = ops::combine(b, &yt, &rt, &wt, None, &mut out);
-        expect_invalid_deferred("combine with a row index out of range", b, r)?;
-        b.synchronize().ctx("synchronize after the reported error")?;
-        super::combine::check_combine(b, t, 4, k, h, true, "combine_f32_invalid/recover").map_err(|f| match f {
-            Fail::Wrong(m) => Fail::Wrong(format!("a valid combine after the error: {m}")),
-            f => f,
+    let bad_row =
+        Case::new("combine_f32_invalid", "row_index_out_of_range", Op::Combine, None, "T=3 k=2 H=8 one row index = 6", |b: &B| {
+            let (t, k, h) = (3, 2, 8);
+            let mut rng = Rng::from_name("combine_f32_invalid/data");
+            let yt = f32_tensor(b, &[t * k, h], &rng.vec_f32(t * k * h, 1.0))?;
+            let rt = u32_tensor(b, &[t * k], &[0, 1, 2, 6, 4, 5])?;
+            let wt = f32_tensor(b, &[t, k], &rng.vec_f32(t * k, 1.0))?;
+            let mut out = poisoned_f32(b, &[t, h])?;
+            let r = ops::combine(b, &yt, &rt, &wt, None, &mut out);
+            expect_invalid_deferred("combine with a row index out of range", b, r)?;
+            b.synchronize().ctx("synchronize after the reported error")?;
+            super::combine::check_combine(b, t, 4, k, h, true, "combine_f32_invalid/recover").map_err(|f| match f {
+                Fail::Wrong(m) => Fail::Wrong(format!("a valid combine after the error: {m}")),
+                f => f,
+            })
         })
-    })
-    .exclusive();
+        .exclusive();
     vec![
         bad_row,
         combine_bad("y_rows", (F32, &[7, 8]), (U32, &[6]), (F32, &[3, 2]), None, (F32, &[3, 8])),
@@ -313,7 +341,14 @@ pub fn combine<B: Backend>() -> Vec<Case<B>> {
 const FWD: &str = "forward_f32_invalid";
 
 fn small_config() -> MoeConfig {
-    MoeConfig { hidden: 16, intermediate: 8, experts: 4, top_k: 2, routing: Routing::Softmax { norm_topk_prob: true }, shared_intermediate: 8 }
+    MoeConfig {
+        hidden: 16,
+        intermediate: 8,
+        experts: 4,
+        top_k: 2,
+        routing: Routing::Softmax { norm_topk_prob: true },
+        shared_intermediate: 8,
+    }
 }
 
 /// `ops::forward` with one argument's dtype or shape wrong.
@@ -350,14 +385,15 @@ pub fn forward<B: Backend>() -> Vec<Case<B>> {
         let (mut o, mut i, mut w) = (filled(b, F32, &[3, 16])?, filled(b, U32, &[3, 2])?, filled(b, F32, &[3, 2])?);
         expect_invalid("forward", ops::forward(b, &layer, &xt, &mut o, &mut i, &mut w))
     });
-    let hand_assembled_dtype = Case::new(FWD, "hand_assembled_mixed_dtype", Op::Forward, Some(F32), "Layer f32 with gate_up in bf16", |b: &B| {
-        let host = random_layer(&small_config(), false, F32, F32, &mut Rng::from_name(FWD));
-        let mut layer = Layer::upload(b, &host).ctx("Layer::upload of a valid layer")?;
-        layer.gate_up = filled(b, BF16, &[4, 16, 16])?;
-        let xt = filled(b, F32, &[3, 16])?;
-        let (mut o, mut i, mut w) = (filled(b, F32, &[3, 16])?, filled(b, U32, &[3, 2])?, filled(b, F32, &[3, 2])?);
-        expect_invalid("forward", ops::forward(b, &layer, &xt, &mut o, &mut i, &mut w))
-    });
+    let hand_assembled_dtype =
+        Case::new(FWD, "hand_assembled_mixed_dtype", Op::Forward, Some(F32), "Layer f32 with gate_up in bf16", |b: &B| {
+            let host = random_layer(&small_config(), false, F32, F32, &mut Rng::from_name(FWD));
+            let mut layer = Layer::upload(b, &host).ctx("Layer::upload of a valid layer")?;
+            layer.gate_up = filled(b, BF16, &[4, 16, 16])?;
+            let xt = filled(b, F32, &[3, 16])?;
+            let (mut o, mut i, mut w) = (filled(b, F32, &[3, 16])?, filled(b, U32, &[3, 2])?, filled(b, F32, &[3, 2])?);
+            expect_invalid("forward", ops::forward(b, &layer, &xt, &mut o, &mut i, &mut w))
+        });
     vec![
         forward_bad("x_hidden", (F32, &[3, 17]), (F32, &[3, 16]), (U32, &[3, 2]), (F32, &[3, 2])),
         forward_bad("x_f16", (F16, &[3, 16]), (F32, &[3, 16]), (U32, &[3, 2]), (F32, &[3, 2])),

@@ -12,7 +12,7 @@ pub mod invalid;
 pub mod permute;
 pub mod router_topk;
 
-pub use forward::{check_forward, random_layer, LayerSpec};
+pub use forward::{LayerSpec, check_forward, random_layer};
 
 use crate::oracle;
 use crate::rng::Rng;

@@ -1,17 +1,25 @@
 //! `router_topk`: softmax and sigmoid-grouped routing, with and without bias, renormalisation and
 //! scaling; T = 0 and 1; k = E; E = 1, 256, 384; ties to the lower index; NaN ranks lowest.
 
-use super::{routing_name, separated_logits_rows, DEEPSEEK, KIMI, MIXTRAL, SOFTMAX_RAW};
+use super::{DEEPSEEK, KIMI, MIXTRAL, SOFTMAX_RAW, routing_name, separated_logits_rows};
 use crate::check::*;
 use crate::oracle;
 use crate::rng::Rng;
 use crate::runner::Case;
-use moe_hal::{ops, Backend, Op, Routing};
+use moe_hal::{Backend, Op, Routing, ops};
 
 const GROUP: &str = "router_topk_f32";
 
 /// Runs `router_topk` on `logits [T, E]` and compares ids exactly and weights at f32 tolerance.
-pub fn check_router<B: Backend>(b: &B, t: usize, e: usize, k: usize, routing: &Routing, logits: &[f32], bias: Option<&[f32]>) -> CaseResult {
+pub fn check_router<B: Backend>(
+    b: &B,
+    t: usize,
+    e: usize,
+    k: usize,
+    routing: &Routing,
+    logits: &[f32],
+    bias: Option<&[f32]>,
+) -> CaseResult {
     let lt = f32_tensor(b, &[t, e], logits)?;
     let bt = bias.map(|v| f32_tensor(b, &[e], v)).transpose()?;
     let mut ids = poisoned_u32(b, &[t, k])?;
@@ -49,7 +57,12 @@ fn fixed_case<B: Backend>(name: &str, e: usize, k: usize, routing: Routing, logi
 
 /// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
-    let grouped = |n_group, topk_group, norm, scale| Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob: norm, routed_scaling_factor: scale };
+    let grouped = |n_group, topk_group, norm, scale| Routing::SigmoidGrouped {
+        n_group,
+        topk_group,
+        norm_topk_prob: norm,
+        routed_scaling_factor: scale,
+    };
     let nan = f32::NAN;
     vec![
         random_case("softmax_norm_t1", 1, 8, 2, MIXTRAL, false),
@@ -96,9 +109,12 @@ pub fn cases<B: Backend>() -> Vec<Case<B>> {
             grouped(4, 2, true, 1.0),
             vec![
                 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, // groups 0, 1; experts 0..4
-                -1.0, -1.0, -1.0, -1.0, 2.0, 2.0, -3.0, -3.0, -1.0, -1.0, -1.0, -1.0, 2.0, 2.0, -3.0, -3.0, // groups 1, 3 -> 4, 5, 12, 13
-                1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0, -1.0, -1.0, // three equal groups: keep 0, 1 -> 0, 1, 4, 5
-                0.0, 3.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, // group 1 best, groups 0 and 2 tie -> keep 0: 1, 4, 5, 6
+                -1.0, -1.0, -1.0, -1.0, 2.0, 2.0, -3.0, -3.0, -1.0, -1.0, -1.0, -1.0, 2.0, 2.0, -3.0,
+                -3.0, // groups 1, 3 -> 4, 5, 12, 13
+                1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0, -1.0,
+                -1.0, // three equal groups: keep 0, 1 -> 0, 1, 4, 5
+                0.0, 3.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                0.0, // group 1 best, groups 0 and 2 tie -> keep 0: 1, 4, 5, 6
             ],
             Some(vec![0.0; 16]),
         ),
@@ -123,9 +139,11 @@ pub fn cases<B: Backend>() -> Vec<Case<B>> {
             grouped(4, 2, true, 2.0),
             vec![
                 nan, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, nan, 0.5, 0.25, nan, nan, 1.5, -0.5, 0.75, -0.25, // NaN experts lose
-                nan, nan, nan, 3.0, 1.0, 1.0, -1.0, 0.0, -2.0, -2.5, -1.5, -3.0, 0.5, nan, 0.25, -0.75, // a group with one number scores NaN
+                nan, nan, nan, 3.0, 1.0, 1.0, -1.0, 0.0, -2.0, -2.5, -1.5, -3.0, 0.5, nan, 0.25,
+                -0.75, // a group with one number scores NaN
                 nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, // all NaN -> 0..4
-                nan, nan, 2.0, 1.0, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, 0.0, // too few numbers in the kept groups: NaN ids fill, weights NaN
+                nan, nan, 2.0, 1.0, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan,
+                0.0, // too few numbers in the kept groups: NaN ids fill, weights NaN
             ],
             None,
         ),

@@ -11,7 +11,7 @@
 
 use crate::{CudaBackend, GemmPath};
 use moe_cpu::CpuBackend;
-use moe_hal::{ops, Backend, DType, Routing, Tensor};
+use moe_hal::{Backend, DType, Routing, Tensor, ops};
 
 fn required() -> bool {
     std::env::var("MOE_REQUIRE_BACKENDS").is_ok_and(|v| v.split(',').any(|n| n.trim() == "cuda"))
@@ -104,7 +104,18 @@ fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, seed: u64, swiglu: bool)
     let ti: Option<Vec<u32>> = case.gather.map(|mx| (0..m).map(|_| rng.below(mx as u32)).collect());
 
     #[allow(clippy::too_many_arguments)]
-    fn run<B: Backend>(be: &B, x: &[f32], xs: [usize; 2], w: &[f32], ws: &[usize], dtype: DType, off: Option<&[u32]>, ti: Option<&[u32]>, y: [usize; 2], swiglu: bool) -> Vec<f32> {
+    fn run<B: Backend>(
+        be: &B,
+        x: &[f32],
+        xs: [usize; 2],
+        w: &[f32],
+        ws: &[usize],
+        dtype: DType,
+        off: Option<&[u32]>,
+        ti: Option<&[u32]>,
+        y: [usize; 2],
+        swiglu: bool,
+    ) -> Vec<f32> {
         let xt = Tensor::from_f32(be, DType::F32, &xs, x).unwrap();
         let wt = Tensor::from_f32(be, dtype, ws, w).unwrap();
         let ot = off.map(|o| Tensor::from_u32(be, &[o.len()], o).unwrap());
@@ -151,7 +162,13 @@ fn grouped_gemm_every_kernel_family_matches_the_cpu() {
                     let err = run_gemm(&b, case, dtype, 1000 + i as u64, swiglu);
                     // The conformance tolerances per op; f32-accurate paths must do far better.
                     let split_or_f32 = dtype == DType::F32 || case.sizes.is_none() || path == GemmPath::Simt || path == GemmPath::Gemv;
-                    let tol = if split_or_f32 { 2e-5 } else if dtype == DType::F16 { 3e-3 } else { 1e-2 };
+                    let tol = if split_or_f32 {
+                        2e-5
+                    } else if dtype == DType::F16 {
+                        3e-3
+                    } else {
+                        1e-2
+                    };
                     let op = if swiglu { "grouped_gemm_swiglu" } else { "grouped_gemm" };
                     let line = format!("{where_} {path:?} {op} {dtype} {}: rel err {err:.2e} (tolerance {tol:.0e})", case.name);
                     println!("{line}");
@@ -165,7 +182,15 @@ fn grouped_gemm_every_kernel_family_matches_the_cpu() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-fn route_on<B: Backend>(be: &B, logits: &[f32], bias: Option<&Vec<f32>>, routing: &Routing, t: usize, e: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
+fn route_on<B: Backend>(
+    be: &B,
+    logits: &[f32],
+    bias: Option<&Vec<f32>>,
+    routing: &Routing,
+    t: usize,
+    e: usize,
+    k: usize,
+) -> (Vec<u32>, Vec<f32>) {
     let l = Tensor::from_f32(be, DType::F32, &[t, e], logits).unwrap();
     let bt = bias.map(|v| Tensor::from_f32(be, DType::F32, &[e], v).unwrap());
     let mut ids = Tensor::from_u32(be, &[t, k], &vec![u32::MAX; t * k]).unwrap();
@@ -179,7 +204,12 @@ fn router_with_many_experts_uses_global_scratch_and_matches_the_cpu() {
     for (where_, b) in backends() {
         let cpu = CpuBackend::new();
         for (e, routing, k, t) in [
-            (20000usize, Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 }, 8usize, 3usize),
+            (
+                20000usize,
+                Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 },
+                8usize,
+                3usize,
+            ),
             (384, Routing::SigmoidGrouped { n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.827 }, 8, 5),
             (384, Routing::Softmax { norm_topk_prob: true }, 8, 5),
         ] {
@@ -213,7 +243,11 @@ fn permute_over_many_tiles_matches_the_cpu_and_copy_copies() {
         let mut rng = Lcg(99);
         // Skewed: most pairs in a few experts, many experts empty.
         let ids: Vec<u32> = (0..t * k).map(|_| if rng.below(4) == 0 { rng.below(e as u32) } else { rng.below(7) * 3 }).collect();
-        assert!(permute_on(&b, &ids, t, k, e) == permute_on(&cpu, &ids, t, k, e), "{where_}: permute over {} tiles differs from the CPU", (t * k).div_ceil(1024));
+        assert!(
+            permute_on(&b, &ids, t, k, e) == permute_on(&cpu, &ids, t, k, e),
+            "{where_}: permute over {} tiles differs from the CPU",
+            (t * k).div_ceil(1024)
+        );
         let src = Tensor::from_u32(&b, &[t * k], &ids).unwrap();
         let mut dst = Tensor::from_u32(&b, &[t * k], &vec![0; t * k]).unwrap();
         b.copy(&src.buf, &mut dst.buf).unwrap();

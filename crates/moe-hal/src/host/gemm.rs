@@ -11,12 +11,7 @@ use rayon::prelude::*;
 /// multiply-add (one rounding instead of two); without the instruction it must stay off, or every
 /// step would be a library call.
 #[inline(always)]
-fn row_times_block_generic<const L: usize, const FMA: bool>(
-    x: &[f32],
-    w: &[f32],
-    k: usize,
-    out: &mut [f32],
-) {
+fn row_times_block_generic<const L: usize, const FMA: bool>(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     #[inline(always)]
     fn madd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
         if FMA { a.mul_add(b, acc) } else { acc + a * b }
@@ -37,12 +32,7 @@ fn row_times_block_generic<const L: usize, const FMA: bool>(
     let chunks = k / L;
     let mut j = 0;
     while j + 4 <= nb {
-        let rows = [
-            &w[j * k..(j + 1) * k],
-            &w[(j + 1) * k..(j + 2) * k],
-            &w[(j + 2) * k..(j + 3) * k],
-            &w[(j + 3) * k..(j + 4) * k],
-        ];
+        let rows = [&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k], &w[(j + 2) * k..(j + 3) * k], &w[(j + 3) * k..(j + 4) * k]];
         let mut acc = [[0f32; L]; 4];
         for c in 0..chunks {
             let xs = &x[c * L..c * L + L];
@@ -184,8 +174,7 @@ unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [
     while j < nb {
         let rows = (nb - j).min(4);
         // Rows past the block repeat the last one (computed, not stored).
-        let p: [*const half::bf16; 4] =
-            std::array::from_fn(|q| w[(j + q.min(rows - 1)) * k..].as_ptr());
+        let p: [*const half::bf16; 4] = std::array::from_fn(|q| w[(j + q.min(rows - 1)) * k..].as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];
         for c in 0..chunks {
             // SAFETY: c * 8 + 8 <= k, within row j + q of `w` and within `x`.
@@ -240,8 +229,7 @@ fn isa() -> &'static str {
             return "portable";
         }
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             return "avx2";
         }
         "portable"
@@ -259,10 +247,7 @@ fn row_times_block(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
 
 #[inline]
 fn dot_f64(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| *x as f64 * *y as f64)
-        .sum::<f64>() as f32
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>() as f32
 }
 
 /// A raw pointer that tasks use to write disjoint parts of one output.
@@ -295,9 +280,7 @@ pub fn grouped_gemm(
     let whole = [0u32, m as u32];
     let offsets = expert_offsets.unwrap_or(&whole);
     check_offsets(offsets, m)?;
-    if let Some((r, t)) =
-        token_index.and_then(|ti| ti.iter().enumerate().find(|(_, t)| **t as usize >= mx))
-    {
+    if let Some((r, t)) = token_index.and_then(|ti| ti.iter().enumerate().find(|(_, t)| **t as usize >= mx)) {
         return invalid!("token_index[{r}] = {t} but x has only {mx} rows");
     }
     let end = offsets[offsets.len() - 1] as usize;
@@ -350,29 +333,31 @@ pub fn grouped_gemm(
             return;
         }
         SCRATCH.with_borrow_mut(|scratch| {
-        if scratch.len() < nb * k {
-            scratch.resize(nb * k, 0.0);
-        }
-        let wf = &mut scratch[..nb * k];
-        w.widen((g * n + n0) * k, wf);
-        let wf = &*wf;
-        let mut dots = vec![0f32; 4 * nb];
-        let mut r = r0;
-        while r < end {
-            // Four rows at a time where there are four (f32 accumulation), else one.
-            let take = if accumulate == Accumulate::F32 && end - r >= 4 { 4 } else { 1 };
-            match (accumulate, take) {
-                (Accumulate::F32, 4) => rows4_times_block([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], wf, k, &mut dots),
-                (Accumulate::F32, _) => row_times_block(xrow(r), wf, k, &mut dots[..nb]),
-                (Accumulate::F64, _) => dots[..nb].iter_mut().enumerate().for_each(|(j, d)| *d = dot_f64(xrow(r), &wf[j * k..(j + 1) * k])),
+            if scratch.len() < nb * k {
+                scratch.resize(nb * k, 0.0);
             }
-            for q in 0..take {
-                // SAFETY: row r + q, columns n0..n0+nb of y belong to this task alone: the rows
-                // are this group's, the columns this block's.
-                unsafe { std::ptr::copy_nonoverlapping(dots[q * nb..].as_ptr(), out.0.add((r + q) * n + n0), nb) };
+            let wf = &mut scratch[..nb * k];
+            w.widen((g * n + n0) * k, wf);
+            let wf = &*wf;
+            let mut dots = vec![0f32; 4 * nb];
+            let mut r = r0;
+            while r < end {
+                // Four rows at a time where there are four (f32 accumulation), else one.
+                let take = if accumulate == Accumulate::F32 && end - r >= 4 { 4 } else { 1 };
+                match (accumulate, take) {
+                    (Accumulate::F32, 4) => rows4_times_block([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], wf, k, &mut dots),
+                    (Accumulate::F32, _) => row_times_block(xrow(r), wf, k, &mut dots[..nb]),
+                    (Accumulate::F64, _) => {
+                        dots[..nb].iter_mut().enumerate().for_each(|(j, d)| *d = dot_f64(xrow(r), &wf[j * k..(j + 1) * k]))
+                    }
+                }
+                for q in 0..take {
+                    // SAFETY: row r + q, columns n0..n0+nb of y belong to this task alone: the rows
+                    // are this group's, the columns this block's.
+                    unsafe { std::ptr::copy_nonoverlapping(dots[q * nb..].as_ptr(), out.0.add((r + q) * n + n0), nb) };
+                }
+                r += take;
             }
-            r += take;
-        }
         });
     });
     Ok(())

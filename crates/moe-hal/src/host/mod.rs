@@ -127,23 +127,13 @@ fn top_k(scores: &[f32], k: usize, allowed: impl Fn(usize) -> bool, out: &mut [u
 }
 
 /// Routing for one token: fills `ids` and `weights` (length k) from `logits` (length E).
-pub fn route_token(
-    logits: &[f32],
-    bias: Option<&[f32]>,
-    routing: &Routing,
-    ids: &mut [u32],
-    weights: &mut [f32],
-) {
+pub fn route_token(logits: &[f32], bias: Option<&[f32]>, routing: &Routing, ids: &mut [u32], weights: &mut [f32]) {
     let e = logits.len();
     let k = ids.len();
     let mut chosen = vec![0usize; k];
     match *routing {
         Routing::Softmax { norm_topk_prob } => {
-            let max = logits
-                .iter()
-                .copied()
-                .filter(|v| !v.is_nan())
-                .fold(f32::NEG_INFINITY, f32::max);
+            let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
             let exp: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
             let sum: f32 = exp.iter().sum();
             let p: Vec<f32> = exp.iter().map(|v| v / sum).collect();
@@ -151,19 +141,10 @@ pub fn route_token(
             let total: f32 = chosen.iter().map(|&c| p[c]).sum();
             for j in 0..k {
                 ids[j] = chosen[j] as u32;
-                weights[j] = if norm_topk_prob {
-                    p[chosen[j]] / total
-                } else {
-                    p[chosen[j]]
-                };
+                weights[j] = if norm_topk_prob { p[chosen[j]] / total } else { p[chosen[j]] };
             }
         }
-        Routing::SigmoidGrouped {
-            n_group,
-            topk_group,
-            norm_topk_prob,
-            routed_scaling_factor,
-        } => {
+        Routing::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
             let s: Vec<f32> = logits.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
             let c: Vec<f32> = match bias {
                 Some(b) => s.iter().zip(b).map(|(s, b)| s + b).collect(),
@@ -174,12 +155,7 @@ pub fn route_token(
                 .map(|g| {
                     let mut best = [0usize; 2];
                     let take = per.min(2);
-                    top_k(
-                        &c[g * per..(g + 1) * per],
-                        take,
-                        |_| true,
-                        &mut best[..take],
-                    );
+                    top_k(&c[g * per..(g + 1) * per], take, |_| true, &mut best[..take]);
                     best[..take].iter().map(|&i| c[g * per + i]).sum()
                 })
                 .collect();
@@ -189,11 +165,7 @@ pub fn route_token(
             let total: f32 = chosen.iter().map(|&i| s[i]).sum::<f32>() + 1e-20;
             for j in 0..k {
                 ids[j] = chosen[j] as u32;
-                let w = if norm_topk_prob {
-                    s[chosen[j]] / total
-                } else {
-                    s[chosen[j]]
-                };
+                let w = if norm_topk_prob { s[chosen[j]] / total } else { s[chosen[j]] };
                 weights[j] = w * routed_scaling_factor;
             }
         }
@@ -201,14 +173,7 @@ pub fn route_token(
 }
 
 /// [`crate::Backend::router_topk`] on the host: `logits [T, E]`, `ids`/`weights [T, k]`.
-pub fn router_topk(
-    logits: &[f32],
-    experts: usize,
-    bias: Option<&[f32]>,
-    routing: &Routing,
-    ids: &mut [u32],
-    weights: &mut [f32],
-) {
+pub fn router_topk(logits: &[f32], experts: usize, bias: Option<&[f32]>, routing: &Routing, ids: &mut [u32], weights: &mut [f32]) {
     let k = ids.len() / (logits.len() / experts).max(1);
     ids.par_chunks_mut(k)
         .zip(weights.par_chunks_mut(k))
@@ -228,11 +193,7 @@ pub fn permute(
     let mut counts = vec![0u32; experts];
     for (pair, &id) in topk_ids.iter().enumerate() {
         if id as usize >= experts {
-            return invalid!(
-                "topk_ids[{}][{}] = {id} is not an expert id (the layer has {experts} experts)",
-                pair / top_k,
-                pair % top_k
-            );
+            return invalid!("topk_ids[{}][{}] = {id} is not an expert id (the layer has {experts} experts)", pair / top_k, pair % top_k);
         }
         counts[id as usize] += 1;
     }
@@ -253,19 +214,10 @@ pub fn permute(
 /// Checks `expert_offsets` for [`grouped_gemm`]: starts at 0, never decreases, ends within `rows`.
 pub fn check_offsets(expert_offsets: &[u32], rows: usize) -> Result<()> {
     if expert_offsets.first() != Some(&0) {
-        return invalid!(
-            "expert_offsets must start at 0, got {:?}",
-            expert_offsets.first()
-        );
+        return invalid!("expert_offsets must start at 0, got {:?}", expert_offsets.first());
     }
     if let Some(g) = expert_offsets.windows(2).position(|w| w[1] < w[0]) {
-        return invalid!(
-            "expert_offsets must not decrease, but [{}] = {} > [{}] = {}",
-            g,
-            expert_offsets[g],
-            g + 1,
-            expert_offsets[g + 1]
-        );
+        return invalid!("expert_offsets must not decrease, but [{}] = {} > [{}] = {}", g, expert_offsets[g], g + 1, expert_offsets[g + 1]);
     }
     let last = *expert_offsets.last().unwrap() as usize;
     if last > rows {
@@ -285,14 +237,12 @@ pub fn activation(gate_up: &[f32], intermediate: usize, h: &mut [f32]) {
     if intermediate == 0 {
         return;
     }
-    h.par_chunks_mut(intermediate)
-        .zip(gate_up.par_chunks(2 * intermediate))
-        .for_each(|(h, gu)| {
-            let (g, u) = gu.split_at(intermediate);
-            for c in 0..intermediate {
-                h[c] = silu(g[c]) * u[c];
-            }
-        });
+    h.par_chunks_mut(intermediate).zip(gate_up.par_chunks(2 * intermediate)).for_each(|(h, gu)| {
+        let (g, u) = gu.split_at(intermediate);
+        for c in 0..intermediate {
+            h[c] = silu(g[c]) * u[c];
+        }
+    });
 }
 
 /// [`crate::Backend::combine`] on the host.
@@ -307,10 +257,7 @@ pub fn combine(
 ) -> Result<()> {
     let rows = y.len() / hidden;
     if let Some(p) = row_index.iter().position(|&r| r as usize >= rows) {
-        return invalid!(
-            "row_index[{p}] = {} but y has only {rows} rows",
-            row_index[p]
-        );
+        return invalid!("row_index[{p}] = {} but y has only {rows} rows", row_index[p]);
     }
     out.par_chunks_mut(hidden).enumerate().for_each(|(t, o)| {
         o.fill(0.0);
