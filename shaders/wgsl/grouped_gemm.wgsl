@@ -339,6 +339,36 @@ struct V8 {
     b: vec4<f32>,
 }
 
+// The x row behind row r of y for a gemv pass, or p.mx (reads as zeros) past the group's last
+// row r_hi or for a bad token index (prep flags those).
+fn gemv_src(r: u32, r_hi: u32) -> u32 {
+    if (r >= r_hi) {
+        return p.mx;
+    }
+    return source(r);
+}
+
+// Eight x elements of row `row` from column kk (kk % 8 == 0, K % 8 == 0); zeros for row p.mx.
+fn x8(row: u32, kk: u32) -> V8 {
+    if (row >= p.mx) {
+        return V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    }
+    let xi = (row * p.k + kk) >> 2u;
+    return V8(x[xi], x[xi + 1u]);
+}
+
+// One x element, zero for row p.mx.
+fn x1z(row: u32, col: u32) -> f32 {
+    if (row >= p.mx) {
+        return 0.0;
+    }
+    return x1(row, col);
+}
+
+fn dot8(a: V8, b: V8) -> f32 {
+    return dot(a.a, b.a) + dot(a.b, b.b);
+}
+
 // Eight weight elements from i, i % 8 == 0.
 fn w8(i: u32) -> V8 {
     if (DT == 0u) {
@@ -375,70 +405,55 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
     let team = lid / TEAM;
     let lane = lid % TEAM;
-    var wok: array<bool, NR>;
-    var wrow: array<u32, NR>;
-    for (var i = 0u; i < NR; i++) {
-        let n = nb + team * NR + i;
-        wok[i] = n >= c.x && n < c.y;
-        wrow[i] = g * p.n + wcol(n) - p.row0;
-    }
+    // The team's two weight rows (NR = 2), each with its own accumulators: named vectors, not
+    // arrays, so no compiler has to turn a loop-indexed array back into registers.
+    let n_a = nb + team * NR;
+    let ok_a = n_a >= c.x && n_a < c.y;
+    let ok_b = n_a + 1u >= c.x && n_a + 1u < c.y;
+    let row_a = g * p.n + wcol(n_a) - p.row0;
+    let row_b = g * p.n + wcol(n_a + 1u) - p.row0;
 
     for (var rb = r_lo; rb < r_hi; rb += RB) {
-        var acc: array<f32, 8>; // [NR][RB]
-        var xok: array<bool, RB>;
-        var src: array<u32, RB>;
-        for (var q = 0u; q < RB; q++) {
-            acc[q] = 0.0;
-            acc[RB + q] = 0.0;
-            let r = rb + q;
-            xok[q] = r < r_hi;
-            src[q] = 0u;
-            if (xok[q]) {
-                src[q] = source(r);
-                xok[q] = src[q] < p.mx;
-            }
-        }
+        // The pass's RB = 4 token rows are the 4 lanes of each accumulator: acc_a.y is weight row
+        // a times token row rb + 1. A row past the group (or with a bad index) reads zeros.
+        let src4 = vec4<u32>(gemv_src(rb, r_hi), gemv_src(rb + 1u, r_hi), gemv_src(rb + 2u, r_hi), gemv_src(rb + 3u, r_hi));
+        var acc_a = vec4<f32>(0.0);
+        var acc_b = vec4<f32>(0.0);
         if (VEC) {
             for (var kk = lane * 8u; kk < p.k; kk += TEAM * 8u) {
-                var xa: array<vec4<f32>, RB>;
-                var xb: array<vec4<f32>, RB>;
-                for (var q = 0u; q < RB; q++) {
-                    xa[q] = vec4<f32>(0.0);
-                    xb[q] = vec4<f32>(0.0);
-                    if (xok[q]) {
-                        let xi = (src[q] * p.k + kk) >> 2u;
-                        xa[q] = x[xi];
-                        xb[q] = x[xi + 1u];
-                    }
+                let xq0 = x8(src4.x, kk);
+                let xq1 = x8(src4.y, kk);
+                let xq2 = x8(src4.z, kk);
+                let xq3 = x8(src4.w, kk);
+                if (ok_a) {
+                    let wv = w8(row_a * p.k + kk);
+                    acc_a += vec4<f32>(dot8(xq0, wv), dot8(xq1, wv), dot8(xq2, wv), dot8(xq3, wv));
                 }
-                for (var i = 0u; i < NR; i++) {
-                    if (!wok[i]) {
-                        continue;
-                    }
-                    let wv = w8(wrow[i] * p.k + kk);
-                    for (var q = 0u; q < RB; q++) {
-                        acc[i * RB + q] += dot(xa[q], wv.a) + dot(xb[q], wv.b);
-                    }
+                if (ok_b) {
+                    let wv = w8(row_b * p.k + kk);
+                    acc_b += vec4<f32>(dot8(xq0, wv), dot8(xq1, wv), dot8(xq2, wv), dot8(xq3, wv));
                 }
             }
         } else {
             for (var kk = lane; kk < p.k; kk += TEAM) {
-                for (var i = 0u; i < NR; i++) {
-                    if (!wok[i]) {
-                        continue;
-                    }
-                    let wv = w1(wrow[i] * p.k + kk);
-                    for (var q = 0u; q < RB; q++) {
-                        if (xok[q]) {
-                            acc[i * RB + q] += x1(src[q], kk) * wv;
-                        }
-                    }
+                let xv = vec4<f32>(x1z(src4.x, kk), x1z(src4.y, kk), x1z(src4.z, kk), x1z(src4.w, kk));
+                if (ok_a) {
+                    acc_a += xv * w1(row_a * p.k + kk);
+                }
+                if (ok_b) {
+                    acc_b += xv * w1(row_b * p.k + kk);
                 }
             }
         }
-        for (var j = 0u; j < NR * RB; j++) {
-            red[j * 256u + lid] = acc[j];
-        }
+        // red[(i * RB + q) * 256 + lid]: weight row i of the team, token row q.
+        red[lid] = acc_a.x;
+        red[256u + lid] = acc_a.y;
+        red[512u + lid] = acc_a.z;
+        red[768u + lid] = acc_a.w;
+        red[1024u + lid] = acc_b.x;
+        red[1280u + lid] = acc_b.y;
+        red[1536u + lid] = acc_b.z;
+        red[1792u + lid] = acc_b.w;
         workgroupBarrier();
         if (p.swiglu != 0u) {
             // A team's two rows are (gate, up) of output column (nb + team * NR) / 2.

@@ -1,4 +1,5 @@
-//! One command buffer per layer: while `forward` runs, ops record into one encoder.
+//! One command buffer per layer: while `forward` runs, ops record into one encoder, and the
+//! layer's scratch buffers are recycled from the previous layer's.
 //!
 //! Outside a batch each op submits its own command buffer (one `queue.submit` per op). Inside
 //! [`moe_hal::Backend::forward`] the calling thread owns a batch: every op records its compute
@@ -8,13 +9,25 @@
 //!
 //! Order stays call order, which is the contract:
 //! * nothing in this backend writes through the queue (uploads fill buffers mapped at creation,
-//!   kernel parameters get their own buffers), so no queue write can overtake recorded work;
+//!   kernel parameters are immediates or get their own buffers), so no queue write can overtake
+//!   recorded work;
 //! * every call that submits its own commands (download, synchronize, copy) first submits the
 //!   calling thread's open batch ([`Batches::flush`]).
 //!
 //! One batch exists at a time. Another thread's ops, or a nested `forward`, simply run unbatched.
 //! Buffers an op bound are kept until the batch is submitted (scratch tensors are dropped by the
 //! op as soon as it has recorded).
+//!
+//! **Scratch recycling.** A layer allocates about ten scratch tensors, and every decode step
+//! allocates the same ones again: each a buffer created and destroyed, and (wgpu zero-fills every
+//! new buffer before its first use, not knowing a kernel will write it) a fill recorded for each.
+//! So the batch owner's scratch is recycled: a buffer it drops goes to the batch's `released`
+//! list, and buffers it allocates come from there or from `free`, what the previous batch
+//! released, when one of the same size is there. Only the owner takes or gives, so a recycled
+//! buffer is only ever used by commands recorded after those of its last user, in the same
+//! command buffer or a later one: queue order keeps them apart. When a batch ends, its released
+//! buffers become `free` and the previous `free` ones are dropped: the backend keeps at most one
+//! layer's scratch between calls ([`crate::WgpuBackend::release_scratch`] drops that too).
 
 use std::sync::Mutex;
 use std::thread::ThreadId;
@@ -23,11 +36,16 @@ struct Batch {
     owner: ThreadId,
     enc: wgpu::CommandEncoder,
     keep: Vec<wgpu::Buffer>,
+    /// Scratch buffers the owner dropped during this batch, free for its later commands.
+    released: Vec<wgpu::Buffer>,
 }
 
-/// The open batch, if any.
+/// The open batch, if any, and the scratch buffers the last batch released.
 #[derive(Default)]
-pub(crate) struct Batches(Mutex<Option<Batch>>);
+pub(crate) struct Batches {
+    open: Mutex<Option<Batch>>,
+    free: Mutex<Vec<wgpu::Buffer>>,
+}
 
 /// Ends the batch it opened when dropped (also on an error or a panic inside `forward`):
 /// submitted with [`BatchGuard::submit`], discarded otherwise.
@@ -44,6 +62,7 @@ impl BatchGuard<'_> {
             && let Some(b) = self.batches.take_own()
         {
             self.queue.submit([b.enc.finish()]);
+            *self.batches.free() = b.released;
         }
     }
 }
@@ -59,7 +78,43 @@ impl Drop for BatchGuard<'_> {
 
 impl Batches {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Batch>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<wgpu::Buffer>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the calling thread owns the open batch (its allocations are then recycled).
+    pub fn owned_here(&self) -> bool {
+        self.lock().as_ref().is_some_and(|b| b.owner == std::thread::current().id())
+    }
+
+    /// A recycled buffer of exactly `size` bytes for the batch owner: one its batch released, or
+    /// one the previous batch did. `None` for other threads, or when there is none.
+    pub fn take(&self, size: u64) -> Option<wgpu::Buffer> {
+        let mut slot = self.lock();
+        let b = slot.as_mut().filter(|b| b.owner == std::thread::current().id())?;
+        if let Some(i) = b.released.iter().position(|x| x.size() == size) {
+            return Some(b.released.swap_remove(i));
+        }
+        let mut free = self.free();
+        let i = free.iter().position(|x| x.size() == size)?;
+        Some(free.swap_remove(i))
+    }
+
+    /// Takes back a scratch buffer its owner drops, when the caller owns the open batch; other
+    /// buffers are simply dropped (wgpu frees them once the work using them is done).
+    pub fn give(&self, buf: wgpu::Buffer) {
+        let mut slot = self.lock();
+        if let Some(b) = slot.as_mut().filter(|b| b.owner == std::thread::current().id()) {
+            b.released.push(buf);
+        }
+    }
+
+    /// Drops the recycled buffers the last batch left.
+    pub fn release_free(&self) {
+        self.free().clear();
     }
 
     fn take_own(&self) -> Option<Batch> {
@@ -74,7 +129,7 @@ impl Batches {
         let mine = slot.is_none();
         if mine {
             let enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moe-wgpu layer") });
-            *slot = Some(Batch { owner: std::thread::current().id(), enc, keep: Vec::new() });
+            *slot = Some(Batch { owner: std::thread::current().id(), enc, keep: Vec::new(), released: Vec::new() });
         }
         BatchGuard { batches: self, queue, mine }
     }

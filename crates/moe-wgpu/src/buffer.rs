@@ -1,6 +1,10 @@
 //! Device buffers: one logical tensor over one or more native `wgpu::Buffer`s.
 
+use std::sync::Arc;
+
 use moe_hal::{DType, Error, Result};
+
+use crate::batch::Batches;
 
 /// Every native buffer is a multiple of this many bytes (and at least this large): shaders read
 /// tensors as `array<vec4<u32>>`/`array<vec4<f32>>`, so a binding never ends inside a vector,
@@ -28,6 +32,19 @@ pub(crate) struct Part {
 pub struct WgpuBuffer {
     pub(crate) parts: Vec<Part>,
     pub(crate) bytes: usize,
+    /// Scratch allocated inside `forward`: its native buffers go back for reuse when dropped
+    /// (see `batch.rs`).
+    pub(crate) recycle: Option<Arc<Batches>>,
+}
+
+impl Drop for WgpuBuffer {
+    fn drop(&mut self) {
+        if let Some(batches) = &self.recycle {
+            for p in self.parts.drain(..) {
+                batches.give(p.buf);
+            }
+        }
+    }
 }
 
 impl WgpuBuffer {
@@ -44,6 +61,11 @@ impl WgpuBuffer {
     /// Number of native buffers this tensor is split over (1 unless it exceeds one binding).
     pub fn parts(&self) -> usize {
         self.parts.len()
+    }
+
+    /// The first native buffer (the only one of a scratch buffer).
+    pub(crate) fn native(&self) -> &wgpu::Buffer {
+        &self.parts[0].buf
     }
 
     /// The single native buffer, or [`Error::Unsupported`] naming the tensor when it is split.

@@ -138,13 +138,21 @@ pub(crate) struct Pipelines {
     map: Mutex<HashMap<(Kernel, Variant), Arc<Pipe>>>,
     /// Parameters as immediates (push constants) instead of a uniform buffer per dispatch.
     immediates: bool,
+    /// Compile with wgpu's shader runtime checks (`MOE_WGPU_CHECKED=1`,
+    /// `WgpuBackend::with_shader_checks`), which a web page's untrusted shaders need and ours do
+    /// not: a clamp on every workgroup- and private-array index, a guard on every integer
+    /// division, a counter in every loop. Off by default; storage buffer accesses stay
+    /// bounds-checked by the driver where it is robust (Vulkan's robustBufferAccess2), as with
+    /// the checks on.
+    checked: bool,
 }
 
 impl Pipelines {
     /// Pipelines whose parameters are immediates (`true`: the device has `IMMEDIATES` with at
-    /// least [`PARAMS_BYTES`]) or a uniform buffer at binding 0.
-    pub fn new(immediates: bool) -> Self {
-        Pipelines { map: Default::default(), immediates }
+    /// least [`PARAMS_BYTES`]) or a uniform buffer at binding 0, compiled with wgpu's shader
+    /// runtime checks or without them (`checked`).
+    pub fn new(immediates: bool, checked: bool) -> Self {
+        Pipelines { map: Default::default(), immediates, checked }
     }
 
     /// Whether dispatches set their parameters with `set_immediates` (else: binding 0).
@@ -164,10 +172,16 @@ impl Pipelines {
                     assert!(source.contains(UNIFORM_PARAMS), "{kernel:?} declares its parameters differently");
                     source = source.replace(UNIFORM_PARAMS, "var<immediate> p: Params;");
                 }
-                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(&label),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
-                });
+                let desc = wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) };
+                let module = if self.checked {
+                    device.create_shader_module(desc)
+                } else {
+                    // SAFETY: see `checked`: every index these kernels form is in bounds by
+                    // construction (data-dependent ones are clamped in the WGSL itself), every
+                    // loop is bounded, and no divisor is zero (the host dispatches nothing for
+                    // an empty shape).
+                    unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+                };
                 let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
                     .binds()
                     .iter()

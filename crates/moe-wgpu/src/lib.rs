@@ -31,6 +31,11 @@
 //! lavapipe executes, so CI runs the size an NVIDIA GPU will;
 //! [`WgpuBackend::with_tensor_cores`]`(false)` keeps the f32 FMA kernels on a device that has them.
 //!
+//! Kernels are compiled without wgpu's shader runtime checks (clamps on array indices, guards on
+//! integer divisions, loop counters; `MOE_WGPU_CHECKED=1` or [`WgpuBackend::with_shader_checks`]
+//! puts them back): every index they form is in bounds by construction, and a test checks that
+//! the checks change no bit. Storage buffers stay bounds-checked by a robust driver either way.
+//!
 //! Every kernel reads its parameters (64 bytes) as immediates (push constants) where the adapter
 //! has `IMMEDIATES` (Vulkan does), so a dispatch creates no buffer, only its bind group; elsewhere
 //! (or with `MOE_WGPU_IMMEDIATES=0`) from a small uniform buffer at binding 0, as the shader files
@@ -49,10 +54,19 @@
 //! split over several native buffers: on expert boundaries for `[E, N, K]` weights, on row
 //! boundaries when one expert is itself too large (and for `[N, K]` weights). `grouped_gemm` then
 //! runs once per part, each part knowing the rows `[row0, row1)` of the `[E * N, K]` view it holds,
-//! so DeepSeek-V3's 22.5 GB of bf16 experts per layer run with 128 MiB bindings. Activations
-//! (hidden states, logits, dispatch indices) must fit one binding; an op handed a split one returns
-//! [`moe_hal::Error::Unsupported`] ("run fewer tokens per call").
-//! [`WgpuBackend::with_binding_limit`] lowers the per-buffer size, to test splitting on small data.
+//! so DeepSeek-V3's 22.5 GB of bf16 experts per layer run with 128 MiB bindings. A tensor of two
+//! dimensions (hidden states, logits) is split on rows when it exceeds a binding.
+//!
+//! `forward` takes any number of tokens: when the intermediates of all of them exceed one
+//! binding (DeepSeek-V3's `[T * 8, 7168]` f32 expert outputs pass 2 GiB at 9363 tokens, lavapipe's
+//! 128 MiB at 586), it runs the layer in passes of fewer tokens, copying each pass's rows in and
+//! out (`forward.rs`); `x`, `out` and the routing outputs may then be split tensors themselves.
+//! A layer's scratch tensors are recycled: the next `forward` reuses the buffers of the last
+//! one rather than creating (and zero-filling) ten new ones (`batch.rs`;
+//! [`WgpuBackend::release_scratch`] frees them). An op called on its own needs each activation
+//! in one binding; handed a split one it returns [`moe_hal::Error::Unsupported`] ("run fewer
+//! tokens per call"). [`WgpuBackend::with_binding_limit`] lowers the limit the backend splits
+//! weights and plans passes by, to test both on small data.
 //!
 //! ## Errors
 //!
@@ -112,6 +126,7 @@
 mod batch;
 mod buffer;
 mod device;
+mod forward;
 mod kernels;
 mod memory;
 mod ops;
@@ -134,6 +149,9 @@ pub fn available() -> std::result::Result<String, String> {
     std::panic::catch_unwind(probe).unwrap_or_else(|_| Err("the wgpu driver panicked while listing adapters".into()))
 }
 
+/// How `features` names kernels compiled with wgpu's shader runtime checks.
+const SHADER_CHECKS: &str = "shader runtime checks";
+
 /// The WGSL backend: one wgpu device and queue, its kernels, and its error state. See the crate
 /// docs for buffers, errors and the kernel chosen per shape.
 pub struct WgpuBackend {
@@ -145,6 +163,8 @@ pub struct WgpuBackend {
     chunk: u64,
     /// Largest part of a tensor of 3 or more dimensions (expert weights), at most `chunk`.
     expert_chunk: u64,
+    /// Largest intermediate tensor one pass of `forward` allocates, at most `chunk`.
+    pass_limit: u64,
     pipelines: kernels::Pipelines,
     faults: Arc<device::Faults>,
     /// The device error flags ([`device::ERR_WORDS`] u32).
@@ -153,8 +173,10 @@ pub struct WgpuBackend {
     dummy: wgpu::Buffer,
     /// Serialises reading and clearing the error flags.
     flag_lock: Mutex<()>,
-    /// The command buffer a `forward` records its ops into.
-    batches: batch::Batches,
+    /// The command buffer a `forward` records its ops into, and its recycled scratch.
+    batches: Arc<batch::Batches>,
+    /// Native buffers created so far ([`WgpuBackend::buffers_created`]).
+    created: std::sync::atomic::AtomicU64,
     /// The cooperative-matrix size `grouped_gemm`'s tensor-core kernel uses (`None`: not used).
     coop: Option<u32>,
     /// Whether `forward` records into one command buffer (see `batch.rs`); `MOE_WGPU_BATCH=0`
@@ -229,6 +251,10 @@ impl WgpuBackend {
         if immediates {
             info.features.push("immediates: kernel parameters without a buffer per dispatch".into());
         }
+        let checked = std::env::var("MOE_WGPU_CHECKED").is_ok_and(|v| v.trim() == "1");
+        if checked {
+            info.features.push(SHADER_CHECKS.into());
+        }
         let chunk = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(u32::MAX as u64) / 16 * 16;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let errs = device.create_buffer(&wgpu::BufferDescriptor {
@@ -246,26 +272,30 @@ impl WgpuBackend {
             limits,
             chunk,
             expert_chunk: chunk,
+            pass_limit: chunk,
             coop,
-            pipelines: kernels::Pipelines::new(immediates),
+            pipelines: kernels::Pipelines::new(immediates, checked),
             faults,
             errs,
             dummy,
             flag_lock: Mutex::new(()),
             batches: Default::default(),
+            created: Default::default(),
             batch_layers: std::env::var("MOE_WGPU_BATCH").map_or(true, |v| v.trim() != "0"),
         };
         backend.faults.take()?;
         Ok(backend)
     }
 
-    /// Caps each native buffer of an `[E, N, K]` expert weight (any tensor of 3 or more
-    /// dimensions) created from now on at `bytes` (rounded down to a multiple of 16, at least 16,
-    /// never above the adapter's own limit). A larger weight is split across buffers exactly as a
-    /// weight beyond the adapter's binding limit is, so tests exercise splitting on small data.
-    /// Other tensors keep the adapter's limit.
+    /// Behaves, wherever the backend itself divides work to fit bindings, as if one binding held
+    /// at most `bytes` (rounded down to a multiple of 16, at least 16, never above the adapter's
+    /// own limit): each native buffer of an `[E, N, K]` expert weight (any tensor of 3 or more
+    /// dimensions) created from now on is at most that large, and `forward` runs in passes of
+    /// as many tokens as have intermediates that fit. So tests exercise both on small data.
+    /// Other tensors, and ops called on their own, keep the adapter's limit.
     pub fn with_binding_limit(mut self, bytes: u64) -> Self {
         self.expert_chunk = (bytes / 16 * 16).clamp(16, self.chunk);
+        self.pass_limit = self.expert_chunk;
         self
     }
 
@@ -289,12 +319,43 @@ impl WgpuBackend {
     }
 
     /// Whether [`Backend::forward`] records the whole layer into one command buffer and submits
-    /// it once (the default), or submits each op as it comes (as every op outside `forward`
-    /// does). Both compute the same thing; the environment variable `MOE_WGPU_BATCH=0` sets
-    /// `false` for a whole run, so `moe bench` can measure the difference.
+    /// it once, recycling its scratch buffers (the default), or submits each op as it comes and
+    /// allocates afresh (as every op outside `forward` does). Both compute the same thing; the
+    /// environment variable `MOE_WGPU_BATCH=0` sets `false` for a whole run, so `moe bench` can
+    /// measure the difference.
     pub fn with_layer_batching(mut self, on: bool) -> Self {
         self.batch_layers = on;
         self
+    }
+
+    /// With `true`, compiles the kernels with wgpu's shader runtime checks, as wgpu does for
+    /// shaders it does not trust (the same as `MOE_WGPU_CHECKED=1`): every workgroup- and
+    /// private-array index clamped, every integer division guarded, every loop given a counter.
+    /// Off by default: these kernels form only in-bounds indices (data-dependent ones are clamped
+    /// in the WGSL itself), bound every loop and never divide by zero, and the checks cost
+    /// instructions in their inner loops (on lavapipe, 14% of a decode layer). Storage buffer
+    /// accesses are bounds-checked by the driver either way where it is robust (Vulkan). Call it
+    /// before the first op (kernels compile on first use).
+    pub fn with_shader_checks(mut self, on: bool) -> Self {
+        self.pipelines = kernels::Pipelines::new(self.pipelines.immediates(), on);
+        self.info.features.retain(|f| f != SHADER_CHECKS);
+        if on {
+            self.info.features.push(SHADER_CHECKS.into());
+        }
+        self
+    }
+
+    /// Frees the scratch buffers kept from the last `forward` for the next one to reuse (at
+    /// most one layer's intermediates: after a long prefill, that can be gigabytes; see
+    /// `batch.rs`). The next `forward` then allocates afresh.
+    pub fn release_scratch(&self) {
+        self.batches.release_free();
+    }
+
+    /// How many native buffers this backend has created (tensors and scratch, not read-back
+    /// staging): a diagnostic, which shows that a repeated `forward` recycles its scratch.
+    pub fn buffers_created(&self) -> u64 {
+        self.created.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The limits the device was opened with (the adapter's own).
@@ -423,7 +484,8 @@ impl Backend for WgpuBackend {
     }
 
     /// The composed layer ([`moe_hal::forward::composed`]) recorded into one command buffer and
-    /// submitted once (see `batch.rs`): about ten ops, one submit.
+    /// submitted once (see `batch.rs`): about ten ops, one submit; in passes of fewer tokens when
+    /// the intermediates of all of them exceed one binding (see `forward.rs`).
     fn forward(
         &self,
         layer: &moe_hal::Layer<Self>,
@@ -432,13 +494,7 @@ impl Backend for WgpuBackend {
         topk_ids: &mut Tensor<Self>,
         topk_weights: &mut Tensor<Self>,
     ) -> Result<()> {
-        if !self.batch_layers {
-            return moe_hal::forward::composed(self, layer, x, out, topk_ids, topk_weights);
-        }
-        let batch = self.batches.begin(&self.device, &self.queue);
-        moe_hal::forward::composed(self, layer, x, out, topk_ids, topk_weights)?;
-        batch.submit();
-        self.faults.take()
+        self.op_forward(layer, x, out, topk_ids, topk_weights)
     }
 
     fn activation(&self, gate_up: &Tensor<Self>, h: &mut Tensor<Self>) -> Result<()> {

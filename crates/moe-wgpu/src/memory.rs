@@ -12,6 +12,7 @@ impl WgpuBackend {
     pub(crate) fn create(&self, size: u64, mapped: bool) -> Result<wgpu::Buffer> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("moe-wgpu tensor"),
             size,
@@ -30,8 +31,9 @@ impl WgpuBackend {
         Ok(buf)
     }
 
-    /// A scratch buffer of at least `bytes`, for one op's intermediate data.
-    pub(crate) fn scratch(&self, bytes: u64) -> Result<wgpu::Buffer> {
+    /// A scratch buffer of at least `bytes`, for one op's intermediate data (recycled inside
+    /// `forward`, as its tensors are).
+    pub(crate) fn scratch(&self, bytes: u64) -> Result<WgpuBuffer> {
         if padded(bytes) > self.chunk {
             return Err(Error::Unsupported(format!(
                 "a scratch buffer of {} MiB exceeds one storage binding of this adapter ({} MiB); run fewer tokens per call",
@@ -39,7 +41,7 @@ impl WgpuBackend {
                 self.chunk >> 20
             )));
         }
-        self.create(padded(bytes), false)
+        self.make_buffer_within(DType::U32, &[bytes.div_ceil(4) as usize], None, self.chunk)
     }
 
     pub(crate) fn make_buffer(&self, dtype: DType, shape: &[usize], host: Option<&[u8]>) -> Result<WgpuBuffer> {
@@ -51,9 +53,15 @@ impl WgpuBackend {
     pub(crate) fn make_buffer_within(&self, dtype: DType, shape: &[usize], host: Option<&[u8]>, limit: u64) -> Result<WgpuBuffer> {
         self.faults.take()?;
         let plan = buffer::plan(dtype, shape, limit)?;
+        // Scratch inside the calling thread's `forward` is recycled (see `batch.rs`).
+        let recycle = host.is_none() && self.batches.owned_here();
         let mut parts = Vec::with_capacity(plan.len());
         for (start, bytes) in plan {
-            let buf = self.create(padded(bytes as u64), host.is_some())?;
+            let recycled = if recycle { self.batches.take(padded(bytes as u64)) } else { None };
+            let buf = match recycled {
+                Some(b) => b,
+                None => self.create(padded(bytes as u64), host.is_some())?,
+            };
             if let Some(h) = host {
                 let mut view = buf.get_mapped_range_mut(..).map_err(|e| Error::Driver(format!("cannot map a new buffer: {e}")))?;
                 view.slice(..bytes).copy_from_slice(&h[start..start + bytes]);
@@ -63,7 +71,7 @@ impl WgpuBackend {
             parts.push(Part { buf, start, bytes });
         }
         let bytes = shape.iter().product::<usize>() * dtype.size();
-        Ok(WgpuBuffer { parts, bytes })
+        Ok(WgpuBuffer { parts, bytes, recycle: recycle.then(|| self.batches.clone()) })
     }
 
     /// Submits `encoder` (which copies into `staging`), waits for it, and copies the first

@@ -63,14 +63,19 @@ impl WgpuBackend {
                 pass.dispatch_workgroups(*x, *y, 1);
             }
         };
-        // Only a batch needs the bound buffers listed (it keeps them until its one submit).
-        let bound = || steps.iter().flat_map(|s| s.bufs.iter().copied()).chain(&uniforms).collect();
-        if !self.batches.record(bound, record) {
+        self.encode(|| steps.iter().flat_map(|s| s.bufs.iter().copied()).chain(&uniforms).collect(), record);
+        self.faults.take()
+    }
+
+    /// Records into the calling thread's open batch, or into a command buffer of its own that is
+    /// submitted at once. Only a batch calls `bound`: it keeps the buffers the commands use alive
+    /// until its one submit.
+    pub(crate) fn encode<'b>(&self, bound: impl FnOnce() -> Vec<&'b wgpu::Buffer>, record: impl Fn(&mut wgpu::CommandEncoder)) {
+        if !self.batches.record(bound, &record) {
             let mut enc = self.device.create_command_encoder(&Default::default());
             record(&mut enc);
             self.queue.submit([enc.finish()]);
         }
-        self.faults.take()
     }
 
     fn one<'a>(&self, t: &'a Tensor<Self>, name: &str) -> Result<&'a wgpu::Buffer> {
@@ -120,7 +125,7 @@ impl WgpuBackend {
                 kernel: Kernel::RouterTopk,
                 variant: Variant::PLAIN,
                 params: p,
-                bufs: vec![lb, bb, &keys, ib, wb],
+                bufs: vec![lb, bb, keys.native(), ib, wb],
                 groups: grid(tb as u32, self.max_dim()),
             });
             t0 += tb;
@@ -146,7 +151,7 @@ impl WgpuBackend {
         let ti = self.one(token_index, "token_index")?;
         let off = self.one(expert_offsets, "expert_offsets")?;
         let p = params(&[pairs as u32, e as u32, k as u32, tiles as u32]);
-        let bufs = vec![ids, ri, ti, &counts, &base, off, &self.errs];
+        let bufs = vec![ids, ri, ti, counts.native(), base.native(), off, &self.errs];
         let mut steps = Vec::new();
         let g = grid(tiles as u32, self.max_dim());
         if tiles > 0 {

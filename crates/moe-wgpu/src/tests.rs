@@ -591,3 +591,120 @@ fn one_backend_shared_by_threads() {
         }
     });
 }
+
+/// The adapter as if one storage binding held only `bytes`: every larger tensor is split over
+/// several native buffers, the caller's `x` and `out` included.
+fn tiny_bindings(bytes: u64) -> WgpuBackend {
+    let mut b = gpu();
+    b.chunk = bytes;
+    b.with_binding_limit(bytes)
+}
+
+#[test]
+fn forward_runs_in_passes_over_split_tensors() {
+    // 4 KiB bindings: x [40, 64] f32 is 3 parts; the expert outputs hold 4 tokens a pass.
+    let b = tiny_bindings(4096);
+    let cpu = CpuBackend::new();
+    let mut r = Rng(21);
+    let deepseek = Routing::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    let config = MoeConfig { hidden: 64, intermediate: 24, experts: 8, top_k: 4, routing: deepseek, shared_intermediate: 16 };
+    let l = Layer::upload(&b, &random_layer(&mut r, config.clone(), DType::BF16)).unwrap();
+    assert_eq!(b.tokens_per_pass(&l).unwrap(), 4);
+    for (dtype, t) in [(DType::BF16, 40), (DType::F32, 23), (DType::F16, 1)] {
+        let layer = random_layer(&mut r, config.clone(), dtype);
+        let x = r.vec(t * config.hidden, 1.0);
+        let (want, want_ids) = forward_on(&cpu, &layer, &x, t);
+        for batching in [true, false] {
+            let be = tiny_bindings(4096).with_layer_batching(batching);
+            let (got, ids) = forward_on(&be, &layer, &x, t);
+            assert_eq!(ids, want_ids, "{dtype} t {t}");
+            let err = rel_l2(&got, &want);
+            assert!(err < tolerance(&be, dtype, 1e-4), "{dtype} t {t} batching {batching}: rel l2 {err}");
+        }
+    }
+    // An op on its own needs its activations in one binding, and says so.
+    let x = f32s(&b, DType::F32, &[40, 64], &r.vec(40 * 64, 1.0));
+    assert_eq!(x.buf.parts(), 3);
+    let mut h = poisoned(&b, DType::F32, &[40, 32]);
+    let err = ops::activation(&b, &x, &mut h).unwrap_err();
+    assert!(matches!(&err, Error::Unsupported(s) if s.contains("gate_up") && s.contains("fewer tokens")), "{err}");
+    // Not even one token's intermediates fit 512 bytes (its gate/up activations, 4 x 2 x 24 f32:
+    // the weights split inside an expert, so SwiGLU is not fused): a sentence, not a fault.
+    let b = tiny_bindings(512);
+    let l = Layer::upload(&b, &random_layer(&mut r, config.clone(), DType::F32)).unwrap();
+    let xt = f32s(&b, DType::F32, &[2, 64], &r.vec(128, 1.0));
+    let (mut out, mut ids, mut w) =
+        (poisoned(&b, DType::F32, &[2, 64]), poisoned(&b, DType::U32, &[2, 4]), poisoned(&b, DType::F32, &[2, 4]));
+    let err = ops::forward(&b, &l, &xt, &mut out, &mut ids, &mut w).unwrap_err();
+    assert!(matches!(&err, Error::Unsupported(s) if s.contains("one token's expert activations need 768 bytes")), "{err}");
+}
+
+#[test]
+fn forward_recycles_its_scratch() {
+    // A repeated forward takes every scratch buffer from the one before (none created), and a
+    // recycled buffer holding the last layer's data changes nothing: the same bits as the first
+    // time, on other data in between.
+    let b = gpu();
+    let cpu = CpuBackend::new();
+    let mut r = Rng(13);
+    let deepseek = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    let config = MoeConfig { hidden: 72, intermediate: 40, experts: 16, top_k: 4, routing: deepseek, shared_intermediate: 24 };
+    for (dtype, t) in [(DType::BF16, 9), (DType::F32, 70), (DType::F16, 1)] {
+        let host = random_layer(&mut r, config.clone(), dtype);
+        let l = Layer::upload(&b, &host).unwrap();
+        let (x1, x2) = (r.vec(t * 72, 1.0), r.vec(t * 72, 2.0));
+        let run = |x: &[f32]| {
+            let xt = f32s(&b, DType::F32, &[t, 72], x);
+            let (mut out, mut ids, mut w) =
+                (poisoned(&b, DType::F32, &[t, 72]), poisoned(&b, DType::U32, &[t, 4]), poisoned(&b, DType::F32, &[t, 4]));
+            let before = b.buffers_created();
+            ops::forward(&b, &l, &xt, &mut out, &mut ids, &mut w).unwrap();
+            let created = b.buffers_created() - before;
+            ((out.to_f32(&b).unwrap(), ids.to_u32(&b).unwrap(), w.to_f32(&b).unwrap()), created)
+        };
+        let (first, created) = run(&x1);
+        assert!(created > 0, "{dtype} t {t}: a new shape must allocate");
+        let (want, want_ids) = forward_on(&cpu, &host, &x1, t);
+        assert_eq!(first.1, want_ids);
+        assert!(rel_l2(&first.0, &want) < tolerance(&b, dtype, 1e-4));
+        let (_, created) = run(&x2);
+        assert_eq!(created, 0, "{dtype} t {t}: the second forward of a shape must recycle every scratch buffer");
+        let (again, created) = run(&x1);
+        assert_eq!(created, 0);
+        assert!(again == first, "{dtype} t {t}: recycled scratch changed the result");
+        b.release_scratch();
+        assert!(run(&x1).1 > 0, "release_scratch must drop the kept buffers");
+    }
+}
+
+#[test]
+fn shader_runtime_checks_change_no_bit() {
+    // Kernels compile without wgpu's runtime checks by default (index clamps, division guards,
+    // loop counters). They only form in-bounds indices, so the checks must change nothing: the
+    // same bits with and without them, for decode (gemv) and prefill (tiled) shapes, split
+    // weights, every dtype, and the same error for bad data.
+    let (plain, checked) = (gpu(), gpu().with_shader_checks(true));
+    let (plain_split, checked_split) = (gpu().with_binding_limit(4096), gpu().with_shader_checks(true).with_binding_limit(4096));
+    assert!(checked.info().features.iter().any(|f| f == "shader runtime checks"));
+    assert!(!plain.info().features.iter().any(|f| f == "shader runtime checks"));
+    let mut r = Rng(17);
+    let deepseek = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    let config = MoeConfig { hidden: 72, intermediate: 40, experts: 16, top_k: 4, routing: deepseek, shared_intermediate: 24 };
+    for dtype in DType::FLOATS {
+        let layer = random_layer(&mut r, config.clone(), dtype);
+        for t in [1, 3, 90] {
+            let x = r.vec(t * 72, 1.0);
+            assert!(forward_on(&plain, &layer, &x, t) == forward_on(&checked, &layer, &x, t), "{dtype} t {t}");
+            assert!(forward_on(&plain_split, &layer, &x, t) == forward_on(&checked_split, &layer, &x, t), "{dtype} t {t} split");
+        }
+    }
+    for b in [gpu(), gpu().with_shader_checks(true)] {
+        let x = f32s(&b, DType::F32, &[6, 8], &r.vec(48, 1.0));
+        let w = f32s(&b, DType::F32, &[2, 4, 8], &r.vec(64, 1.0));
+        let off = u32s(&b, &[3], &[0, 5, 3]);
+        let mut y = poisoned(&b, DType::F32, &[6, 4]);
+        b.grouped_gemm(&x, None, &w, Some(&off), &mut y).unwrap();
+        let err = b.synchronize().unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(s) if s.contains("expert_offsets")), "{err}");
+    }
+}
