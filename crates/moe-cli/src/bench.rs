@@ -300,60 +300,98 @@ impl Job for Measure<'_> {
                 self.progress.inc((args.warmup + args.iters) as u64);
                 continue;
             }
-            // A pool of distinct batches (at most 256 MiB of them) so the routing changes per iteration.
-            let batch = t * c.hidden;
-            let pool = (((256usize << 20) / (4 * batch).max(1)).max(2)).min(args.iters.max(2));
-            let xs: Vec<Tensor<B>> = (0..pool)
-                .map(|p| {
-                    Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ ((p as u64 + 1) * 0x9E37) ^ t as u64))
-                })
-                .collect::<Result<_>>()?;
-            let mut out = Tensor::alloc(b, DType::F32, &[t, c.hidden])?;
-            let mut ids = Tensor::alloc(b, DType::U32, &[t, c.top_k])?;
-            let mut w = Tensor::alloc(b, DType::F32, &[t, c.top_k])?;
-            let (mut times, mut floors, mut bytes_v, mut touched_sum) = (vec![], vec![], vec![], 0usize);
-            let mut flops = 0.0;
-            for it in 0..args.warmup + args.iters {
-                let x = &xs[it % pool];
-                b.synchronize()?;
-                let start = Instant::now();
-                ops::forward(b, &layer, x, &mut out, &mut ids, &mut w)?;
-                b.synchronize()?;
-                let dt = start.elapsed().as_secs_f64();
-                self.progress.inc(1);
-                if it < args.warmup {
-                    continue;
+            let mut done = 0;
+            match self.tokens(b, &layer, t, bw, peak.as_ref(), &mut done) {
+                Ok(row) => {
+                    self.progress.println(format_row(&info.name, &row));
+                    run.rows.push(row);
                 }
-                let mut seen = vec![false; c.experts];
-                ids.to_u32(b)?.iter().for_each(|&e| seen[e as usize] = true);
-                let touched = seen.iter().filter(|&&s| s).count();
-                let (bytes, f) = cost(c, args.dtype, t, touched);
-                flops = f;
-                let floor = (bytes / bw).max(peak.as_ref().map_or(0.0, |p| f / p.0));
-                times.push(dt);
-                floors.push(floor);
-                bytes_v.push(bytes);
-                touched_sum += touched;
+                Err(e) => {
+                    // One token count failing (out of memory, say) keeps the rows measured so far
+                    // and goes on; a lost device ends this backend's run.
+                    let msg = format!("{t} tokens failed: {e}");
+                    self.progress.println(format!("{}: {msg}", info.name));
+                    run.skipped.push(msg);
+                    self.progress.inc((args.warmup + args.iters - done) as u64);
+                    if matches!(e, Error::DeviceLost(_)) {
+                        break;
+                    }
+                }
             }
-            let n = times.len().max(1);
-            let time_s = median(&mut times);
-            let floor_s = median(&mut floors);
-            let bytes = median(&mut bytes_v);
-            let row = Row {
-                tokens: t,
-                touched: touched_sum as f64 / n as f64,
-                time_s,
-                bytes,
-                flops,
-                floor_s,
-                gbs: bytes / time_s / 1e9,
-                tflops: flops / time_s / 1e12,
-                fraction: floor_s / time_s,
-            };
-            self.progress.println(format_row(&info.name, &row));
-            run.rows.push(row);
         }
         Ok(run)
+    }
+}
+
+impl Measure<'_> {
+    /// The median of `args.iters` forwards of `t` tokens, after the warm-up; `done` counts the
+    /// iterations run (for the progress bar when one fails).
+    fn tokens<B: Backend>(
+        &self,
+        b: &B,
+        layer: &Layer<B>,
+        t: usize,
+        bw: f64,
+        peak: Option<&(f64, String)>,
+        done: &mut usize,
+    ) -> Result<Row> {
+        let (args, c) = (self.args, self.config);
+        // A pool of distinct batches (at most 256 MiB of them) so the routing changes per iteration.
+        let batch = t * c.hidden;
+        let pool = (((256usize << 20) / (4 * batch).max(1)).max(2)).min(args.iters.max(2));
+        let xs: Vec<Tensor<B>> = (0..pool)
+            .map(|p| {
+                Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ ((p as u64 + 1) * 0x9E37) ^ t as u64))
+            })
+            .collect::<Result<_>>()?;
+        let mut out = Tensor::alloc(b, DType::F32, &[t, c.hidden])?;
+        let mut ids = Tensor::alloc(b, DType::U32, &[t, c.top_k])?;
+        let mut w = Tensor::alloc(b, DType::F32, &[t, c.top_k])?;
+        let (mut times, mut floors, mut bytes_v, mut touched_sum) = (vec![], vec![], vec![], 0usize);
+        let mut flops = 0.0;
+        for it in 0..args.warmup + args.iters {
+            let x = &xs[it % pool];
+            b.synchronize()?;
+            let start = Instant::now();
+            ops::forward(b, layer, x, &mut out, &mut ids, &mut w)?;
+            b.synchronize()?;
+            let dt = start.elapsed().as_secs_f64();
+            self.progress.inc(1);
+            *done += 1;
+            if it < args.warmup {
+                continue;
+            }
+            let mut seen = vec![false; c.experts];
+            // (An id out of range would be the backend's bug: not counted, never a panic here.)
+            for e in ids.to_u32(b)? {
+                if let Some(s) = seen.get_mut(e as usize) {
+                    *s = true;
+                }
+            }
+            let touched = seen.iter().filter(|&&s| s).count();
+            let (bytes, f) = cost(c, args.dtype, t, touched);
+            flops = f;
+            let floor = (bytes / bw).max(peak.map_or(0.0, |p| f / p.0));
+            times.push(dt);
+            floors.push(floor);
+            bytes_v.push(bytes);
+            touched_sum += touched;
+        }
+        let n = times.len().max(1);
+        let time_s = median(&mut times);
+        let floor_s = median(&mut floors);
+        let bytes = median(&mut bytes_v);
+        Ok(Row {
+            tokens: t,
+            touched: touched_sum as f64 / n as f64,
+            time_s,
+            bytes,
+            flops,
+            floor_s,
+            gbs: bytes / time_s / 1e9,
+            tflops: flops / time_s / 1e12,
+            fraction: floor_s / time_s,
+        })
     }
 }
 
@@ -444,8 +482,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut report = Report { date: today(), commit: commit(), runs: vec![] };
+    // A backend that fails (unavailable, out of memory while uploading) does not lose the others'
+    // results: they are printed and written, and the command then fails naming it.
+    let mut failed = Vec::new();
     for &choice in &args.backends {
-        let run = dispatch(choice, Measure { args, config: &c, progress: &progress })?;
+        let run = match dispatch(choice, Measure { args, config: &c, progress: &progress }) {
+            Ok(run) => run,
+            Err(e) => {
+                progress.println(format!("{}: {e}", backend_name(choice)));
+                failed.push((choice, e));
+                continue;
+            }
+        };
         progress.println(format!(
             "{}: {} copy bandwidth {:.1} GB/s (measured now), peak {}",
             run.backend,
@@ -489,7 +537,19 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         crate::plot::plot(path, &format!("{} {}", shape_name(&c), args.dtype), &all)?;
         println!("wrote {}", path.display());
     }
-    Ok(())
+    // The first failure is the command's error (every one was printed as it happened).
+    match failed.into_iter().next() {
+        Some((choice, e)) if !report.runs.is_empty() => {
+            eprintln!("moe bench: {} failed; the results above are the other backends'", backend_name(choice));
+            Err(e)
+        }
+        Some((_, e)) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn backend_name(choice: Choice) -> String {
+    clap::ValueEnum::to_possible_value(&choice).map_or_else(|| format!("{choice:?}"), |v| v.get_name().to_string())
 }
 
 fn read_report(path: &PathBuf) -> Result<Report> {

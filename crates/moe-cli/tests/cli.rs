@@ -423,6 +423,34 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
         json.to_str().unwrap(),
     ]);
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ratio"), "{}", stderr(&o));
+    // A backend that cannot run (CANN has no device here) fails the command but loses nothing:
+    // the CPU's rows are printed and written.
+    let o = moe(&[
+        "bench",
+        "--backend",
+        "cann,cpu",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "16",
+        "--experts",
+        "16",
+        "--top-k",
+        "4",
+        "--tokens",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("cann failed"), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["runs"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["runs"][0]["backend"], "cpu");
+    assert_eq!(report["runs"][0]["rows"].as_array().unwrap().len(), 1);
     // Bad flags are one sentence.
     let o = moe(&["bench", "--backend", "cpu", "--tokens", "0"]);
     assert!(!o.status.success() && stderr(&o).starts_with("error: "), "{}", stderr(&o));
