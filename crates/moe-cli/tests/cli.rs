@@ -333,6 +333,14 @@ fn conform_writes_a_complete_passing_matrix() {
     assert!(!o.status.success() && stderr(&o).contains("no conformance case"));
 }
 
+/// `moe bench` on a tiny shape (hidden 64, 16 experts of 16, top-4) for `backends`, with `more`
+/// flags.
+fn tiny_bench(backends: &str, more: &[&str]) -> std::process::Output {
+    let mut args = vec!["bench", "--backend", backends, "--hidden", "64", "--intermediate", "16", "--experts", "16", "--top-k", "4"];
+    args.extend_from_slice(more);
+    moe(&args)
+}
+
 /// The bench is a tool, not a timed test: this only proves it runs end to end on a tiny shape
 /// (table, JSON, plot, comparison).
 #[test]
@@ -340,29 +348,8 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("b.json");
     let svg = dir.path().join("b.svg");
-    let o = moe(&[
-        "bench",
-        "--backend",
-        "cpu",
-        "--hidden",
-        "64",
-        "--intermediate",
-        "16",
-        "--experts",
-        "16",
-        "--top-k",
-        "4",
-        "--tokens",
-        "1,3",
-        "--iters",
-        "2",
-        "--warmup",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-        "--plot",
-        svg.to_str().unwrap(),
-    ]);
+    let quick = ["--tokens", "1,3", "--iters", "2", "--warmup", "1"];
+    let o = tiny_bench("cpu", &[&quick[..], &["--json", json.to_str().unwrap(), "--plot", svg.to_str().unwrap()]].concat());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(out.contains("of floor") && out.contains("GB/s"), "{out}");
@@ -376,76 +363,16 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     // The same plot as PNG (text drawn with a system TrueType font).
     let png = dir.path().join("b.png");
-    let o = moe(&[
-        "bench",
-        "--backend",
-        "cpu",
-        "--hidden",
-        "64",
-        "--intermediate",
-        "16",
-        "--experts",
-        "16",
-        "--top-k",
-        "4",
-        "--tokens",
-        "1,3",
-        "--iters",
-        "2",
-        "--warmup",
-        "1",
-        "--plot",
-        png.to_str().unwrap(),
-    ]);
+    let o = tiny_bench("cpu", &[&quick[..], &["--plot", png.to_str().unwrap()]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"), "not a PNG");
     let o = moe(&["bench", "--backend", "cpu", "--tokens", "1", "--plot", "x.gif"]);
     assert!(!o.status.success() && stderr(&o).contains("SVG or PNG"), "{}", stderr(&o));
-    let o = moe(&[
-        "bench",
-        "--backend",
-        "cpu",
-        "--hidden",
-        "64",
-        "--intermediate",
-        "16",
-        "--experts",
-        "16",
-        "--top-k",
-        "4",
-        "--tokens",
-        "1,3",
-        "--iters",
-        "2",
-        "--warmup",
-        "1",
-        "--compare",
-        json.to_str().unwrap(),
-    ]);
+    let o = tiny_bench("cpu", &[&quick[..], &["--compare", json.to_str().unwrap()]].concat());
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ratio"), "{}", stderr(&o));
     // A backend that cannot run (CANN has no device here) fails the command but loses nothing:
     // the CPU's rows are printed and written.
-    let o = moe(&[
-        "bench",
-        "--backend",
-        "cann,cpu",
-        "--hidden",
-        "64",
-        "--intermediate",
-        "16",
-        "--experts",
-        "16",
-        "--top-k",
-        "4",
-        "--tokens",
-        "1",
-        "--iters",
-        "1",
-        "--warmup",
-        "0",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let o = tiny_bench("cann,cpu", &["--tokens", "1", "--iters", "1", "--warmup", "0", "--json", json.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("cann failed"), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["runs"].as_array().unwrap().len(), 1, "{report}");

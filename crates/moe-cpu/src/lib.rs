@@ -81,7 +81,13 @@ impl CpuBackend {
                 memory_bytes: memory,
                 max_buffer_bytes: memory,
                 subgroup_size: None,
-                features: vec!["f32".into(), "f16".into(), "bf16".into(), "f64-accumulate".into()],
+                features: vec![
+                    "f32".into(),
+                    "f16".into(),
+                    "bf16".into(),
+                    "f64-accumulate".into(),
+                    format!("gemm kernels: {}", moe_hal::host::isa()),
+                ],
             },
             accumulate: Accumulate::F32,
         }

@@ -74,7 +74,11 @@ pub struct BackendInfo {
 ///   an output is empty (zero tokens), so a backend never sees a zero-sized launch.
 /// * **Ordering.** Ops are enqueued and run in call order. Only [`Backend::download`] and
 ///   [`Backend::synchronize`] block; errors an op can only find on the device (an expert id out of
-///   range inside a device buffer) surface no later than the next blocking call.
+///   range inside a device buffer) surface no later than the next blocking call. A backend is
+///   `Sync` and may be shared by threads, but it keeps one queue and one set of device error
+///   flags: such an error surfaces at the next blocking call of *whichever* thread makes it, and
+///   that call waits for every thread's work. Threads that need their own ordering and their own
+///   errors open one backend each.
 /// * **Memory.** Outputs are allocated by the caller ([`Backend::alloc`]) and passed as `&mut`;
 ///   an op writes every element of its outputs (the suite poisons outputs to prove it).
 /// * **Activations are f32.** Weights are stored as f32, f16 or bf16; hidden states, logits and

@@ -1,5 +1,5 @@
 //! The host GEMM ([`grouped_gemm`]) and its register tiles: portable code for any CPU, AVX2 + FMA
-//! intrinsics chosen at run time (`MOE_CPU_ISA=portable` forces the portable build).
+//! and AVX-512 intrinsics chosen at run time ([`isa`]; `MOE_CPU_ISA=avx2|portable` caps it).
 
 use super::{Accumulate, Weights, check_offsets};
 use crate::{Result, invalid};
@@ -95,7 +95,7 @@ mod avx2 {
     }
 }
 
-/// The 4 x 2 register tile of [`rows4_times_block_avx2`] and [`rows4_times_bf16_avx2`], written
+/// The 4 x 3 register tile of [`rows4_times_block_avx2`] and [`rows4_times_bf16_avx2`], written
 /// once: `$w` is the weight element type, `$load` turns a pointer to 8 of them into 8 f32 lanes,
 /// `$get` one of them into an f32 (for the tail past the last multiple of 8).
 macro_rules! rows4_tile_avx2 {
@@ -109,28 +109,33 @@ macro_rules! rows4_tile_avx2 {
             let tail = |x: &[f32], row: &[$w]| -> f32 { (k / 8 * 8..k).map(|i| x[i] * $get(row[i])).sum() };
             let nb = out.len() / 4;
             let chunks = k / 8;
-            for j in (0..nb).step_by(2) {
-                // Two weight rows per pass; an odd last row pairs with itself (computed twice,
+            for j in (0..nb).step_by(3) {
+                // Three weight rows per pass; past the last row, the last one repeats (computed,
                 // kept once).
-                let j1 = (j + 1).min(nb - 1);
-                let (w0, w1) = (&w[j * k..(j + 1) * k], &w[j1 * k..(j1 + 1) * k]);
-                let mut acc = [_mm256_setzero_ps(); 8];
+                let (j1, j2) = ((j + 1).min(nb - 1), (j + 2).min(nb - 1));
+                let (w0, w1, w2) = (&w[j * k..(j + 1) * k], &w[j1 * k..(j1 + 1) * k], &w[j2 * k..(j2 + 1) * k]);
+                let mut acc = [_mm256_setzero_ps(); 12];
                 for c in 0..chunks {
                     // SAFETY: c * 8 + 8 <= k, the length of every row and activation here.
                     unsafe {
                         let a = $load(w0.as_ptr().add(c * 8));
                         let b = $load(w1.as_ptr().add(c * 8));
+                        let d = $load(w2.as_ptr().add(c * 8));
                         for r in 0..4 {
                             let xv = _mm256_loadu_ps(xs[r].as_ptr().add(c * 8));
-                            acc[2 * r] = _mm256_fmadd_ps(xv, a, acc[2 * r]);
-                            acc[2 * r + 1] = _mm256_fmadd_ps(xv, b, acc[2 * r + 1]);
+                            acc[3 * r] = _mm256_fmadd_ps(xv, a, acc[3 * r]);
+                            acc[3 * r + 1] = _mm256_fmadd_ps(xv, b, acc[3 * r + 1]);
+                            acc[3 * r + 2] = _mm256_fmadd_ps(xv, d, acc[3 * r + 2]);
                         }
                     }
                 }
                 for r in 0..4 {
-                    out[r * nb + j] = hsum(acc[2 * r]) + tail(xs[r], w0);
+                    out[r * nb + j] = hsum(acc[3 * r]) + tail(xs[r], w0);
                     if j1 != j {
-                        out[r * nb + j1] = hsum(acc[2 * r + 1]) + tail(xs[r], w1);
+                        out[r * nb + j1] = hsum(acc[3 * r + 1]) + tail(xs[r], w1);
+                    }
+                    if j2 != j1 {
+                        out[r * nb + j2] = hsum(acc[3 * r + 2]) + tail(xs[r], w2);
                     }
                 }
             }
@@ -140,9 +145,11 @@ macro_rules! rows4_tile_avx2 {
 
 rows4_tile_avx2!(
     /// Four activation rows times the `nb` weight rows of `w`, into `out` (`4 * nb`, row-major),
-    /// with AVX2 intrinsics: a register tile of 4 x 2 dot products (eight 8-lane accumulators),
-    /// so each weight load feeds four rows and each activation load two weight rows. (Written
-    /// with intrinsics because the compiler spilled every array-based version of this tile.)
+    /// with AVX2 intrinsics: a register tile of 4 x 3 dot products (twelve 8-lane accumulators,
+    /// three weight vectors and one activation vector: all 16 registers), so each weight load
+    /// feeds four rows and each activation load three weight rows; twelve independent FMA chains
+    /// cover the FMA latency (4 x 2 had eight: 10% slower at prefill). (Written with intrinsics
+    /// because the compiler spilled every array-based version of this tile.)
     rows4_times_block_avx2,
     f32,
     |p: *const f32| _mm256_loadu_ps(p),
@@ -156,6 +163,87 @@ rows4_tile_avx2!(
     rows4_times_bf16_avx2,
     half::bf16,
     |p: *const half::bf16| avx2::widen8(p),
+    |v: half::bf16| v.to_f32()
+);
+
+/// Helpers of the AVX-512 tiles below.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// 16 bf16 values from `p` as f32 (a 16-bit shift each: exact).
+    ///
+    /// # Safety
+    /// `p` points at 16 readable bf16 values.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen16(p: *const half::bf16) -> __m512 {
+        // SAFETY: the caller passes a pointer to 16 readable bf16 values.
+        let h = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
+/// The `R` x 4 register tile of [`rows_times_block_avx512`] and [`rows_times_bf16_avx512`]: as
+/// [`rows4_tile_avx2`], with 16-lane vectors and 32 registers, so four weight rows per pass and
+/// up to [`AVX512_ROWS`] activation rows (`4 R` accumulators, four weight vectors, one activation
+/// vector): each activation load feeds four products, each weight load `R`. `R` below the most
+/// takes an expert's last rows, so no row falls back to the one-row kernel.
+macro_rules! rows_tile_avx512 {
+    ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $name<const R: usize>(xs: [&[f32]; R], w: &[$w], k: usize, out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            let tail = |x: &[f32], row: &[$w]| -> f32 { (k / 16 * 16..k).map(|i| x[i] * $get(row[i])).sum() };
+            let nb = out.len() / R;
+            let chunks = k / 16;
+            for j in (0..nb).step_by(4) {
+                // Past the last weight row, the last one repeats (computed, kept once).
+                let js: [usize; 4] = std::array::from_fn(|q| (j + q).min(nb - 1));
+                let ws: [&[$w]; 4] = std::array::from_fn(|q| &w[js[q] * k..(js[q] + 1) * k]);
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                for c in 0..chunks {
+                    // SAFETY: c * 16 + 16 <= k, the length of every row and activation here.
+                    unsafe {
+                        let wv: [__m512; 4] = std::array::from_fn(|q| $load(ws[q].as_ptr().add(c * 16)));
+                        for r in 0..R {
+                            let xv = _mm512_loadu_ps(xs[r].as_ptr().add(c * 16));
+                            for q in 0..4 {
+                                acc[r][q] = _mm512_fmadd_ps(xv, wv[q], acc[r][q]);
+                            }
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for q in 0..4 {
+                        if q == 0 || js[q] != js[q - 1] {
+                            out[r * nb + js[q]] = _mm512_reduce_add_ps(acc[r][q]) + tail(xs[r], ws[q]);
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// Most activation rows of one AVX-512 tile.
+const AVX512_ROWS: usize = 6;
+
+rows_tile_avx512!(
+    /// [`rows4_times_block_avx2`] with AVX-512: an `R` x 4 tile of dot products.
+    rows_times_block_avx512,
+    f32,
+    |p: *const f32| _mm512_loadu_ps(p),
+    |v: f32| v
+);
+
+rows_tile_avx512!(
+    /// [`rows4_times_bf16_avx2`] with AVX-512: bf16 weights widened in registers as they load.
+    rows_times_bf16_avx512,
+    half::bf16,
+    |p: *const half::bf16| avx512::widen16(p),
     |v: half::bf16| v.to_f32()
 );
 
@@ -194,43 +282,82 @@ unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [
 
 /// Whether the bf16 tiles ([`rows4_times_bf16_avx2`], [`row_times_bf16_avx2`]) can run here.
 fn direct_bf16() -> bool {
-    cfg!(target_arch = "x86_64") && isa() == "avx2"
+    cfg!(target_arch = "x86_64") && isa() != "portable"
 }
 
-/// Four rows at once where the CPU has AVX2 and FMA, else one at a time.
-fn rows4_times_block(xs: [&[f32]; 4], w: &[f32], k: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == "avx2" {
-        // SAFETY: the CPU has AVX2 and FMA (checked by isa()).
-        return unsafe { rows4_times_block_avx2(xs, w, k, out) };
+/// Activation rows handled together by the widest tile this CPU has.
+fn tile_rows() -> usize {
+    if isa() == "avx512" { AVX512_ROWS } else { 4 }
+}
+
+/// `xs` (1 to [`tile_rows`] rows) times a bf16 block read directly, into `out` (`xs.len() * nb`,
+/// row-major); the caller checked [`direct_bf16`].
+#[cfg(target_arch = "x86_64")]
+fn rows_times_bf16(xs: &[&[f32]], w: &[half::bf16], k: usize, out: &mut [f32]) {
+    // SAFETY: isa() found AVX-512F for the first arms, AVX2 and FMA for the others (direct_bf16).
+    unsafe {
+        match (isa(), xs.len()) {
+            ("avx512", 6) => rows_times_bf16_avx512::<6>([xs[0], xs[1], xs[2], xs[3], xs[4], xs[5]], w, k, out),
+            ("avx512", 5) => rows_times_bf16_avx512::<5>([xs[0], xs[1], xs[2], xs[3], xs[4]], w, k, out),
+            ("avx512", 4) => rows_times_bf16_avx512::<4>([xs[0], xs[1], xs[2], xs[3]], w, k, out),
+            ("avx512", 3) => rows_times_bf16_avx512::<3>([xs[0], xs[1], xs[2]], w, k, out),
+            ("avx512", 2) => rows_times_bf16_avx512::<2>([xs[0], xs[1]], w, k, out),
+            (_, 4) => rows4_times_bf16_avx2([xs[0], xs[1], xs[2], xs[3]], w, k, out),
+            _ => {
+                let nb = out.len() / xs.len();
+                for (r, x) in xs.iter().enumerate() {
+                    row_times_bf16_avx2(x, w, k, &mut out[r * nb..(r + 1) * nb]);
+                }
+            }
+        }
     }
-    let nb = out.len() / 4;
+}
+
+/// `xs` (1 to [`tile_rows`] rows) times an f32 block, into `out` (`xs.len() * nb`, row-major).
+fn rows_times_block(xs: &[&[f32]], w: &[f32], k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: isa() found AVX-512F for the first arms, AVX2 and FMA for the last.
+    unsafe {
+        match (isa(), xs.len()) {
+            ("avx512", 6) => return rows_times_block_avx512::<6>([xs[0], xs[1], xs[2], xs[3], xs[4], xs[5]], w, k, out),
+            ("avx512", 5) => return rows_times_block_avx512::<5>([xs[0], xs[1], xs[2], xs[3], xs[4]], w, k, out),
+            ("avx512", 4) => return rows_times_block_avx512::<4>([xs[0], xs[1], xs[2], xs[3]], w, k, out),
+            ("avx512", 3) => return rows_times_block_avx512::<3>([xs[0], xs[1], xs[2]], w, k, out),
+            ("avx512", 2) => return rows_times_block_avx512::<2>([xs[0], xs[1]], w, k, out),
+            ("avx2", 4) => return rows4_times_block_avx2([xs[0], xs[1], xs[2], xs[3]], w, k, out),
+            _ => {}
+        }
+    }
+    let nb = out.len() / xs.len();
     for (r, x) in xs.iter().enumerate() {
         row_times_block(x, w, k, &mut out[r * nb..(r + 1) * nb]);
     }
 }
 
 /// The same code compiled for AVX2 with FMA (8 lanes), chosen at run time; other CPUs run the
-/// portable build (SSE2 on x86-64). Measured on the 2-core EPYC of the project: wider variants
-/// (16 partial sums, AVX-512) compiled to spills and ran 3x slower, so they are not here.
+/// portable build (SSE2 on x86-64). Measured on the 2-core EPYC of the project: wider builds of
+/// this generic code (16 partial sums, AVX-512) compiled to spills and ran 3x slower; the 4-row
+/// AVX-512 tile above is written with intrinsics instead.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_times_block_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     row_times_block_generic::<8, true>(x, w, k, out)
 }
 
-/// The instruction set the host GEMM uses: `avx2` (with FMA) where the CPU has it, else
-/// `portable`; `MOE_CPU_ISA=portable` forces the portable build, to compare or to reproduce a
-/// result bit for bit on another machine.
-fn isa() -> &'static str {
+/// The instruction set the host GEMM uses: `avx512` (AVX-512F with AVX2 and FMA: tiles of up to
+/// six activation rows in 16 lanes, single rows as `avx2`), `avx2` (with FMA: tiles of four
+/// rows), else `portable`. `MOE_CPU_ISA=avx2` or `portable` caps it, to compare or to reproduce
+/// a result bit for bit on another machine (the tiles sum in different orders).
+pub fn isa() -> &'static str {
     static ISA: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
     ISA.get_or_init(|| {
-        if std::env::var("MOE_CPU_ISA").is_ok_and(|v| v == "portable") {
+        let cap = std::env::var("MOE_CPU_ISA").unwrap_or_default();
+        if cap == "portable" {
             return "portable";
         }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return "avx2";
+            return if cap != "avx2" && std::arch::is_x86_feature_detected!("avx512f") { "avx512" } else { "avx2" };
         }
         "portable"
     })
@@ -238,7 +365,7 @@ fn isa() -> &'static str {
 
 fn row_times_block(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa() == "avx2" {
+    if isa() != "portable" {
         // SAFETY: the CPU has AVX2 and FMA (checked by isa()).
         return unsafe { row_times_block_avx2(x, w, k, out) };
     }
@@ -312,18 +439,12 @@ pub fn grouped_gemm(
         #[cfg(target_arch = "x86_64")]
         if let (Weights::BF16(wb), Accumulate::F32, true) = (w, accumulate, direct_bf16()) {
             let block = &wb[(g * n + n0) * k..(g * n + n0 + nb) * k];
-            let mut dots = vec![0f32; 4 * nb];
+            let mut dots = vec![0f32; tile_rows() * nb];
             let mut r = r0;
             while r < end {
-                let take = if end - r >= 4 { 4 } else { 1 };
-                // SAFETY: AVX2 and FMA are present (direct_bf16).
-                unsafe {
-                    if take == 4 {
-                        rows4_times_bf16_avx2([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], block, k, &mut dots);
-                    } else {
-                        row_times_bf16_avx2(xrow(r), block, k, &mut dots[..nb]);
-                    }
-                }
+                let take = (end - r).min(tile_rows());
+                let xs: Vec<&[f32]> = (r..r + take).map(xrow).collect();
+                rows_times_bf16(&xs, block, k, &mut dots[..take * nb]);
                 for q in 0..take {
                     // SAFETY: as below: row r + q, columns n0..n0+nb belong to this task alone.
                     unsafe { std::ptr::copy_nonoverlapping(dots[q * nb..].as_ptr(), out.0.add((r + q) * n + n0), nb) };
@@ -339,17 +460,17 @@ pub fn grouped_gemm(
             let wf = &mut scratch[..nb * k];
             w.widen((g * n + n0) * k, wf);
             let wf = &*wf;
-            let mut dots = vec![0f32; 4 * nb];
+            let mut dots = vec![0f32; tile_rows() * nb];
             let mut r = r0;
             while r < end {
-                // Four rows at a time where there are four (f32 accumulation), else one.
-                let take = if accumulate == Accumulate::F32 && end - r >= 4 { 4 } else { 1 };
-                match (accumulate, take) {
-                    (Accumulate::F32, 4) => rows4_times_block([xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)], wf, k, &mut dots),
-                    (Accumulate::F32, _) => row_times_block(xrow(r), wf, k, &mut dots[..nb]),
-                    (Accumulate::F64, _) => {
-                        dots[..nb].iter_mut().enumerate().for_each(|(j, d)| *d = dot_f64(xrow(r), &wf[j * k..(j + 1) * k]))
+                // A tile's worth of rows at a time (f32 accumulation), else one.
+                let take = if accumulate == Accumulate::F32 { (end - r).min(tile_rows()) } else { 1 };
+                match accumulate {
+                    Accumulate::F32 => {
+                        let xs: Vec<&[f32]> = (r..r + take).map(xrow).collect();
+                        rows_times_block(&xs, wf, k, &mut dots[..take * nb])
                     }
+                    Accumulate::F64 => dots[..nb].iter_mut().enumerate().for_each(|(j, d)| *d = dot_f64(xrow(r), &wf[j * k..(j + 1) * k])),
                 }
                 for q in 0..take {
                     // SAFETY: row r + q, columns n0..n0+nb of y belong to this task alone: the rows
@@ -361,4 +482,82 @@ pub fn grouped_gemm(
         });
     });
     Ok(())
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// Every register tile this CPU can run, against f64 dot products: row counts and K around
+    /// the tiles' widths (the repeated last weight row, the scalar tail past the last vector).
+    #[test]
+    fn tiles_match_f64_dot_products() {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for k in [1, 7, 8, 15, 16, 17, 33, 69] {
+            for nb in [1, 2, 3, 4, 5, 7, 9, 13] {
+                let xs: Vec<Vec<f32>> = (0..6).map(|_| (0..k).map(|_| next()).collect()).collect();
+                let wb: Vec<bf16> = (0..nb * k).map(|_| bf16::from_f32(next())).collect();
+                let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+                let want: Vec<f32> =
+                    (0..6 * nb).map(|i| (0..k).map(|c| xs[i / nb][c] as f64 * wf[(i % nb) * k + c] as f64).sum::<f64>() as f32).collect();
+                let rows: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
+                let rows4 = [rows[0], rows[1], rows[2], rows[3]];
+                // `got` holds the first got.len() / nb rows.
+                let check = |name: &str, got: &[f32]| {
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name} k {k} nb {nb} [{i}]: {g} vs {w}");
+                    }
+                };
+                let mut out = vec![f32::NAN; 4 * nb];
+                for r in 0..4 {
+                    row_times_block_generic::<8, false>(rows[r], &wf, k, &mut out[r * nb..(r + 1) * nb]);
+                }
+                check("portable", &out);
+                if avx2 {
+                    // SAFETY: AVX2 and FMA detected above.
+                    unsafe {
+                        out.fill(f32::NAN);
+                        rows4_times_block_avx2(rows4, &wf, k, &mut out);
+                        check("f32 avx2", &out);
+                        out.fill(f32::NAN);
+                        rows4_times_bf16_avx2(rows4, &wb, k, &mut out);
+                        check("bf16 avx2", &out);
+                        out.fill(f32::NAN);
+                        for r in 0..4 {
+                            row_times_bf16_avx2(rows[r], &wb, k, &mut out[r * nb..(r + 1) * nb]);
+                        }
+                        check("bf16 row avx2", &out);
+                    }
+                }
+                if avx512 {
+                    // SAFETY: AVX-512F detected above.
+                    unsafe {
+                        let mut out = vec![f32::NAN; 6 * nb];
+                        rows_times_block_avx512::<6>([rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]], &wf, k, &mut out);
+                        check("f32 avx512 6 rows", &out);
+                        out.fill(f32::NAN);
+                        rows_times_bf16_avx512::<6>([rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]], &wb, k, &mut out);
+                        check("bf16 avx512 6 rows", &out);
+                        out.fill(f32::NAN);
+                        rows_times_bf16_avx512::<5>([rows[0], rows[1], rows[2], rows[3], rows[4]], &wb, k, &mut out[..5 * nb]);
+                        rows_times_block_avx512::<1>([rows[5]], &wf, k, &mut out[5 * nb..]);
+                        check("5 + 1 rows avx512", &out);
+                        out.fill(f32::NAN);
+                        rows_times_block_avx512::<3>([rows[0], rows[1], rows[2]], &wf, k, &mut out[..3 * nb]);
+                        rows_times_bf16_avx512::<2>([rows[3], rows[4]], &wb, k, &mut out[3 * nb..5 * nb]);
+                        check("3 + 2 rows avx512", &out[..5 * nb]);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@
 
 mod gemm;
 
-pub use gemm::grouped_gemm;
+pub use gemm::{grouped_gemm, isa};
 
 use crate::{Result, Routing, invalid};
 use half::slice::HalfFloatSliceExt;
