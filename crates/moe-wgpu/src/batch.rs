@@ -23,11 +23,12 @@
 //! new buffer before its first use, not knowing a kernel will write it) a fill recorded for each.
 //! So the batch owner's scratch is recycled: a buffer it drops goes to the batch's `released`
 //! list, and buffers it allocates come from there or from `free`, what the previous batch
-//! released, when one of the same size is there. Only the owner takes or gives, so a recycled
-//! buffer is only ever used by commands recorded after those of its last user, in the same
-//! command buffer or a later one: queue order keeps them apart. When a batch ends, its released
-//! buffers become `free` and the previous `free` ones are dropped: the backend keeps at most one
-//! layer's scratch between calls ([`crate::WgpuBackend::release_scratch`] drops that too).
+//! released, when one of the size (or up to twice it) is there. Only the owner takes or gives,
+//! so a recycled buffer is only ever used by commands recorded after those of its last user, in
+//! the same command buffer or a later one: queue order keeps them apart. When a batch ends, its
+//! released buffers become `free` and the previous `free` ones are dropped: the backend keeps at
+//! most one layer's scratch between calls ([`crate::WgpuBackend::release_scratch`] drops that
+//! too).
 
 use std::sync::Mutex;
 use std::thread::ThreadId;
@@ -90,17 +91,26 @@ impl Batches {
         self.lock().as_ref().is_some_and(|b| b.owner == std::thread::current().id())
     }
 
-    /// A recycled buffer of exactly `size` bytes for the batch owner: one its batch released, or
-    /// one the previous batch did. `None` for other threads, or when there is none.
+    /// A recycled buffer of at least `size` bytes for the batch owner, one its batch released or
+    /// one the previous batch did: the smallest there, if it is at most twice `size` (so a layer
+    /// called with a few tokens more or less than the last still finds its buffers, and no small
+    /// tensor pins a large one). `None` for other threads, or when there is none.
+    ///
+    /// A larger buffer is harmless: kernels index by their parameters, never by a binding's
+    /// length, and only the tensor's own bytes are copied or read back.
     pub fn take(&self, size: u64) -> Option<wgpu::Buffer> {
         let mut slot = self.lock();
         let b = slot.as_mut().filter(|b| b.owner == std::thread::current().id())?;
-        if let Some(i) = b.released.iter().position(|x| x.size() == size) {
-            return Some(b.released.swap_remove(i));
-        }
         let mut free = self.free();
-        let i = free.iter().position(|x| x.size() == size)?;
-        Some(free.swap_remove(i))
+        let fits = |x: &wgpu::Buffer| x.size() >= size && x.size() <= size.saturating_mul(2);
+        let best = |list: &[wgpu::Buffer]| {
+            list.iter().enumerate().filter(|(_, x)| fits(x)).min_by_key(|(_, x)| x.size()).map(|(i, x)| (i, x.size()))
+        };
+        match (best(&b.released), best(&free)) {
+            (Some((i, s)), f) if f.is_none_or(|(_, fs)| s <= fs) => Some(b.released.swap_remove(i)),
+            (_, Some((i, _))) => Some(free.swap_remove(i)),
+            _ => None,
+        }
     }
 
     /// Takes back a scratch buffer its owner drops, when the caller owns the open batch; other
