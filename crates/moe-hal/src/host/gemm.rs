@@ -194,8 +194,9 @@ macro_rules! rows_tile_avx512 {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
-        unsafe fn $name<const R: usize>(xs: [&[f32]; R], w: &[$w], k: usize, out: &mut [f32]) {
+        unsafe fn $name<const R: usize>(xs: &[&[f32]], w: &[$w], k: usize, out: &mut [f32]) {
             use std::arch::x86_64::*;
+            let xs: [&[f32]; R] = std::array::from_fn(|r| xs[r]);
             let tail = |x: &[f32], row: &[$w]| -> f32 { (k / 16 * 16..k).map(|i| x[i] * $get(row[i])).sum() };
             let nb = out.len() / R;
             let chunks = k / 16;
@@ -247,6 +248,29 @@ rows_tile_avx512!(
     |v: half::bf16| v.to_f32()
 );
 
+rows_tile_avx512!(
+    /// The same for f16 weights (`vcvtph2ps`, part of AVX-512F).
+    rows_times_f16_avx512,
+    half::f16,
+    |p: *const half::f16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+    |v: half::f16| v.to_f32()
+);
+
+/// Calls the AVX-512 tile `$f` for `$xs.len()` rows (1 to [`AVX512_ROWS`]); unsafe: the CPU must
+/// have AVX-512F.
+macro_rules! avx512_rows {
+    ($f:ident, $xs:expr, $($arg:expr),*) => {
+        match $xs.len() {
+            6 => $f::<6>($xs, $($arg),*),
+            5 => $f::<5>($xs, $($arg),*),
+            4 => $f::<4>($xs, $($arg),*),
+            3 => $f::<3>($xs, $($arg),*),
+            2 => $f::<2>($xs, $($arg),*),
+            _ => $f::<1>($xs, $($arg),*),
+        }
+    };
+}
+
 /// One activation row times `nb` bf16 weight rows read straight from the weights (no widened
 /// copy), four weight rows per pass: for decode, where each weight is used by one or two rows and
 /// the widening pass would cost as much as the dot products.
@@ -280,9 +304,26 @@ unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [
     }
 }
 
-/// Whether the bf16 tiles ([`rows4_times_bf16_avx2`], [`row_times_bf16_avx2`]) can run here.
-fn direct_bf16() -> bool {
-    cfg!(target_arch = "x86_64") && isa() != "portable"
+/// A block of 16-bit weights the tiles read directly, widening in registers (no widened copy).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Direct<'a> {
+    /// bf16: AVX-512 or AVX2 tiles.
+    Bf16(&'a [half::bf16]),
+    /// f16: AVX-512 tiles (`vcvtph2ps`).
+    F16(&'a [half::f16]),
+}
+
+/// The weights `w[start..start + len]` as a [`Direct`] block, where this CPU has tiles for their
+/// dtype (and accumulation is f32).
+#[cfg(target_arch = "x86_64")]
+fn direct(w: Weights<'_>, start: usize, len: usize) -> Option<Direct<'_>> {
+    match (w, isa()) {
+        (_, "portable") => None,
+        (Weights::BF16(b), _) => Some(Direct::Bf16(&b[start..start + len])),
+        (Weights::F16(h), "avx512") => Some(Direct::F16(&h[start..start + len])),
+        _ => None,
+    }
 }
 
 /// Activation rows handled together by the widest tile this CPU has.
@@ -290,20 +331,19 @@ fn tile_rows() -> usize {
     if isa() == "avx512" { AVX512_ROWS } else { 4 }
 }
 
-/// `xs` (1 to [`tile_rows`] rows) times a bf16 block read directly, into `out` (`xs.len() * nb`,
-/// row-major); the caller checked [`direct_bf16`].
+/// `xs` (1 to [`tile_rows`] rows) times a block read directly ([`direct`]), into `out`
+/// (`xs.len() * nb`, row-major).
 #[cfg(target_arch = "x86_64")]
-fn rows_times_bf16(xs: &[&[f32]], w: &[half::bf16], k: usize, out: &mut [f32]) {
-    // SAFETY: isa() found AVX-512F for the first arms, AVX2 and FMA for the others (direct_bf16).
+fn rows_times_direct(xs: &[&[f32]], w: Direct<'_>, k: usize, out: &mut [f32]) {
+    // SAFETY: `direct` made `w` only where isa() found the tile's instructions: AVX-512F for the
+    // AVX-512 tiles (and for every f16 block), AVX2 and FMA for the others.
     unsafe {
-        match (isa(), xs.len()) {
-            ("avx512", 6) => rows_times_bf16_avx512::<6>([xs[0], xs[1], xs[2], xs[3], xs[4], xs[5]], w, k, out),
-            ("avx512", 5) => rows_times_bf16_avx512::<5>([xs[0], xs[1], xs[2], xs[3], xs[4]], w, k, out),
-            ("avx512", 4) => rows_times_bf16_avx512::<4>([xs[0], xs[1], xs[2], xs[3]], w, k, out),
-            ("avx512", 3) => rows_times_bf16_avx512::<3>([xs[0], xs[1], xs[2]], w, k, out),
-            ("avx512", 2) => rows_times_bf16_avx512::<2>([xs[0], xs[1]], w, k, out),
-            (_, 4) => rows4_times_bf16_avx2([xs[0], xs[1], xs[2], xs[3]], w, k, out),
-            _ => {
+        match (w, isa(), xs.len()) {
+            // One row at a time (decode) takes the 8-lane kernel made for it.
+            (Direct::Bf16(w), "avx512", 2..) => avx512_rows!(rows_times_bf16_avx512, xs, w, k, out),
+            (Direct::F16(w), _, _) => avx512_rows!(rows_times_f16_avx512, xs, w, k, out),
+            (Direct::Bf16(w), _, 4) => rows4_times_bf16_avx2([xs[0], xs[1], xs[2], xs[3]], w, k, out),
+            (Direct::Bf16(w), _, _) => {
                 let nb = out.len() / xs.len();
                 for (r, x) in xs.iter().enumerate() {
                     row_times_bf16_avx2(x, w, k, &mut out[r * nb..(r + 1) * nb]);
@@ -319,11 +359,7 @@ fn rows_times_block(xs: &[&[f32]], w: &[f32], k: usize, out: &mut [f32]) {
     // SAFETY: isa() found AVX-512F for the first arms, AVX2 and FMA for the last.
     unsafe {
         match (isa(), xs.len()) {
-            ("avx512", 6) => return rows_times_block_avx512::<6>([xs[0], xs[1], xs[2], xs[3], xs[4], xs[5]], w, k, out),
-            ("avx512", 5) => return rows_times_block_avx512::<5>([xs[0], xs[1], xs[2], xs[3], xs[4]], w, k, out),
-            ("avx512", 4) => return rows_times_block_avx512::<4>([xs[0], xs[1], xs[2], xs[3]], w, k, out),
-            ("avx512", 3) => return rows_times_block_avx512::<3>([xs[0], xs[1], xs[2]], w, k, out),
-            ("avx512", 2) => return rows_times_block_avx512::<2>([xs[0], xs[1]], w, k, out),
+            ("avx512", 2..) => return avx512_rows!(rows_times_block_avx512, xs, w, k, out),
             ("avx2", 4) => return rows4_times_block_avx2([xs[0], xs[1], xs[2], xs[3]], w, k, out),
             _ => {}
         }
@@ -434,17 +470,16 @@ pub fn grouped_gemm(
             &x[src * k..(src + 1) * k]
         };
         let (r0, end) = (offsets[g] as usize, offsets[g + 1] as usize);
-        // bf16 weights are read directly, widened in registers: no widened copy of the block
+        // 16-bit weights are read directly, widened in registers: no widened copy of the block
         // (at decode that pass would cost as much as the dot products; at prefill ~a third).
         #[cfg(target_arch = "x86_64")]
-        if let (Weights::BF16(wb), Accumulate::F32, true) = (w, accumulate, direct_bf16()) {
-            let block = &wb[(g * n + n0) * k..(g * n + n0 + nb) * k];
+        if let (Some(block), Accumulate::F32) = (direct(w, (g * n + n0) * k, nb * k), accumulate) {
             let mut dots = vec![0f32; tile_rows() * nb];
             let mut r = r0;
             while r < end {
                 let take = (end - r).min(tile_rows());
                 let xs: Vec<&[f32]> = (r..r + take).map(xrow).collect();
-                rows_times_bf16(&xs, block, k, &mut dots[..take * nb]);
+                rows_times_direct(&xs, block, k, &mut dots[..take * nb]);
                 for q in 0..take {
                     // SAFETY: as below: row r + q, columns n0..n0+nb belong to this task alone.
                     unsafe { std::ptr::copy_nonoverlapping(dots[q * nb..].as_ptr(), out.0.add((r + q) * n + n0), nb) };
@@ -542,19 +577,29 @@ mod tests {
                     // SAFETY: AVX-512F detected above.
                     unsafe {
                         let mut out = vec![f32::NAN; 6 * nb];
-                        rows_times_block_avx512::<6>([rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]], &wf, k, &mut out);
+                        rows_times_block_avx512::<6>(&rows, &wf, k, &mut out);
                         check("f32 avx512 6 rows", &out);
                         out.fill(f32::NAN);
-                        rows_times_bf16_avx512::<6>([rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]], &wb, k, &mut out);
+                        rows_times_bf16_avx512::<6>(&rows, &wb, k, &mut out);
                         check("bf16 avx512 6 rows", &out);
                         out.fill(f32::NAN);
-                        rows_times_bf16_avx512::<5>([rows[0], rows[1], rows[2], rows[3], rows[4]], &wb, k, &mut out[..5 * nb]);
-                        rows_times_block_avx512::<1>([rows[5]], &wf, k, &mut out[5 * nb..]);
+                        rows_times_bf16_avx512::<5>(&rows[..5], &wb, k, &mut out[..5 * nb]);
+                        rows_times_block_avx512::<1>(&rows[5..], &wf, k, &mut out[5 * nb..]);
                         check("5 + 1 rows avx512", &out);
                         out.fill(f32::NAN);
-                        rows_times_block_avx512::<3>([rows[0], rows[1], rows[2]], &wf, k, &mut out[..3 * nb]);
-                        rows_times_bf16_avx512::<2>([rows[3], rows[4]], &wb, k, &mut out[3 * nb..5 * nb]);
+                        rows_times_block_avx512::<3>(&rows[..3], &wf, k, &mut out[..3 * nb]);
+                        rows_times_bf16_avx512::<2>(&rows[3..5], &wb, k, &mut out[3 * nb..5 * nb]);
                         check("3 + 2 rows avx512", &out[..5 * nb]);
+                        // f16 weights holding the same values (bf16 values with small exponents
+                        // are exact in f16): the same dots.
+                        let wh: Vec<half::f16> = wf.iter().map(|v| half::f16::from_f32(*v)).collect();
+                        assert!(wh.iter().zip(&wf).all(|(h, f)| h.to_f32() == *f));
+                        out.fill(f32::NAN);
+                        rows_times_f16_avx512::<6>(&rows, &wh, k, &mut out);
+                        check("f16 avx512 6 rows", &out);
+                        out.fill(f32::NAN);
+                        rows_times_f16_avx512::<1>(&rows[..1], &wh, k, &mut out[..nb]);
+                        check("f16 avx512 1 row", &out[..nb]);
                     }
                 }
             }
