@@ -189,7 +189,7 @@ fn main(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
     } else {
         // ---- sigmoid, bias-corrected, group-limited ----
-        let per = e / p.n_group;
+        let per = e / max(p.n_group, 1u); // n_group >= 1 (validated); never a division by zero
         let take = min(per, 2u);
         let gb = kb + e; // group keys follow the expert keys
         for (var g = lid; g < p.n_group; g += WG) {

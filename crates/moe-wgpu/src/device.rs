@@ -128,12 +128,15 @@ pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
 pub(crate) const COOP_FEATURES: wgpu::Features =
     wgpu::Features::SHADER_F16.union(wgpu::Features::SUBGROUP).union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
 
+/// Workgroup memory `tiled_coop` declares (`ca`, `cl`, `cb`: 2048 f16 each; `cc`: 4096 f32).
+const COOP_WORKGROUP_BYTES: u32 = 3 * 2048 * 2 + 4096 * 4;
+
 /// The cooperative-matrix size `tiled_coop` can use on `adapter`: the largest square f16 x f16 ->
-/// f32 configuration of size 8 or 16, when the adapter has [`COOP_FEATURES`], 24 KiB of workgroup
-/// memory, and enough subgroups in 128 invocations for 4 coop tiles each to cover a 64 x 64 tile
+/// f32 configuration of size 8 or 16, when the adapter has [`COOP_FEATURES`], 28 KiB of workgroup
+/// memory (`tiled_coop` declares 3 x 4 KiB of f16 staging and a 16 KiB f32 tile), and enough subgroups in 128 invocations for 4 coop tiles each to cover a 64 x 64 tile
 /// (16: subgroups of at most 32; 8: of at most 8).
 pub(crate) fn coop_size(adapter: &wgpu::Adapter) -> Option<u32> {
-    if !adapter.features().contains(COOP_FEATURES) || adapter.limits().max_compute_workgroup_storage_size < 24 << 10 {
+    if !adapter.features().contains(COOP_FEATURES) || adapter.limits().max_compute_workgroup_storage_size < COOP_WORKGROUP_BYTES {
         return None;
     }
     let sg_max = adapter.get_info().subgroup_max_size.max(1);

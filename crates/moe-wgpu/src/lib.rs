@@ -27,8 +27,8 @@
 //! with a square f16 x f16 -> f32 configuration of 8 or 16, the device is opened with them and
 //! grouped GEMMs on f16/bf16 weights run on tensor cores (`tiled_coop` below); `features` then
 //! ends with `tensor cores: ...`. `MOE_WGPU_COOP=0` opens the device without them;
-//! `MOE_WGPU_COOP_SIZE=16` (tests only) uses 16x16 even where the adapter offers 8x8, which
-//! lavapipe executes, so CI runs the size an NVIDIA GPU will;
+//! `MOE_WGPU_COOP_SIZE=16` (tests only; honoured on a CPU adapter only) uses 16x16 even where the
+//! adapter offers 8x8, which lavapipe executes, so CI runs the size an NVIDIA GPU will;
 //! [`WgpuBackend::with_tensor_cores`]`(false)` keeps the f32 FMA kernels on a device that has them.
 //!
 //! Kernels are compiled without wgpu's shader runtime checks (clamps on array indices, guards on
@@ -212,9 +212,11 @@ impl WgpuBackend {
         // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
         let coop = device::coop_size(&adapter).filter(|_| std::env::var("MOE_WGPU_COOP").map_or(true, |v| v.trim() != "0"));
         // Tests only: run another size than the adapter offers (lavapipe lowers any size, so CI
-        // runs NVIDIA's 16x16 code path there). Real hardware must not be given this.
+        // runs NVIDIA's 16x16 code path there). Honoured on a CPU adapter only: a GPU offers the
+        // sizes it has, and 8x8 tiles with 32-wide subgroups would leave most of a tile unwritten.
+        let software = adapter.get_info().device_type == wgpu::DeviceType::Cpu;
         let coop = match std::env::var("MOE_WGPU_COOP_SIZE").ok().and_then(|v| v.trim().parse::<u32>().ok()) {
-            Some(s @ (8 | 16)) => coop.map(|_| s),
+            Some(s @ (8 | 16)) if software => coop.map(|_| s),
             _ => coop,
         };
         let (mut required_features, experimental_features) = match coop {
