@@ -112,6 +112,12 @@ pub struct BenchArgs {
     pub peak_tflops: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also time each stage of the layer (router, top-k, permute, gate/up, down, shared, combine)
+    /// on its own: the ops submitted one at a time with a synchronize after each, `--iters`
+    /// more iterations per token count. Where the time goes, not a second layer time: the sum
+    /// includes a synchronize per stage.
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 /// One token count's measurement.
@@ -131,6 +137,16 @@ pub struct Row {
     pub gbs: f64,
     pub tflops: f64,
     pub fraction: f64,
+    /// With `--breakdown`: median seconds of each stage run on its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
+}
+
+/// One stage of the layer timed on its own (`--breakdown`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    pub time_s: f64,
 }
 
 /// One backend (or peer) over all token counts.
@@ -297,13 +313,16 @@ impl Job for Measure<'_> {
                 );
                 self.progress.println(format!("{}: {msg}", info.name));
                 run.skipped.push(msg);
-                self.progress.inc((args.warmup + args.iters) as u64);
+                self.progress.inc(iterations(args) as u64);
                 continue;
             }
             let mut done = 0;
             match self.tokens(b, &layer, t, bw, peak.as_ref(), &mut done) {
                 Ok(row) => {
                     self.progress.println(format_row(&info.name, &row));
+                    if !row.stages.is_empty() {
+                        self.progress.println(format_stages(&row.stages));
+                    }
                     run.rows.push(row);
                 }
                 Err(e) => {
@@ -312,7 +331,7 @@ impl Job for Measure<'_> {
                     let msg = format!("{t} tokens failed: {e}");
                     self.progress.println(format!("{}: {msg}", info.name));
                     run.skipped.push(msg);
-                    self.progress.inc((args.warmup + args.iters - done) as u64);
+                    self.progress.inc((iterations(args) - done) as u64);
                     if matches!(e, Error::DeviceLost(_)) {
                         break;
                     }
@@ -391,8 +410,61 @@ impl Measure<'_> {
             gbs: bytes / time_s / 1e9,
             tflops: flops / time_s / 1e12,
             fraction: floor_s / time_s,
+            stages: if args.breakdown { self.stages(b, layer, &xs, &mut out, &mut ids, &mut w, done) } else { vec![] },
         })
     }
+
+    /// `--iters` layers run stage by stage ([`moe_hal::forward::composed_in_stages`]), a
+    /// synchronize after each stage: the median time of each. Empty (with a message) when the
+    /// layer cannot run that way: a backend whose `forward` splits tokens into passes needs them
+    /// at this size.
+    #[allow(clippy::too_many_arguments)]
+    fn stages<B: Backend>(
+        &self,
+        b: &B,
+        layer: &Layer<B>,
+        xs: &[Tensor<B>],
+        out: &mut Tensor<B>,
+        ids: &mut Tensor<B>,
+        w: &mut Tensor<B>,
+        done: &mut usize,
+    ) -> Vec<Stage> {
+        let stages = moe_hal::forward::STAGES;
+        let mut times: Vec<Vec<f64>> = vec![vec![]; stages.len()];
+        let mut run = |x: &Tensor<B>| -> Result<()> {
+            b.synchronize()?;
+            let mut mark = Instant::now();
+            let mut at = 0;
+            moe_hal::forward::composed_in_stages(b, layer, x, out, ids, w, &mut |_| {
+                b.synchronize()?;
+                times[at].push(mark.elapsed().as_secs_f64());
+                at += 1;
+                mark = Instant::now();
+                Ok(())
+            })
+        };
+        for it in 0..self.args.iters {
+            if let Err(e) = run(&xs[it % xs.len()]) {
+                self.progress.println(format!("  stage breakdown skipped: {e}"));
+                self.progress.inc((self.args.iters - it) as u64);
+                *done += self.args.iters - it;
+                return vec![];
+            }
+            self.progress.inc(1);
+            *done += 1;
+        }
+        stages.iter().zip(&mut times).map(|(name, t)| Stage { name: name.to_string(), time_s: median(t) }).collect()
+    }
+}
+
+/// Iterations one token count runs (for the progress bar).
+fn iterations(args: &BenchArgs) -> usize {
+    args.warmup + args.iters + if args.breakdown { args.iters } else { 0 }
+}
+
+fn format_stages(stages: &[Stage]) -> String {
+    let parts: Vec<String> = stages.iter().map(|s| format!("{} {:.3}", s.name, s.time_s * 1e3)).collect();
+    format!("{:>8} stages (ms, each alone): {}  (sum {:.3})", "", parts.join("  "), stages.iter().map(|s| s.time_s).sum::<f64>() * 1e3)
 }
 
 fn format_row(backend: &str, r: &Row) -> String {
@@ -475,7 +547,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         args.warmup,
         args.iters
     );
-    let total = (args.backends.len() * args.tokens.len() * (args.warmup + args.iters)) as u64;
+    let total = (args.backends.len() * args.tokens.len() * iterations(args)) as u64;
     let progress = indicatif::ProgressBar::new(total);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} iterations {elapsed}")
@@ -516,6 +588,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         );
         for r in &run.rows {
             println!("{}", format_row(&run.backend, r));
+            if !r.stages.is_empty() {
+                println!("{}", format_stages(&r.stages));
+            }
         }
         for s in &run.skipped {
             println!("  {s}");
