@@ -349,7 +349,7 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
     let json = dir.path().join("b.json");
     let svg = dir.path().join("b.svg");
     let quick = ["--tokens", "1,3", "--iters", "2", "--warmup", "1"];
-    let o = tiny_bench("cpu", &[&quick[..], &["--json", json.to_str().unwrap(), "--plot", svg.to_str().unwrap()]].concat());
+    let o = tiny_bench("cpu", &[&quick[..], &["--json", json.to_str().unwrap(), "--plot", svg.to_str().unwrap(), "--breakdown"]].concat());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(out.contains("of floor") && out.contains("GB/s"), "{out}");
@@ -359,7 +359,13 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
     for r in rows {
         let (t, f) = (r["time_s"].as_f64().unwrap(), r["floor_s"].as_f64().unwrap());
         assert!(t > 0.0 && f > 0.0 && r["bytes"].as_f64().unwrap() > 0.0, "{r}");
+        // --breakdown: every stage, in order, each timed.
+        let stages = r["stages"].as_array().unwrap();
+        let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["router", "top-k", "permute", "gate/up", "down", "shared", "combine"]);
+        assert!(stages.iter().all(|s| s["time_s"].as_f64().unwrap() > 0.0), "{r}");
     }
+    assert!(out.contains("stages (ms, each alone): router"), "{out}");
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     // The same plot as PNG (text drawn with a system TrueType font).
     let png = dir.path().join("b.png");
