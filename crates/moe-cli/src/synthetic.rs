@@ -4,16 +4,37 @@ use moe_conformance::Rng;
 use moe_hal::{DType, HostLayer, HostTensor, MoeConfig, Result, Routing};
 use rayon::prelude::*;
 
+/// Values per independently seeded chunk of [`uniform`] and [`uniform_encoded`].
+const CHUNK: usize = 1 << 16;
+
+/// The generator of chunk `c` of a stream seeded `seed`.
+fn chunk_rng(seed: u64, c: usize) -> Rng {
+    Rng::new(seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
 /// `n` values uniform in [-scale, scale), generated in parallel chunks so that large layers
 /// are quick to make; the stream depends only on `seed`.
 pub fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    const CHUNK: usize = 1 << 16;
     let mut v = vec![0f32; n];
     v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        let mut rng = Rng::new(seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut rng = chunk_rng(seed, c);
         out.iter_mut().for_each(|x| *x = rng.uniform(-1.0, 1.0) as f32 * scale);
     });
     v
+}
+
+/// [`uniform`] stored in `dtype` (`dtype.encode(&uniform(..))`, the same bytes), encoded chunk by
+/// chunk in parallel: DeepSeek-V3's 7.5 billion gate/up weights never exist as f32 (30 GB), and
+/// the encoding is not one thread's serial pass.
+pub fn uniform_encoded(n: usize, scale: f32, seed: u64, dtype: DType) -> Vec<u8> {
+    let size = dtype.size();
+    let mut bytes = vec![0u8; n * size];
+    bytes.par_chunks_mut(CHUNK * size).enumerate().for_each(|(c, out)| {
+        let mut rng = chunk_rng(seed, c);
+        let values: Vec<f32> = (0..out.len() / size).map(|_| rng.uniform(-1.0, 1.0) as f32 * scale).collect();
+        out.copy_from_slice(&dtype.encode(&values));
+    });
+    bytes
 }
 
 /// A random layer of `config` stored in `dtype`, scaled like a trained model (1/sqrt(fan-in)),
@@ -22,7 +43,7 @@ pub fn random_layer(config: &MoeConfig, dtype: DType, seed: u64) -> Result<HostL
     let (h, i, e, s) = (config.hidden, config.intermediate, config.experts, config.shared_intermediate);
     let t = |shape: &[usize], fan_in: usize, salt: u64| {
         let n = shape.iter().product();
-        HostTensor::new(dtype, shape, dtype.encode(&uniform(n, (3.0 / fan_in as f32).sqrt(), seed ^ salt)))
+        HostTensor::new(dtype, shape, uniform_encoded(n, (3.0 / fan_in as f32).sqrt(), seed ^ salt, dtype))
     };
     let bias = match config.routing {
         Routing::SigmoidGrouped { .. } => Some(HostTensor::from_f32(DType::F32, &[e], &uniform(e, 0.05, seed ^ 5))?),
@@ -41,4 +62,17 @@ pub fn random_layer(config: &MoeConfig, dtype: DType, seed: u64) -> Result<HostL
     };
     layer.validate()?;
     Ok(layer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_stream_is_the_f32_stream_encoded() {
+        let n = 2 * CHUNK + 123;
+        for dtype in DType::FLOATS {
+            assert_eq!(uniform_encoded(n, 0.7, 42, dtype), dtype.encode(&uniform(n, 0.7, 42)), "{dtype}");
+        }
+    }
 }
