@@ -146,6 +146,8 @@ fn gemm_cases() -> Vec<Gemm> {
         // Dense (the router, the shared expert): split activations on the tensor cores.
         Gemm { name: "dense_m150", sizes: None, dense_rows: 150, tail: 0, gather: None, n: 33, k: 40 },
         Gemm { name: "dense_m20_k37", sizes: None, dense_rows: 20, tail: 0, gather: None, n: 33, k: 37 },
+        // Dense, 128-row tiles with element loads (mma_split_*_m128_any).
+        Gemm { name: "dense_m150_k37", sizes: None, dense_rows: 150, tail: 0, gather: None, n: 33, k: 37 },
         // Decode-like: one row in most experts.
         Gemm { name: "decode", sizes: Some(vec![1, 0, 1, 2, 0, 1]), dense_rows: 0, tail: 1, gather: Some(3), n: 70, k: 64 },
     ]
