@@ -9,7 +9,7 @@
 
 use crate::backends::{Choice, Job, dispatch};
 use crate::synthetic::{random_layer, uniform};
-use moe_hal::{Backend, BackendInfo, DType, Error, Layer, MoeConfig, Result, Routing, Tensor, ops};
+use moe_hal::{Backend, BackendInfo, DType, Error, HostLayer, Layer, MoeConfig, Result, Routing, Tensor, ops};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -224,6 +224,9 @@ struct Measure<'a> {
     args: &'a BenchArgs,
     config: &'a MoeConfig,
     progress: &'a indicatif::ProgressBar,
+    /// The synthetic layer, made by the first backend that fits it and kept for the others
+    /// (DeepSeek-V3's is 22.5 GB; making it is seconds of a device lease each time).
+    host: &'a std::sync::OnceLock<HostLayer>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -300,9 +303,16 @@ impl Job for Measure<'_> {
         run.peak_tflops = peak.as_ref().map(|p| p.0 / 1e12);
         run.peak_source = peak.as_ref().map_or("unknown: floor is bandwidth-only".into(), |p| p.1.clone());
 
-        let host = random_layer(c, args.dtype, args.seed)?;
-        let layer = Layer::upload(b, &host)?;
-        drop(host);
+        let layer = match self.host.get() {
+            Some(h) => Layer::upload(b, h)?,
+            // One backend: the host copy goes as soon as it is uploaded (a CPU run near the
+            // memory limit would otherwise hold the layer twice).
+            None if args.backends.len() == 1 => Layer::upload(b, &random_layer(c, args.dtype, args.seed)?)?,
+            None => {
+                let made = random_layer(c, args.dtype, args.seed)?;
+                Layer::upload(b, self.host.get_or_init(|| made))?
+            }
+        };
         for &t in &args.tokens {
             let rows = t * c.top_k;
             let scratch = 4 * (t * c.experts + rows * (3 * c.intermediate + c.hidden + 4) + t * (3 * c.hidden + 3 * c.shared_intermediate));
@@ -554,11 +564,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut report = Report { date: today(), commit: commit(), runs: vec![] };
+    let host = std::sync::OnceLock::new();
     // A backend that fails (unavailable, out of memory while uploading) does not lose the others'
     // results: they are printed and written, and the command then fails naming it.
     let mut failed = Vec::new();
     for &choice in &args.backends {
-        let run = match dispatch(choice, Measure { args, config: &c, progress: &progress }) {
+        let run = match dispatch(choice, Measure { args, config: &c, progress: &progress, host: &host }) {
             Ok(run) => run,
             Err(e) => {
                 progress.println(format!("{}: {e}", backend_name(choice)));
