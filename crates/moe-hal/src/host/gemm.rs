@@ -443,6 +443,9 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// One tile of rows times a weight block: `(rows, out)`, `out` being `rows.len() * nb`, row-major.
+type RowsTile<'a> = dyn FnMut(&[&[f32]], &mut [f32]) + 'a;
+
 /// [`crate::Backend::grouped_gemm`] on the host.
 ///
 /// `x [Mx, K]`; `w` is `[G, N, K]` (or `[N, K]` with `G = 1` and no offsets); `y [M, N]`.
@@ -493,23 +496,28 @@ pub fn grouped_gemm(
             &x[src * k..(src + 1) * k]
         };
         let (r0, end) = (offsets[g] as usize, offsets[g + 1] as usize);
-        // 16-bit weights are read directly, widened in registers: no widened copy of the block
-        // (at decode that pass would cost as much as the dot products; at prefill ~a third).
-        #[cfg(target_arch = "x86_64")]
-        if let (Some(block), Accumulate::F32) = (direct(w, (g * n + n0) * k, nb * k), accumulate) {
-            let mut dots = vec![0f32; tile_rows() * nb];
+        // The group's rows in tiles of up to `most` (no allocation per tile): `tile` computes
+        // each into `dots` (`rows * nb`, row-major), copied to y here.
+        let mut dots = vec![0f32; tile_rows() * nb];
+        let mut tiles = |most: usize, tile: &mut RowsTile<'_>| {
             let mut r = r0;
             while r < end {
-                let take = (end - r).min(tile_rows());
-                let xs: Vec<&[f32]> = (r..r + take).map(xrow).collect();
-                rows_times_direct(&xs, block, k, &mut dots[..take * nb]);
+                let take = (end - r).min(most);
+                let xs: [&[f32]; AVX512_ROWS] = std::array::from_fn(|q| xrow(r + q.min(take - 1)));
+                tile(&xs[..take], &mut dots[..take * nb]);
                 for q in 0..take {
-                    // SAFETY: as below: row r + q, columns n0..n0+nb belong to this task alone.
+                    // SAFETY: row r + q, columns n0..n0+nb of y belong to this task alone: the rows
+                    // are this group's, the columns this block's.
                     unsafe { std::ptr::copy_nonoverlapping(dots[q * nb..].as_ptr(), out.0.add((r + q) * n + n0), nb) };
                 }
                 r += take;
             }
-            return;
+        };
+        // 16-bit weights are read directly, widened in registers: no widened copy of the block
+        // (at decode that pass would cost as much as the dot products; at prefill ~a third).
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(block), Accumulate::F32) = (direct(w, (g * n + n0) * k, nb * k), accumulate) {
+            return tiles(tile_rows(), &mut |xs, d| rows_times_direct(xs, block, k, d));
         }
         SCRATCH.with_borrow_mut(|scratch| {
             if scratch.len() < nb * k {
@@ -518,24 +526,13 @@ pub fn grouped_gemm(
             let wf = &mut scratch[..nb * k];
             w.widen((g * n + n0) * k, wf);
             let wf = &*wf;
-            let mut dots = vec![0f32; tile_rows() * nb];
-            let mut r = r0;
-            while r < end {
-                // A tile's worth of rows at a time (f32 accumulation), else one.
-                let take = if accumulate == Accumulate::F32 { (end - r).min(tile_rows()) } else { 1 };
-                match accumulate {
-                    Accumulate::F32 => {
-                        let xs: Vec<&[f32]> = (r..r + take).map(xrow).collect();
-                        rows_times_block(&xs, wf, k, &mut dots[..take * nb])
-                    }
-                    Accumulate::F64 => dots[..nb].iter_mut().enumerate().for_each(|(j, d)| *d = dot_f64(xrow(r), &wf[j * k..(j + 1) * k])),
+            match accumulate {
+                // A tile's worth of rows at a time.
+                Accumulate::F32 => tiles(tile_rows(), &mut |xs, d| rows_times_block(xs, wf, k, d)),
+                // One row at a time, each dot product in f64.
+                Accumulate::F64 => {
+                    tiles(1, &mut |xs, d| d.iter_mut().enumerate().for_each(|(j, v)| *v = dot_f64(xs[0], &wf[j * k..(j + 1) * k])))
                 }
-                for q in 0..take {
-                    // SAFETY: row r + q, columns n0..n0+nb of y belong to this task alone: the rows
-                    // are this group's, the columns this block's.
-                    unsafe { std::ptr::copy_nonoverlapping(dots[q * nb..].as_ptr(), out.0.add((r + q) * n + n0), nb) };
-                }
-                r += take;
             }
         });
     });
