@@ -149,6 +149,15 @@ pub fn available() -> std::result::Result<String, String> {
     std::panic::catch_unwind(probe).unwrap_or_else(|_| Err("the wgpu driver panicked while listing adapters".into()))
 }
 
+/// An on/off environment switch: `0` is off and `1` on; unset (or anything else) is `default`.
+fn env_switch(name: &str, default: bool) -> bool {
+    match std::env::var(name).as_deref().map(str::trim) {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => default,
+    }
+}
+
 /// How `features` names kernels compiled with wgpu's shader runtime checks.
 const SHADER_CHECKS: &str = "shader runtime checks";
 
@@ -210,7 +219,7 @@ impl WgpuBackend {
         let (_instance, adapter) = device::best_adapter().map_err(Error::Unavailable)?;
         let limits = adapter.limits();
         // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
-        let coop = device::coop_size(&adapter).filter(|_| std::env::var("MOE_WGPU_COOP").map_or(true, |v| v.trim() != "0"));
+        let coop = device::coop_size(&adapter).filter(|_| env_switch("MOE_WGPU_COOP", true));
         // Tests only: run another size than the adapter offers (lavapipe lowers any size, so CI
         // runs NVIDIA's 16x16 code path there). Honoured on a CPU adapter only: a GPU offers the
         // sizes it has, and 8x8 tiles with 32-wide subgroups would leave most of a tile unwritten.
@@ -231,7 +240,7 @@ impl WgpuBackend {
         let immediates = allow_immediates
             && adapter.features().contains(wgpu::Features::IMMEDIATES)
             && limits.max_immediate_size >= kernels::PARAMS_BYTES
-            && std::env::var("MOE_WGPU_IMMEDIATES").map_or(true, |v| v.trim() != "0");
+            && env_switch("MOE_WGPU_IMMEDIATES", true);
         if immediates {
             required_features |= wgpu::Features::IMMEDIATES;
         }
@@ -253,7 +262,7 @@ impl WgpuBackend {
         if immediates {
             info.features.push("immediates: kernel parameters without a buffer per dispatch".into());
         }
-        let checked = std::env::var("MOE_WGPU_CHECKED").is_ok_and(|v| v.trim() == "1");
+        let checked = env_switch("MOE_WGPU_CHECKED", false);
         if checked {
             info.features.push(SHADER_CHECKS.into());
         }
@@ -283,7 +292,7 @@ impl WgpuBackend {
             flag_lock: Mutex::new(()),
             batches: Default::default(),
             created: Default::default(),
-            batch_layers: std::env::var("MOE_WGPU_BATCH").map_or(true, |v| v.trim() != "0"),
+            batch_layers: env_switch("MOE_WGPU_BATCH", true),
         };
         backend.faults.take()?;
         Ok(backend)
