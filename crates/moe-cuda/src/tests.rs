@@ -213,13 +213,16 @@ fn gemm_kernel_is_chosen_from_shapes() {
         (Plan::Simt, F32, 6),
         (Plan::Simt, BF16, 8),
     ] {
-        let e = gemm_entry(p, d, k);
+        let e = gemm_entry(p, d, k).unwrap();
         assert!(all.contains(&e), "{e}");
     }
-    assert_eq!(gemm_entry(Plan::Mma { bm: 128, split: false }, BF16, 7168), "mma_bf16_m128_vec");
-    assert_eq!(gemm_entry(Plan::Mma { bm: 64, split: true }, F16, 7168), "mma_split_f16_m64_vec");
-    assert_eq!(gemm_entry(Plan::Gemv { nr: 4 }, F16, 7167), "gemv_f16_r4_any");
-    assert_eq!(gemm_entry(Plan::Simt, F32, 6), "simt_f32_any");
+    assert_eq!(gemm_entry(Plan::Mma { bm: 128, split: false }, BF16, 7168).unwrap(), "mma_bf16_m128_vec");
+    assert_eq!(gemm_entry(Plan::Mma { bm: 64, split: true }, F16, 7168).unwrap(), "mma_split_f16_m64_vec");
+    assert_eq!(gemm_entry(Plan::Gemv { nr: 4 }, F16, 7167).unwrap(), "gemv_f16_r4_any");
+    assert_eq!(gemm_entry(Plan::Simt, F32, 6).unwrap(), "simt_f32_any");
+    // A plan with no kernel (f32 on tensor cores: `plan` never makes one) is an error, not some
+    // other kernel.
+    assert!(gemm_entry(Plan::Mma { bm: 64, split: false }, F32, 8).is_err());
 }
 
 #[test]
