@@ -112,3 +112,16 @@ unset VK_LAYER_PATH VK_LAYER_SETTINGS_PATH
 export WGPU_VALIDATION=0 MOE_WGPU_COOP_SIZE=16
 MOE_REQUIRE_TENSOR_CORES=16 cargo test -p moe-wgpu tensor_cores_in_use
 cargo test -p moe-conformance --test conformance -- wgpu::
+# A driver that lists cooperative matrices but refuses a device with them (this lavapipe at 128-bit
+# vectors: VK_ERROR_FEATURE_NOT_PRESENT, which wgpu turns into a panic) must still give a working
+# backend, on the FMA kernels, that says why.
+unset MOE_WGPU_COOP_SIZE
+cargo build -q -p moe-cli
+out=$(LP_NATIVE_VECTOR_WIDTH=128 "$dir/run.sh" target/debug/moe devices 2>&1)
+if ! grep -q "^wgpu  available: .*tensor cores: not used: the device did not open with cooperative matrices" <<<"$out"; then
+  echo "lavapipe-coop.sh: expected wgpu on its FMA kernels at 128-bit vectors; moe devices said:"
+  echo "$out"
+  exit 1
+fi
+LP_NATIVE_VECTOR_WIDTH=128 "$dir/run.sh" target/debug/moe demo --backend wgpu --tokens 24 --hidden 256 --intermediate 96 --experts 16
+echo "lavapipe-coop.sh: a device refusing cooperative matrices opens without them"

@@ -2,7 +2,7 @@
 //! groups the [`crate::suite!`] macro turns into `#[test]` functions.
 
 use crate::check::{CaseResult, Fail};
-use moe_hal::{Backend, DType, Op};
+use moe_hal::{Backend, DType, Op, panic_message};
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{OnceLock, RwLock};
@@ -131,13 +131,6 @@ pub const GROUPS: &[&str] = &[
 
 /// Normal cases share the backend; exclusive ones take it alone.
 static EXCLUSIVE: RwLock<()> = RwLock::new(());
-
-fn panic_message(p: &(dyn Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(non-string panic payload)".into())
-}
 
 /// Whether `backend` claims the case's op (for its dtype; for ops without weights, for any dtype).
 fn supported<B: Backend>(backend: &B, info: &CaseInfo) -> Option<String> {

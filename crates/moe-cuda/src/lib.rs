@@ -149,7 +149,8 @@ pub fn available() -> std::result::Result<String, String> {
             f.driver_version % 1000 / 10
         ))
     };
-    let r = std::panic::catch_unwind(probe).unwrap_or_else(|_| Err(Error::Unavailable("the CUDA driver panicked while probing".into())));
+    let r = std::panic::catch_unwind(probe)
+        .unwrap_or_else(|p| Err(Error::Unavailable(format!("the CUDA driver panicked while probing: {}", moe_hal::panic_message(&*p)))));
     r.map_err(|e| match e {
         Error::Unavailable(s) => s,
         e => e.to_string(),
@@ -191,8 +192,9 @@ impl CudaBackend {
     pub fn new() -> Result<CudaBackend> {
         // The driver library is checked before anything that could panic without it.
         driver::driver_library().map_err(Error::Unavailable)?;
-        let dev = std::panic::catch_unwind(Device::open)
-            .unwrap_or_else(|_| Err(Error::Unavailable("the CUDA driver bindings panicked while opening the device".into())))?;
+        let dev = std::panic::catch_unwind(Device::open).unwrap_or_else(|p| {
+            Err(Error::Unavailable(format!("the CUDA driver bindings panicked while opening the device: {}", moe_hal::panic_message(&*p))))
+        })?;
         Ok(Self::from_device(dev))
     }
 

@@ -45,3 +45,30 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 macro_rules! invalid {
     ($($arg:tt)*) => { Err($crate::Error::InvalidArgument(format!($($arg)*))) };
 }
+
+/// The message of a caught panic (`catch_unwind`'s payload), for turning a panic inside a driver
+/// or its bindings into an error sentence that says what happened: the `&str` or `String` that
+/// `panic!` carries, or a placeholder for any other payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_message;
+
+    #[test]
+    fn panic_message_reads_both_payload_kinds() {
+        let s = std::panic::catch_unwind(|| panic!("static text")).unwrap_err();
+        assert_eq!(panic_message(&*s), "static text");
+        let n = 3;
+        let f = std::panic::catch_unwind(|| panic!("formatted {n}")).unwrap_err();
+        assert_eq!(panic_message(&*f), "formatted 3");
+        let other = std::panic::catch_unwind(|| std::panic::panic_any(7u8)).unwrap_err();
+        assert_eq!(panic_message(&*other), "a panic without a message");
+    }
+}

@@ -146,7 +146,8 @@ pub fn available() -> std::result::Result<String, String> {
         let (_, adapter) = device::best_adapter()?;
         Ok(device::describe(&adapter.get_info()))
     };
-    std::panic::catch_unwind(probe).unwrap_or_else(|_| Err("the wgpu driver panicked while listing adapters".into()))
+    std::panic::catch_unwind(probe)
+        .unwrap_or_else(|p| Err(format!("the wgpu driver panicked while listing adapters: {}", moe_hal::panic_message(&*p))))
 }
 
 /// An on/off environment switch: `0` is off and `1` on; unset (or anything else) is `default`.
@@ -211,15 +212,32 @@ impl WgpuBackend {
     }
 
     fn open_catching(allow_immediates: bool) -> Result<WgpuBackend> {
-        std::panic::catch_unwind(|| Self::open(allow_immediates))
-            .unwrap_or_else(|_| Err(Error::Unavailable("the wgpu driver panicked while opening the adapter".into())))
+        let tried_coop = std::cell::Cell::new(false);
+        let attempt = |allow_coop: bool| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::open(allow_immediates, allow_coop, &tried_coop))).unwrap_or_else(
+                |p| Err(Error::Unavailable(format!("the wgpu driver panicked while opening the adapter: {}", moe_hal::panic_message(&*p)))),
+            )
+        };
+        match attempt(true) {
+            // Cooperative matrices are experimental in wgpu: an adapter that lists them can still
+            // refuse, or panic on, a device opened with them (Mesa 26's lavapipe does at 128-bit
+            // vectors). The device then opens without them, on the FMA kernels, and says why.
+            Err(first) if tried_coop.get() => {
+                let mut backend = attempt(false)?;
+                backend.info.features.push(format!("tensor cores: not used: the device did not open with cooperative matrices ({first})"));
+                Ok(backend)
+            }
+            r => r,
+        }
     }
 
-    fn open(allow_immediates: bool) -> Result<WgpuBackend> {
+    /// Opens the device; with `allow_coop`, with cooperative matrices where the adapter has them
+    /// (setting `tried_coop` when it asks for them).
+    fn open(allow_immediates: bool, allow_coop: bool, tried_coop: &std::cell::Cell<bool>) -> Result<WgpuBackend> {
         let (_instance, adapter) = device::best_adapter().map_err(Error::Unavailable)?;
         let limits = adapter.limits();
         // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
-        let coop = device::coop_size(&adapter).filter(|_| env_switch("MOE_WGPU_COOP", true));
+        let coop = device::coop_size(&adapter).filter(|_| allow_coop && env_switch("MOE_WGPU_COOP", true));
         // Tests only: run another size than the adapter offers (lavapipe lowers any size, so CI
         // runs NVIDIA's 16x16 code path there). Honoured on a CPU adapter only: a GPU offers the
         // sizes it has, and 8x8 tiles with 32-wide subgroups would leave most of a tile unwritten.
@@ -228,6 +246,7 @@ impl WgpuBackend {
             Some(s @ (8 | 16)) if software => coop.map(|_| s),
             _ => coop,
         };
+        tried_coop.set(coop.is_some());
         let (mut required_features, experimental_features) = match coop {
             // SAFETY: wgpu's token for its experimental features ("there may be UB-containing bugs
             // in these APIs"). The one kernel using them, `tiled_coop`, passes the conformance
