@@ -68,6 +68,11 @@ pub struct ModelConfig {
     /// The checkpoint's declared dtype (`dtype`, or `torch_dtype` in older files), if any. Only
     /// informative: the loader goes by the dtypes in the safetensors headers.
     pub declared_dtype: Option<String>,
+    /// `quantization_config.weight_block_size` where the config declares DeepSeek's fine-grained
+    /// FP8 (`"quant_method": "fp8"`, `"fmt": "e4m3"`; DeepSeek-V3 and Kimi K2 give `[128, 128]`,
+    /// the default when the key is absent): the `[rows, columns]` each `weight_scale_inv` entry
+    /// scales. `None` without such a config.
+    pub fp8_block: Option<[usize; 2]>,
 }
 
 impl ModelConfig {
@@ -117,6 +122,7 @@ impl ModelConfig {
         };
         let keys = Keys { map, path, model_type: &model_type };
         let declared_dtype = keys.opt_str("dtype")?.or(keys.opt_str("torch_dtype")?);
+        let fp8_block = fp8_block(map, path)?;
         let num_hidden_layers = keys.usize("num_hidden_layers")?;
         let hidden = keys.usize("hidden_size")?;
         let top_k = keys.usize("num_experts_per_tok")?;
@@ -207,6 +213,7 @@ impl ModelConfig {
             n_shared_experts,
             moe_layers,
             declared_dtype,
+            fp8_block,
         })
     }
 
@@ -286,6 +293,37 @@ fn describe_layers(layers: &[usize]) -> String {
             layers[..6].iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
             layers[layers.len() - 1]
         ),
+    }
+}
+
+/// The block size of a fine-grained FP8 `quantization_config` (see [`ModelConfig::fp8_block`]);
+/// `None` without one or for another quantization method (whose weights then fail the dtype
+/// check, naming the tensor).
+fn fp8_block(map: &Map<String, Value>, path: &Path) -> Result<Option<[usize; 2]>> {
+    let Some(q) = map.get("quantization_config").and_then(Value::as_object) else {
+        return Ok(None);
+    };
+    if q.get("quant_method").and_then(Value::as_str) != Some("fp8") {
+        return Ok(None);
+    }
+    let bad =
+        |what: String| Error::Checkpoint(format!("{} has a quantization_config with quant_method \"fp8\" and {what}", path.display()));
+    match q.get("fmt") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(f)) if f == "e4m3" => {}
+        Some(f) => return Err(bad(format!("\"fmt\": {f}; only e4m3 (float8_e4m3fn, DeepSeek's format) is read"))),
+    }
+    match q.get("weight_block_size") {
+        None | Some(Value::Null) => Ok(Some(crate::fp8::DEFAULT_BLOCK)),
+        Some(v) => {
+            let dims: Option<Vec<usize>> = v
+                .as_array()
+                .map(|a| a.iter().filter_map(|d| d.as_u64().and_then(|n| usize::try_from(n).ok())).filter(|&n| n > 0).collect());
+            match dims.as_deref() {
+                Some(&[r, c]) if v.as_array().is_some_and(|a| a.len() == 2) => Ok(Some([r, c])),
+                _ => Err(bad(format!("\"weight_block_size\": {v}, which is not two positive integers [rows, columns]"))),
+            }
+        }
     }
 }
 
@@ -458,6 +496,26 @@ mod tests {
         assert_eq!(e.to_string(), "checkpoint: c.json has no \"topk_group\", which a deepseek_v3 model needs");
         let e = ModelConfig::from_json(&deepseek("").replace(r#""n_group": 8"#, r#""n_group": "8""#), Path::new("c.json")).unwrap_err();
         assert_eq!(e.to_string(), "checkpoint: c.json has \"n_group\": \"8\", which is not a non-negative integer");
+    }
+
+    #[test]
+    fn fp8_quantization_config() {
+        let c = ModelConfig::from_json(&deepseek(""), Path::new("c.json")).unwrap();
+        assert_eq!(c.fp8_block, None);
+        let q = |body: &str| deepseek(&format!(r#", "quantization_config": {{"quant_method": "fp8", {body}}}"#));
+        let c = ModelConfig::from_json(&q(r#""fmt": "e4m3", "weight_block_size": [128, 64]"#), Path::new("c.json")).unwrap();
+        assert_eq!(c.fp8_block, Some([128, 64]));
+        let c = ModelConfig::from_json(&q(r#""activation_scheme": "dynamic""#), Path::new("c.json")).unwrap();
+        assert_eq!(c.fp8_block, Some([128, 128]));
+        let e = ModelConfig::from_json(&q(r#""fmt": "e5m2""#), Path::new("c.json")).unwrap_err().to_string();
+        assert!(e.contains("\"fmt\": \"e5m2\"; only e4m3"), "{e}");
+        for bad in ["[128]", "[128, 0]", "[128, -1]", "\"128\"", "[1, 2, 3]"] {
+            let e = ModelConfig::from_json(&q(&format!(r#""weight_block_size": {bad}"#)), Path::new("c.json")).unwrap_err().to_string();
+            assert!(e.contains("which is not two positive integers"), "{bad}: {e}");
+        }
+        // Another method is not FP8 blocks.
+        let other = deepseek(r#", "quantization_config": {"quant_method": "awq", "bits": 4}"#);
+        assert_eq!(ModelConfig::from_json(&other, Path::new("c.json")).unwrap().fp8_block, None);
     }
 
     #[test]

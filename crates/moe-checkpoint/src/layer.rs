@@ -8,14 +8,71 @@ use moe_hal::{DType, Error, HostLayer, HostTensor, MoeConfig, Result, Routing};
 use rayon::prelude::*;
 
 use crate::config::{Family, ModelConfig};
+use crate::fp8::{self, Stored};
 use crate::safetensors_dir::{Found, SafetensorsDir};
 
 /// A layer read from the files, with what the files held.
 pub(crate) struct Assembled {
     pub layer: HostLayer,
-    pub stored_dtype: DType,
+    pub stored: Stored,
     pub router_stored_dtype: DType,
     pub fused: bool,
+}
+
+/// A weight as the files hold it: its tensor, and how to read its elements.
+struct Part {
+    t: Found,
+    src: Src,
+}
+
+enum Src {
+    /// Plain floats of this dtype.
+    Float(DType),
+    /// E4M3 bytes scaled per block by `scales` (its `weight_scale_inv` tensor).
+    Fp8 { scales: Found, block: [usize; 2] },
+}
+
+impl Part {
+    fn stored(&self) -> Stored {
+        match self.src {
+            Src::Float(d) => Stored::Float(d),
+            Src::Fp8 { block, .. } => Stored::Fp8E4M3 { block },
+        }
+    }
+}
+
+/// A float tensor (the router, the bias) as a [`Part`]; FP8 is an error here.
+fn float_part(t: Found) -> Result<Part> {
+    Ok(Part { src: Src::Float(t.float_dtype()?), t })
+}
+
+/// An expert weight as a [`Part`]: a float tensor, or an F8_E4M3 one with its
+/// `<name>_scale_inv` beside it (`…weight_scale_inv` for a `…weight`) in a grid of
+/// `fp8_block` blocks (config.json's, else DeepSeek's 128 x 128), checked here.
+fn weight_part(files: &mut SafetensorsDir, t: Found, fp8_block: Option<[usize; 2]>) -> Result<Part> {
+    if t.dtype != safetensors::Dtype::F8_E4M3 {
+        return float_part(t);
+    }
+    let (block, from) = match fp8_block {
+        Some(b) => (b, "quantization_config.weight_block_size"),
+        None => (fp8::DEFAULT_BLOCK, "DeepSeek's; config.json declares no FP8 quantization_config"),
+    };
+    let scale_name = format!("{}_scale_inv", t.name);
+    let Some(scales) = files.find(&scale_name)? else {
+        return Err(Error::Checkpoint(format!(
+            "tensor {} in {} is F8_E4M3, but its block scales {scale_name} are not in the checkpoint",
+            t.name, t.file
+        )));
+    };
+    let want = fp8::scale_shape(&t.shape, block);
+    if t.shape.len() < 2 || scales.shape != want {
+        return Err(Error::Checkpoint(format!(
+            "tensor {} in {} has shape {:?}, but {} {:?} in blocks of {}x{} ({from}) needs {want:?}",
+            scales.name, scales.file, scales.shape, t.name, t.shape, block[0], block[1]
+        )));
+    }
+    scales.float_dtype()?;
+    Ok(Part { t, src: Src::Fp8 { scales, block } })
 }
 
 /// The tensor names of one layer's MoE block.
@@ -113,11 +170,9 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
         let note = format!("nor is the fused {} there", names.fused_gate_up());
         return Err(files.missing(&first, Some(&note)));
     };
-    let stored_dtype = experts[0].float_dtype()?;
-    for t in &experts {
-        t.float_dtype()?;
-    }
-    let dtype = force.unwrap_or(stored_dtype);
+    let experts = experts.into_iter().map(|t| weight_part(files, t, cfg.fp8_block)).collect::<Result<Vec<_>>>()?;
+    let stored = experts[0].stored();
+    let dtype = force.unwrap_or(stored.default_dtype());
     if !dtype.is_float() {
         return Err(Error::InvalidArgument(format!("layer weights must be f32, f16 or bf16, not {dtype}")));
     }
@@ -126,8 +181,7 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
         Routing::SigmoidGrouped { .. } => {
             let b = files.require(&names.bias())?;
             check_shape(&b, &[e], "[experts]")?;
-            b.float_dtype()?;
-            Some(b)
+            Some(float_part(b)?)
         }
         Routing::Softmax { .. } => None,
     };
@@ -154,21 +208,21 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
                     check_shape(&up, &[s, h], what)?;
                     let down = files.require(&names.shared(2))?;
                     check_shape(&down, &[h, s], "[hidden_size, n_shared_experts x moe_intermediate_size]")?;
-                    for t in [&gate, &up, &down] {
-                        t.float_dtype()?;
-                    }
-                    Some((s, gate, up, down))
+                    let [gate, up, down] = [gate, up, down].map(|t| weight_part(files, t, cfg.fp8_block));
+                    Some((s, gate?, up?, down?))
                 }
             }
         }
     };
 
+    let router = float_part(router)?;
     // Every tensor is located and checked: now read them.
-    for t in experts.iter().chain([&router]).chain(bias.iter()) {
-        files.will_need(t);
-    }
-    if let Some((_, g, u, d)) = &shared {
-        [g, u, d].into_iter().for_each(|t| files.will_need(t));
+    let shared_parts = shared.iter().flat_map(|(_, g, u, d)| [g, u, d]);
+    for p in experts.iter().chain([&router]).chain(bias.iter()).chain(shared_parts) {
+        files.will_need(&p.t);
+        if let Src::Fp8 { scales, .. } = &p.src {
+            files.will_need(scales);
+        }
     }
     let files = &*files;
     // The router keeps f32 when it has it (DeepSeek-V3 and Kimi K2 store it so, and compute their
@@ -180,8 +234,8 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
             gather(files, "expert down weights", &[e, h, i], dtype, &[&experts[1]])?,
         )
     } else {
-        let gu: Vec<&Found> = experts.chunks(3).flat_map(|c| [&c[0], &c[1]]).collect();
-        let dn: Vec<&Found> = experts.chunks(3).map(|c| &c[2]).collect();
+        let gu: Vec<&Part> = experts.chunks(3).flat_map(|c| [&c[0], &c[1]]).collect();
+        let dn: Vec<&Part> = experts.chunks(3).map(|c| &c[2]).collect();
         (
             gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype, &gu)?,
             gather(files, "expert down weights", &[e, h, i], dtype, &dn)?,
@@ -207,7 +261,7 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
         shared_down,
     };
     layer.validate()?;
-    Ok(Assembled { layer, stored_dtype, router_stored_dtype, fused })
+    Ok(Assembled { layer, stored, router_stored_dtype, fused })
 }
 
 /// Elements converted per parallel job: large enough to amortise scheduling, small enough to
@@ -215,36 +269,115 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
 const CHUNK_ELEMS: usize = 1 << 22;
 
 /// Concatenates `parts` (in order) into one tensor of `shape` in `dtype`, converting where the
-/// stored dtype differs. One allocation; each part's bytes go straight from the map into it
-/// (a `memcpy` when the dtypes match), in parallel.
-fn gather(files: &SafetensorsDir, what: &str, shape: &[usize], dtype: DType, parts: &[&Found]) -> Result<HostTensor> {
+/// stored dtype differs and dequantizing FP8. One allocation; each part's bytes go straight from
+/// the map into it (a `memcpy` when the dtypes match), in parallel.
+fn gather(files: &SafetensorsDir, what: &str, shape: &[usize], dtype: DType, parts: &[&Part]) -> Result<HostTensor> {
     let elems: usize = shape.iter().product();
     let total = elems * dtype.size();
     let mut data: Vec<u8> = Vec::new();
     data.try_reserve_exact(total).map_err(|_| {
         Error::OutOfMemory(format!("the host cannot allocate {:.2} GiB for the {what} {shape:?}", total as f64 / (1u64 << 30) as f64))
     })?;
-    // (destination bytes, source dtype, source bytes)
-    type Job<'a> = (&'a mut [MaybeUninit<u8>], DType, &'a [u8]);
+    // Each FP8 part's scale grid, decoded once and checked finite.
+    let scales: Vec<Option<Vec<f32>>> = parts
+        .iter()
+        .map(|p| match &p.src {
+            Src::Float(_) => Ok(None),
+            Src::Fp8 { scales, .. } => {
+                let v = scales.float_dtype()?.decode(files.bytes(scales));
+                match v.iter().position(|s| !s.is_finite()) {
+                    Some(i) => Err(Error::Checkpoint(format!(
+                        "tensor {} in {} holds a non-finite scale ({}) at element {i}",
+                        scales.name, scales.file, v[i]
+                    ))),
+                    None => Ok(Some(v)),
+                }
+            }
+        })
+        .collect::<Result<_>>()?;
     let mut jobs: Vec<Job<'_>> = Vec::new();
     let mut rest = &mut data.spare_capacity_mut()[..total];
-    for part in parts {
-        let src_dtype = part.float_dtype()?;
-        let bytes = files.bytes(part);
-        let ssz = src_dtype.size();
-        for chunk in bytes.chunks(CHUNK_ELEMS * ssz) {
-            let n = chunk.len() / ssz;
-            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n * dtype.size());
-            rest = tail;
-            jobs.push((dst, src_dtype, chunk));
+    let mut take = |n: usize| {
+        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n * dtype.size());
+        rest = tail;
+        dst
+    };
+    for (part, scales) in parts.iter().zip(&scales) {
+        let bytes = files.bytes(&part.t);
+        match (&part.src, scales) {
+            (Src::Float(from), _) => {
+                for chunk in bytes.chunks(CHUNK_ELEMS * from.size()) {
+                    jobs.push(Job::Float { dst: take(chunk.len() / from.size()), from: *from, src: chunk });
+                }
+            }
+            (Src::Fp8 { block, .. }, Some(scales)) => {
+                let (rows, cols) = (part.t.shape[part.t.shape.len() - 2], part.t.shape[part.t.shape.len() - 1]);
+                let per_job = (CHUNK_ELEMS / cols.max(1)).max(1);
+                for (j, chunk) in bytes.chunks(per_job * cols.max(1)).enumerate() {
+                    let grid = Grid { row0: j * per_job, rows, cols, block: *block, scales };
+                    jobs.push(Job::Fp8 { dst: take(chunk.len()), src: chunk, grid, tensor: &part.t });
+                }
+            }
+            (Src::Fp8 { .. }, None) => unreachable!("every FP8 part has its scales decoded"),
         }
     }
     assert!(rest.is_empty(), "the parts of {what} do not fill {shape:?}: shapes were checked before");
-    jobs.into_par_iter().for_each(|(dst, src_dtype, src)| convert_into(src_dtype, src, dtype, dst));
+    jobs.into_par_iter().try_for_each(|job| match job {
+        Job::Float { dst, from, src } => {
+            convert_into(from, src, dtype, dst);
+            Ok(())
+        }
+        Job::Fp8 { dst, src, grid, tensor } => dequantize_into(src, &grid, dtype, dst).map_err(|i| {
+            Error::Checkpoint(format!(
+                "tensor {} in {} holds a NaN (F8_E4M3 byte {:#04x}) at element {}",
+                tensor.name,
+                tensor.file,
+                src[i],
+                grid.row0 * grid.cols + i
+            ))
+        }),
+    })?;
     // SAFETY: the jobs partition `data`'s first `total` spare bytes and each wrote all of its
-    // slice (`convert_into` writes every byte of `dst`), so those bytes are initialised.
+    // slice (`convert_into` and a successful `dequantize_into` write every byte of `dst`), so
+    // those bytes are initialised.
     unsafe { data.set_len(total) };
     HostTensor::new(dtype, shape, data)
+}
+
+/// One slice of a [`gather`]: destination bytes and the source bytes that fill them.
+enum Job<'a> {
+    Float { dst: &'a mut [MaybeUninit<u8>], from: DType, src: &'a [u8] },
+    Fp8 { dst: &'a mut [MaybeUninit<u8>], src: &'a [u8], grid: Grid<'a>, tensor: &'a Found },
+}
+
+/// Where an FP8 slice sits in its weight, and the weight's scale grid.
+struct Grid<'a> {
+    /// The slice's first row, counted over the leading dimensions too.
+    row0: usize,
+    rows: usize,
+    cols: usize,
+    block: [usize; 2],
+    scales: &'a [f32],
+}
+
+/// Dequantizes E4M3 rows into `dst` as `to` (rounding to nearest even when narrowing), or
+/// returns the index of the first NaN byte.
+fn dequantize_into(src: &[u8], g: &Grid<'_>, to: DType, dst: &mut [MaybeUninit<u8>]) -> std::result::Result<(), usize> {
+    if let Some(i) = src.iter().position(|&b| fp8::is_nan(b)) {
+        return Err(i);
+    }
+    fn write<const D: usize>(src: &[u8], g: &Grid<'_>, dst: &mut [MaybeUninit<u8>], enc: impl Fn(f32) -> [u8; D]) {
+        fp8::dequantize_rows(src, g.row0, g.rows, g.cols, g.block, g.scales, |i, v| {
+            dst[i * D..(i + 1) * D].write_copy_of_slice(&enc(v));
+        });
+    }
+    match to {
+        DType::F32 => write(src, g, dst, f32::to_le_bytes),
+        DType::BF16 => write(src, g, dst, |v| bf16::from_f32(v).to_le_bytes()),
+        DType::F16 => write(src, g, dst, |v| f16::from_f32(v).to_le_bytes()),
+        _ => unreachable!("only float dtypes reach the conversion (f8_e4m3 -> {to})"),
+    }
+    Ok(())
 }
 
 /// Writes the little-endian elements `src` (of `from`) into `dst` as `to`, rounding to nearest

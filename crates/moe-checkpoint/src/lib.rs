@@ -34,6 +34,18 @@
 //! about 1e-2 relative, enough to change an expert choice on a near tie. Widening BF16 or F16 to
 //! F32 is exact. The `e_score_correction_bias` is always F32.
 //!
+//! ### FP8 (DeepSeek-V3's and Kimi K2's released checkpoints)
+//!
+//! Expert weights (routed and shared) may be `F8_E4M3` with their block scales beside them:
+//! `…weight_scale_inv` [`ceil(rows / 128)`, `ceil(columns / 128)`] in F32 (or BF16/F16), the block
+//! size from `config.json`'s `quantization_config.weight_block_size` (DeepSeek's `[128, 128]`
+//! when absent). They are dequantized on load as `q * scale_inv` in F32, exactly as
+//! transformers' fine-grained FP8 quantizer and DeepSeek's `fp8_cast_bf16.py` do, then stored
+//! as BF16 (the default: what those tools produce) or the dtype asked for (F32 keeps the
+//! products exactly). A missing or ill-shaped scale tensor, a non-finite scale and a NaN weight
+//! byte are errors naming the tensor. [`Checkpoint::stored`] says what the files held. The
+//! fixture `tests/fixtures/hf/deepseek_v3_fp8` (16 x 32 blocks) checks this against transformers.
+//!
 //! ## Errors
 //!
 //! All errors are [`moe_hal::Error`], one sentence naming the file, tensor, key or shape at fault:
@@ -43,6 +55,7 @@
 
 #![warn(missing_docs)]
 mod config;
+mod fp8;
 mod layer;
 mod safetensors_dir;
 
@@ -52,6 +65,7 @@ use std::path::{Path, PathBuf};
 use moe_hal::{DType, Error, HostLayer, Result, Routing};
 
 pub use config::{DEEPSEEK_MODEL_TYPES, Family, ModelConfig, MoeLayers};
+pub use fp8::Stored;
 pub use safetensors_dir::{INDEX_FILE, SINGLE_FILE};
 
 /// One MoE layer read from a checkpoint directory, with what the checkpoint said about it.
@@ -67,9 +81,10 @@ pub struct Checkpoint {
     pub layer_index: usize,
     /// The layer's weights in moe-hal's layout, validated ([`HostLayer::validate`]).
     pub layer: HostLayer,
-    /// The dtype of the routed experts' weights in the files (the layer's dtype unless one was
+    /// How the files store the routed experts' weights: a float dtype (the layer's dtype unless
+    /// one was forced), or FP8 with block scales (dequantized on load; to BF16 unless a dtype was
     /// forced).
-    pub stored_dtype: DType,
+    pub stored: Stored,
     /// The dtype of the router weight in the files (F32 in DeepSeek-V3 and Kimi K2 checkpoints
     /// whatever the expert dtype).
     pub router_stored_dtype: DType,
@@ -99,8 +114,8 @@ impl Checkpoint {
             s => format!(", shared expert intermediate {s}"),
         };
         let mut dtypes = format!("weights {}", self.layer.dtype);
-        if self.stored_dtype != self.layer.dtype {
-            dtypes += &format!(" (stored {})", self.stored_dtype);
+        if self.stored != Stored::Float(self.layer.dtype) {
+            dtypes += &format!(" (stored {})", self.stored);
         }
         if self.layer.router.dtype != self.layer.dtype {
             dtypes += &format!(", router {}", self.layer.router.dtype);
@@ -138,13 +153,14 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 /// Loads MoE layer `layer` of the Hugging Face checkpoint in `dir`.
 ///
 /// `dtype` forces the storage dtype of the returned layer (f32, f16 or bf16); `None` keeps the
-/// dtype of the routed experts' weights and converts the shared expert to it; an F32 router stays
-/// F32 (see the crate docs).
+/// dtype of the routed experts' weights (BF16 for FP8 ones) and converts the shared expert to it;
+/// an F32 router stays F32 (see the crate docs).
 ///
 /// Only the shards holding the layer's tensors are opened. Errors: a layer number at or beyond
 /// `num_hidden_layers`, or one that is a dense MLP, is [`Error::InvalidArgument`] naming the valid
 /// layers; a missing, ill-shaped or non-float tensor, a truncated file or an unknown model is
-/// [`Error::Checkpoint`]; OS failures are [`Error::Io`].
+/// [`Error::Checkpoint`], as are FP8 weights without their block scales (or with a scale grid of
+/// the wrong shape), a NaN among them and a non-finite scale; OS failures are [`Error::Io`].
 pub fn load_layer(dir: &Path, layer: usize, dtype: Option<DType>) -> Result<Checkpoint> {
     let config = read_config(dir)?;
     config.check_moe_layer(layer)?;
@@ -161,7 +177,7 @@ pub fn load_layer(dir: &Path, layer: usize, dtype: Option<DType>) -> Result<Chec
         num_hidden_layers: config.num_hidden_layers,
         layer_index: layer,
         layer: assembled.layer,
-        stored_dtype: assembled.stored_dtype,
+        stored: assembled.stored,
         router_stored_dtype: assembled.router_stored_dtype,
         fused_experts: assembled.fused,
         files: files.opened_files(),

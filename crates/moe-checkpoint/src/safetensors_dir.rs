@@ -32,14 +32,15 @@ pub struct Found {
 }
 
 impl Found {
-    /// The weight dtype, or a [`Error::Checkpoint`] naming the tensor, file and dtype.
+    /// The float dtype, or a [`Error::Checkpoint`] naming the tensor, file and dtype (F8_E4M3
+    /// included: expert weights read it through `layer.rs`, with their scales).
     pub fn float_dtype(&self) -> Result<DType> {
         match self.dtype {
             Dtype::F32 => Ok(DType::F32),
             Dtype::F16 => Ok(DType::F16),
             Dtype::BF16 => Ok(DType::BF16),
             Dtype::F8_E4M3 => Err(Error::Checkpoint(format!(
-                "tensor {} in {} is F8_E4M3 (FP8 with block scales, DeepSeek's native format), which this loader does not read yet; convert the checkpoint to bf16 first (DeepSeek's inference/fp8_cast_bf16.py does)",
+                "tensor {} in {} is F8_E4M3; FP8 (with block scales) is read for expert weights only, and this tensor must be F32, F16 or BF16",
                 self.name, self.file
             ))),
             other => Err(Error::Checkpoint(format!(

@@ -21,7 +21,8 @@ pub struct RunArgs {
     pub output: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Choice,
-    /// Storage dtype of the weights on the device (default: as in the checkpoint).
+    /// Storage dtype of the weights on the device (default: as in the checkpoint; bf16 for FP8
+    /// checkpoints, which are dequantized on load).
     #[arg(long)]
     pub dtype: Option<DType>,
 }

@@ -56,28 +56,44 @@ fn backends() -> Vec<String> {
 }
 
 /// `moe run` on every fixture and backend matches transformers' float64 output: relative L2
-/// under 1e-4 for f32 weights and 2e-2 for bf16, with the same expert choices.
+/// under 1e-4 for f32 weights (FP8 ones dequantized to f32 included) and 2e-2 for bf16, with the
+/// same expert choices.
 #[test]
 fn run_matches_transformers() {
-    let cases = ["deepseek_v3_f32", "deepseek_v3_bf16", "qwen3_moe_f32", "qwen3_moe_bf16", "mixtral_f32", "mixtral_bf16", "kimi_k2_bf16"];
+    // (fixture, --dtype, tolerance)
+    let cases = [
+        ("deepseek_v3_f32", None, 1e-4),
+        ("deepseek_v3_bf16", None, 2e-2),
+        ("deepseek_v3_fp8", None, 2e-2),
+        ("deepseek_v3_fp8", Some("f32"), 1e-4),
+        ("qwen3_moe_f32", None, 1e-4),
+        ("qwen3_moe_bf16", None, 2e-2),
+        ("mixtral_f32", None, 1e-4),
+        ("mixtral_bf16", None, 2e-2),
+        ("kimi_k2_bf16", None, 2e-2),
+    ];
     let dir = tempfile::tempdir().unwrap();
     for backend in backends() {
-        for case in cases {
+        for (case, dtype, tol) in cases {
             let model = fixtures().join(case);
-            let out = dir.path().join(format!("{case}-{backend}.safetensors"));
-            let o = moe(&[
+            let out = dir.path().join(format!("{case}-{}-{backend}.safetensors", dtype.unwrap_or("default")));
+            let input = model.join("input.safetensors");
+            let mut args = vec![
                 "run",
                 "--model",
                 model.to_str().unwrap(),
                 "--layer",
                 "1",
                 "--input",
-                model.join("input.safetensors").to_str().unwrap(),
+                input.to_str().unwrap(),
                 "--output",
                 out.to_str().unwrap(),
                 "--backend",
                 &backend,
-            ]);
+            ];
+            args.extend(dtype.iter().flat_map(|d| ["--dtype", d]));
+            let o = moe(&args);
+            let case = format!("{case} ({})", dtype.unwrap_or("default dtype"));
             assert!(o.status.success(), "{case} on {backend}: {}", stderr(&o));
             let got_bytes = std::fs::read(&out).unwrap();
             let got = SafeTensors::deserialize(&got_bytes).unwrap();
@@ -93,7 +109,6 @@ fn run_matches_transformers() {
             let num: f64 = y.iter().zip(&y_ref).map(|(a, b)| (a - b).powi(2)).sum();
             let den: f64 = y_ref.iter().map(|b| b * b).sum();
             let rel = (num / den).sqrt();
-            let tol = if case.ends_with("f32") { 1e-4 } else { 2e-2 };
             assert!(rel < tol, "{case} on {backend}: relative L2 {rel:.3e} >= {tol}");
 
             // Same expert sets, and the same weight for each chosen expert.
