@@ -83,26 +83,27 @@ pub fn scale_shape(shape: &[usize], block: [usize; 2]) -> Vec<usize> {
     s
 }
 
-/// Dequantizes whole rows of one weight: `src` holds rows `row0..` (counted over the leading
-/// dimensions too, `rows` per matrix) of `cols` E4M3 bytes each; `scales` is the whole weight's
-/// scale grid (row-major, [`scale_shape`]). Each value is `E4M3[q] * scale` in f32, as
-/// transformers computes it, then handed to `put` with its index in `src`.
-pub fn dequantize_rows(
+/// Walks whole rows of one weight block by block: `src` holds rows `row0..` (counted over the
+/// leading dimensions too, `rows` per matrix) of `cols` E4M3 bytes each; `scales` is the whole
+/// weight's scale grid (row-major, [`scale_shape`]). `each` gets, per run of a row inside one
+/// block, the index in `src` of its first byte, its bytes, and their scale: each value is
+/// `E4M3[q] * scale` in f32, as transformers computes it.
+pub fn for_each_block(
     src: &[u8],
     row0: usize,
     rows: usize,
     cols: usize,
     block: [usize; 2],
     scales: &[f32],
-    mut put: impl FnMut(usize, f32),
+    mut each: impl FnMut(usize, &[u8], f32),
 ) {
     let (grid_rows, grid_cols) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
     for (i, row) in src.chunks_exact(cols).enumerate() {
         let g = row0 + i;
         let (matrix, r) = (g / rows, g % rows);
         let grid_row = &scales[(matrix * grid_rows + r / block[0]) * grid_cols..][..grid_cols];
-        for (c, &q) in row.iter().enumerate() {
-            put(i * cols + c, E4M3[q as usize] * grid_row[c / block[1]]);
+        for ((c, run), &scale) in row.chunks(block[1]).enumerate().zip(grid_row) {
+            each(i * cols + c * block[1], run, scale);
         }
     }
 }
@@ -140,7 +141,11 @@ mod tests {
         let src = vec![0x38u8; 2 * rows * cols]; // every value 1.0
         let mut got = vec![0f32; 4 * cols];
         // Rows 2..6 of the 6: matrix 0 row 2, then matrix 1 rows 0..3.
-        dequantize_rows(&src[2 * cols..], 2, rows, cols, block, &scales, |i, v| got[i] = v);
+        for_each_block(&src[2 * cols..], 2, rows, cols, block, &scales, |at, run, scale| {
+            for (j, &q) in run.iter().enumerate() {
+                got[at + j] = E4M3[q as usize] * scale;
+            }
+        });
         let want = [
             [4., 4., 5., 5., 6.],      // matrix 0, row 2: grid row 1
             [7., 7., 8., 8., 9.],      // matrix 1, row 0: grid row 0

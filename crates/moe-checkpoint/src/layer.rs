@@ -367,8 +367,10 @@ fn dequantize_into(src: &[u8], g: &Grid<'_>, to: DType, dst: &mut [MaybeUninit<u
         return Err(i);
     }
     fn write<const D: usize>(src: &[u8], g: &Grid<'_>, dst: &mut [MaybeUninit<u8>], enc: impl Fn(f32) -> [u8; D]) {
-        fp8::dequantize_rows(src, g.row0, g.rows, g.cols, g.block, g.scales, |i, v| {
-            dst[i * D..(i + 1) * D].write_copy_of_slice(&enc(v));
+        fp8::for_each_block(src, g.row0, g.rows, g.cols, g.block, g.scales, |at, run, scale| {
+            for (d, &q) in dst[at * D..(at + run.len()) * D].chunks_exact_mut(D).zip(run) {
+                d.write_copy_of_slice(&enc(fp8::E4M3[q as usize] * scale));
+            }
         });
     }
     match to {
