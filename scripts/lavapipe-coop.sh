@@ -112,10 +112,16 @@ unset VK_LAYER_PATH VK_LAYER_SETTINGS_PATH
 export WGPU_VALIDATION=0 MOE_WGPU_COOP_SIZE=16
 MOE_REQUIRE_TENSOR_CORES=16 cargo test -p moe-wgpu tensor_cores_in_use
 cargo test -p moe-conformance --test conformance -- wgpu::
+# No kernel may assume a subgroup size: the suite again with lavapipe's 4- and 16-wide subgroups
+# (128- and 512-bit vectors; at both the FMA kernels run: 128 refuses cooperative matrices, see
+# below, and at 16 lanes the 8x8 ones do not fit tiled_coop's tile dealing).
+unset MOE_WGPU_COOP_SIZE
+for width in 128 512; do
+  LP_NATIVE_VECTOR_WIDTH=$width cargo test -p moe-conformance --test conformance -- wgpu::
+done
 # A driver that lists cooperative matrices but refuses a device with them (this lavapipe at 128-bit
 # vectors: VK_ERROR_FEATURE_NOT_PRESENT, which wgpu turns into a panic) must still give a working
 # backend, on the FMA kernels, that says why.
-unset MOE_WGPU_COOP_SIZE
 cargo build -q -p moe-cli
 out=$(LP_NATIVE_VECTOR_WIDTH=128 "$dir/run.sh" target/debug/moe devices 2>&1)
 if ! grep -q "^wgpu  available: .*tensor cores: not used: the device did not open with cooperative matrices" <<<"$out"; then
