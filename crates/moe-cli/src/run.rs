@@ -78,11 +78,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         &args.output,
         &RunOutput { tokens, hidden, top_k: layer.config.top_k, output: &r.out, topk_ids: &r.ids, topk_weights: &r.weights },
     )?;
+    let weights = match ckpt.stored {
+        moe_checkpoint::Stored::Float(d) if d == layer.dtype => layer.dtype.to_string(),
+        stored => format!("{} from {stored}", layer.dtype),
+    };
     eprintln!(
-        "moe run: {} layer {} ({}, {} experts, top-{}), {tokens} tokens on {} -> {}",
+        "moe run: {} layer {} ({weights}, {} experts, top-{}), {tokens} tokens on {} -> {}",
         ckpt.model_type,
         args.layer,
-        layer.dtype,
         layer.config.experts,
         layer.config.top_k,
         r.backend,
