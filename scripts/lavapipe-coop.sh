@@ -19,6 +19,9 @@
 #
 #   scripts/lavapipe-coop.sh [setup]    setup: only download and unpack, print the environment
 set -euo pipefail
+# Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" for every device a test opens
+# when it is unset (CI, containers), though compute needs no display: give them a private one.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${MOE_MESA_COOP_DIR:-$root/target/mesa-coop}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}

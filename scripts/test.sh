@@ -4,6 +4,9 @@
 # add Mesa's software driver (lavapipe), so the WGSL tests run on any machine, GPU or not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" for every device a test opens
+# when it is unset (CI, containers), though compute needs no display: give them a private one.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
 if ! compgen -G "/usr/share/vulkan/icd.d/*.json" >/dev/null && ! compgen -G "/etc/vulkan/icd.d/*.json" >/dev/null; then
   echo "test.sh: no Vulkan driver found; installing mesa-vulkan-drivers (lavapipe)"
