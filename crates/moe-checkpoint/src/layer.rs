@@ -59,8 +59,17 @@ fn weight_part(files: &mut SafetensorsDir, t: Found, fp8_block: Option<[usize; 2
     };
     let scale_name = format!("{}_scale_inv", t.name);
     let Some(scales) = files.find(&scale_name)? else {
+        // compressed-tensors and fbgemm FP8 checkpoints scale per tensor or per channel, in
+        // `…weight_scale`: a different scheme, named as such.
+        let other = format!("{}_scale", t.name);
+        let scheme = match files.find(&other)? {
+            Some(_) => format!(
+                "; it has {other} instead, a per-tensor or per-channel FP8 scheme (compressed-tensors, fbgemm), which is not read: only DeepSeek's block-scaled FP8 is"
+            ),
+            None => String::new(),
+        };
         return Err(Error::Checkpoint(format!(
-            "tensor {} in {} is F8_E4M3, but its block scales {scale_name} are not in the checkpoint",
+            "tensor {} in {} is F8_E4M3, but its block scales {scale_name} are not in the checkpoint{scheme}",
             t.name, t.file
         )));
     };

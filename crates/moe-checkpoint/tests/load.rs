@@ -612,6 +612,15 @@ fn fp8_problems_are_named() {
     let e = err(&fp8_with(&scale, |_, _, _| None));
     assert_eq!(e, Error::Checkpoint(format!("tensor {w} in {file} is F8_E4M3, but its block scales {scale} are not in the checkpoint")));
 
+    // A per-channel scheme's scale under the other name.
+    let tmp = copy_fixture("deepseek_v3_fp8");
+    rewrite(&tmp.path().join(file), |n, d, s, b| {
+        let n = if n == scale { format!("{w}_scale") } else { n.to_string() };
+        vec![(n, d, s.to_vec(), b.to_vec())]
+    });
+    let e = err(&tmp).to_string();
+    assert!(e.ends_with(&format!("it has {w}_scale instead, a per-tensor or per-channel FP8 scheme (compressed-tensors, fbgemm), which is not read: only DeepSeek's block-scaled FP8 is")), "{e}");
+
     let e = err(&fp8_with(&scale, |d, _, b| Some((d, vec![4, 1], b.to_vec()))));
     assert_eq!(
         e,
