@@ -20,9 +20,11 @@
 #   scripts/lavapipe-coop.sh [setup]    setup: only download and unpack, print the environment
 set -euo pipefail
 # Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" for every device a test opens
-# when it is unset (CI, containers), though compute needs no display: give them a private one.
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+# when it is unset (CI, containers), though compute needs no display: give them the temp folder
+# (as the moe command does).
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-${TMPDIR:-/tmp}}"
 root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
 dir=${MOE_MESA_COOP_DIR:-$root/target/mesa-coop}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
@@ -126,11 +128,12 @@ done
 # vectors: VK_ERROR_FEATURE_NOT_PRESENT, which wgpu turns into a panic) must still give a working
 # backend, on the FMA kernels, that says why.
 cargo build -q -p moe-cli
-out=$(LP_NATIVE_VECTOR_WIDTH=128 "$dir/run.sh" target/debug/moe devices 2>&1)
+moe="${CARGO_TARGET_DIR:-$root/target}/debug/moe"
+out=$(LP_NATIVE_VECTOR_WIDTH=128 "$dir/run.sh" "$moe" devices 2>&1) || true
 if ! grep -q "^wgpu  available: .*tensor cores: not used: the device did not open with cooperative matrices" <<<"$out"; then
   echo "lavapipe-coop.sh: expected wgpu on its FMA kernels at 128-bit vectors; moe devices said:"
   echo "$out"
   exit 1
 fi
-LP_NATIVE_VECTOR_WIDTH=128 "$dir/run.sh" target/debug/moe demo --backend wgpu --tokens 24 --hidden 256 --intermediate 96 --experts 16
+LP_NATIVE_VECTOR_WIDTH=128 "$dir/run.sh" "$moe" demo --backend wgpu --tokens 24 --hidden 256 --intermediate 96 --experts 16
 echo "lavapipe-coop.sh: a device refusing cooperative matrices opens without them"

@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" for every device a test opens
-# when it is unset (CI, containers), though compute needs no display: give them a private one.
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+# when it is unset (CI, containers), though compute needs no display: give them the temp folder
+# (as the moe command does).
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-${TMPDIR:-/tmp}}"
 
 if ! compgen -G "/usr/share/vulkan/icd.d/*.json" >/dev/null && ! compgen -G "/etc/vulkan/icd.d/*.json" >/dev/null; then
   echo "test.sh: no Vulkan driver found; installing mesa-vulkan-drivers (lavapipe)"

@@ -55,16 +55,16 @@ fn weight_part(files: &mut SafetensorsDir, t: Found, fp8_block: Option<[usize; 2
     }
     let (block, from) = match fp8_block {
         Some(b) => (b, "quantization_config.weight_block_size"),
-        None => (fp8::DEFAULT_BLOCK, "DeepSeek's; config.json declares no FP8 quantization_config"),
+        None => (fp8::DEFAULT_BLOCK, "DeepSeek's; config.json gives no fp8 weight_block_size"),
     };
     let scale_name = format!("{}_scale_inv", t.name);
     let Some(scales) = files.find(&scale_name)? else {
-        // compressed-tensors and fbgemm FP8 checkpoints scale per tensor or per channel, in
+        // compressed-tensors and fbgemm write their scales (per tensor, channel or block) to
         // `…weight_scale`: a different scheme, named as such.
         let other = format!("{}_scale", t.name);
         let scheme = match files.find(&other)? {
             Some(_) => format!(
-                "; it has {other} instead, a per-tensor or per-channel FP8 scheme (compressed-tensors, fbgemm), which is not read: only DeepSeek's block-scaled FP8 is"
+                "; it has {other} instead, another FP8 scheme (as compressed-tensors and fbgemm write), which is not read: only DeepSeek's (weight_scale_inv) is"
             ),
             None => String::new(),
         };
@@ -80,7 +80,12 @@ fn weight_part(files: &mut SafetensorsDir, t: Found, fp8_block: Option<[usize; 2
             scales.name, scales.file, scales.shape, t.name, t.shape, block[0], block[1]
         )));
     }
-    scales.float_dtype()?;
+    if !matches!(scales.dtype, safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16) {
+        return Err(Error::Checkpoint(format!(
+            "tensor {} in {} has dtype {:?}; the block scales of an FP8 weight must be F32, BF16 or F16",
+            scales.name, scales.file, scales.dtype
+        )));
+    }
     Ok(Part { t, src: Src::Fp8 { scales, block } })
 }
 

@@ -619,7 +619,18 @@ fn fp8_problems_are_named() {
         vec![(n, d, s.to_vec(), b.to_vec())]
     });
     let e = err(&tmp).to_string();
-    assert!(e.ends_with(&format!("it has {w}_scale instead, a per-tensor or per-channel FP8 scheme (compressed-tensors, fbgemm), which is not read: only DeepSeek's block-scaled FP8 is")), "{e}");
+    assert!(
+        e.ends_with(&format!(
+            "it has {w}_scale instead, another FP8 scheme (as compressed-tensors and fbgemm write), which is not read: only DeepSeek's (weight_scale_inv) is"
+        )),
+        "{e}"
+    );
+
+    let e = err(&fp8_with(&scale, |_, s, b| Some((Dtype::F64, s.to_vec(), [b, b].concat()))));
+    assert_eq!(
+        e,
+        Error::Checkpoint(format!("tensor {scale} in {file} has dtype F64; the block scales of an FP8 weight must be F32, BF16 or F16"))
+    );
 
     let e = err(&fp8_with(&scale, |d, _, b| Some((d, vec![4, 1], b.to_vec()))));
     assert_eq!(
@@ -662,7 +673,7 @@ fn fp8_problems_are_named() {
     cfg.as_object_mut().unwrap().remove("quantization_config");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = err(&tmp).to_string();
-    assert!(e.contains("in blocks of 128x128 (DeepSeek's; config.json declares no FP8 quantization_config) needs [1, 1]"), "{e}");
+    assert!(e.contains("in blocks of 128x128 (DeepSeek's; config.json gives no fp8 weight_block_size) needs [1, 1]"), "{e}");
 
     // FP8 experts of another checkpoint, without any scales.
     let tmp = copy_fixture("qwen3_moe_f32");

@@ -17,7 +17,6 @@ mod tensor_file;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use std::sync::Mutex;
 
 #[derive(Parser)]
 #[command(name = "moe", version, about = "Run the Mixture-of-Experts layer of DeepSeek-class models on any accelerator")]
@@ -41,14 +40,14 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// The last panic's message and place, recorded by the panic hook. A panic that a library catches
-/// (wgpu or a CUDA binding panicking while a backend opens becomes that backend's error sentence)
-/// is no crash and prints nothing; one that reaches `main` is printed from here.
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
-
 fn main() -> ExitCode {
+    // A bug must still end in one sentence, not a backtrace. A panic a backend catches and
+    // reports as an error (a driver's bindings panicking while it opens: moe_hal::catch_panic) is
+    // no bug of moe's and prints nothing here.
     std::panic::set_hook(Box::new(|info| {
-        *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.to_string());
+        if !moe_hal::panic_is_caught() {
+            eprintln!("error: internal error (a bug in moe, please report it): {info}");
+        }
     }));
     // Mesa's Vulkan drivers complain on stderr when XDG_RUNTIME_DIR is unset (as in CI and
     // containers) although compute needs no display; give them a harmless value.
@@ -57,26 +56,6 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
     }
     let cli = Cli::parse();
-    // A bug must still end in one sentence and a failing exit, not a backtrace.
-    let result = std::panic::catch_unwind(|| run_command(cli)).unwrap_or_else(|p| {
-        let recorded = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let what = recorded.unwrap_or_else(|| moe_hal::panic_message(&*p).to_string());
-        eprintln!("error: internal error (a bug in moe, please report it): {what}");
-        Err(None)
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if let Some(e) = e {
-                eprintln!("error: {e}");
-            }
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Runs one command; `Err(None)` is a failure already reported.
-fn run_command(cli: Cli) -> Result<(), Option<moe_hal::Error>> {
     let result = match cli.command.unwrap_or(Command::Demo(demo::DemoArgs::default())) {
         Command::Demo(a) => demo::demo(&a),
         Command::Run(a) => run::run(&a),
@@ -92,5 +71,11 @@ fn run_command(cli: Cli) -> Result<(), Option<moe_hal::Error>> {
             Ok(())
         }
     };
-    result.map_err(Some)
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -131,7 +131,7 @@ pub(crate) fn nvrtc_library() -> std::result::Result<String, String> {
                      libnvrtc.so.* on LD_LIBRARY_PATH or in MOE_NVRTC_LIB"
                     .to_string())
             };
-            std::panic::catch_unwind(probe).unwrap_or_else(|p| Err(format!("loading NVRTC panicked: {}", moe_hal::panic_message(&*p))))
+            moe_hal::catch_panic(probe).unwrap_or_else(|p| Err(format!("loading NVRTC panicked: {p}")))
         })
         .clone()
 }
@@ -158,8 +158,7 @@ pub(crate) fn driver_library() -> std::result::Result<(), String> {
                 }
                 Err("no CUDA driver (libcuda) on this machine".to_string())
             };
-            std::panic::catch_unwind(probe)
-                .unwrap_or_else(|p| Err(format!("loading the CUDA driver panicked: {}", moe_hal::panic_message(&*p))))
+            moe_hal::catch_panic(probe).unwrap_or_else(|p| Err(format!("loading the CUDA driver panicked: {p}")))
         })
         .clone()
 }

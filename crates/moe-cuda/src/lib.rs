@@ -28,7 +28,7 @@
 //! Python wheels (`nvidia/cu13/lib` of `pip install nvidia-cuda-nvrtc`, in a virtualenv, PyTorch's
 //! `/opt/torch/.venv`, the system or user site-packages). A library found in a folder is loaded by
 //! its full path so cudarc's later `dlopen("libnvrtc.so.13")` finds it in the process. The whole
-//! opening runs under `catch_unwind`: a panic in the bindings is reported as
+//! opening runs under `moe_hal::catch_panic`: a panic in the bindings is reported as
 //! [`moe_hal::Error::Unavailable`], never propagated. `MOE_CUDA_DEVICE` picks a device (default 0).
 //! [`available`] is the cheap probe for a device listing (no context is created).
 //!
@@ -149,8 +149,7 @@ pub fn available() -> std::result::Result<String, String> {
             f.driver_version % 1000 / 10
         ))
     };
-    let r = std::panic::catch_unwind(probe)
-        .unwrap_or_else(|p| Err(Error::Unavailable(format!("the CUDA driver panicked while probing: {}", moe_hal::panic_message(&*p)))));
+    let r = moe_hal::catch_panic(probe).unwrap_or_else(|p| Err(Error::Unavailable(format!("the CUDA driver panicked while probing: {p}"))));
     r.map_err(|e| match e {
         Error::Unavailable(s) => s,
         e => e.to_string(),
@@ -192,9 +191,8 @@ impl CudaBackend {
     pub fn new() -> Result<CudaBackend> {
         // The driver library is checked before anything that could panic without it.
         driver::driver_library().map_err(Error::Unavailable)?;
-        let dev = std::panic::catch_unwind(Device::open).unwrap_or_else(|p| {
-            Err(Error::Unavailable(format!("the CUDA driver bindings panicked while opening the device: {}", moe_hal::panic_message(&*p))))
-        })?;
+        let dev = moe_hal::catch_panic(Device::open)
+            .unwrap_or_else(|p| Err(Error::Unavailable(format!("the CUDA driver bindings panicked while opening the device: {p}"))))?;
         Ok(Self::from_device(dev))
     }
 

@@ -57,9 +57,49 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("a panic without a message")
 }
 
+thread_local! {
+    /// How many [`catch_panic`] calls are running on this thread.
+    static CATCHING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f`, turning a panic inside it into `Err(its message)`: for calls into a vendor's
+/// bindings that can panic where they should fail (cudarc without a driver, wgpu-hal on a
+/// feature the driver refuses), so a backend reports an error sentence instead.
+///
+/// While `f` runs, [`panic_is_caught`] is true on this thread, so a program's panic hook can
+/// stay quiet about a panic that becomes an error (the `moe` command's hook prints every other
+/// panic as a bug).
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    struct Depth;
+    impl Drop for Depth {
+        fn drop(&mut self) {
+            CATCHING.with(|c| c.set(c.get() - 1));
+        }
+    }
+    CATCHING.with(|c| c.set(c.get() + 1));
+    let _depth = Depth;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| panic_message(&*p).to_string())
+}
+
+/// True inside [`catch_panic`] on this thread: a panic hook's cue that the panic will be caught
+/// and reported as an error.
+pub fn panic_is_caught() -> bool {
+    CATCHING.with(|c| c.get() > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::panic_message;
+
+    #[test]
+    fn catch_panic_marks_its_extent() {
+        use super::{catch_panic, panic_is_caught};
+        assert!(!panic_is_caught());
+        assert_eq!(catch_panic(panic_is_caught), Ok(true));
+        assert_eq!(catch_panic(|| -> u8 { panic!("driver said no") }), Err("driver said no".to_string()));
+        assert_eq!(catch_panic(|| catch_panic(|| 1)), Ok(Ok(1)));
+        assert!(!panic_is_caught(), "the mark ends with the call, panic or not");
+    }
 
     #[test]
     fn panic_message_reads_both_payload_kinds() {

@@ -40,6 +40,6 @@ mod tensor;
 
 pub use backend::{Backend, BackendInfo, Op};
 pub use dtype::DType;
-pub use error::{Error, Result, panic_message};
+pub use error::{Error, Result, catch_panic, panic_is_caught, panic_message};
 pub use layer::{HostLayer, HostTensor, Layer, MoeConfig, Routing, RoutingParams, router_dtype};
 pub use tensor::Tensor;

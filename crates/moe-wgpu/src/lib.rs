@@ -146,8 +146,7 @@ pub fn available() -> std::result::Result<String, String> {
         let (_, adapter) = device::best_adapter()?;
         Ok(device::describe(&adapter.get_info()))
     };
-    std::panic::catch_unwind(probe)
-        .unwrap_or_else(|p| Err(format!("the wgpu driver panicked while listing adapters: {}", moe_hal::panic_message(&*p))))
+    moe_hal::catch_panic(probe).unwrap_or_else(|p| Err(format!("the wgpu driver panicked while listing adapters: {p}")))
 }
 
 /// An on/off environment switch: `0` is off and `1` on; unset (or anything else) is `default`.
@@ -214,9 +213,8 @@ impl WgpuBackend {
     fn open_catching(allow_immediates: bool) -> Result<WgpuBackend> {
         let tried_coop = std::cell::Cell::new(false);
         let attempt = |allow_coop: bool| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::open(allow_immediates, allow_coop, &tried_coop))).unwrap_or_else(
-                |p| Err(Error::Unavailable(format!("the wgpu driver panicked while opening the adapter: {}", moe_hal::panic_message(&*p)))),
-            )
+            moe_hal::catch_panic(|| Self::open(allow_immediates, allow_coop, &tried_coop))
+                .unwrap_or_else(|p| Err(Error::Unavailable(format!("the wgpu driver panicked while opening the adapter: {p}"))))
         };
         match attempt(true) {
             // Cooperative matrices are experimental in wgpu: an adapter that lists them can still
