@@ -73,6 +73,10 @@ pub struct ModelConfig {
     /// the default when the key is absent): the `[rows, columns]` each `weight_scale_inv` entry
     /// scales. `None` without such a config.
     pub fp8_block: Option<[usize; 2]>,
+    /// `quantization_config.quant_method` when the config has one (`fp8`, `compressed-tensors`,
+    /// `awq`, `gptq`, `mxfp4`, ..): only `fp8` (DeepSeek's block scales) is read; with any other,
+    /// a layer that fails to load says so.
+    pub quant_method: Option<String>,
 }
 
 impl ModelConfig {
@@ -123,6 +127,7 @@ impl ModelConfig {
         let keys = Keys { map, path, model_type: &model_type };
         let declared_dtype = keys.opt_str("dtype")?.or(keys.opt_str("torch_dtype")?);
         let fp8_block = fp8_block(map, path)?;
+        let quant_method = map.get("quantization_config").and_then(|q| q.get("quant_method")).and_then(Value::as_str).map(str::to_string);
         let num_hidden_layers = keys.usize("num_hidden_layers")?;
         let hidden = keys.usize("hidden_size")?;
         let top_k = keys.usize("num_experts_per_tok")?;
@@ -214,6 +219,7 @@ impl ModelConfig {
             moe_layers,
             declared_dtype,
             fp8_block,
+            quant_method,
         })
     }
 
@@ -515,7 +521,8 @@ mod tests {
         }
         // Another method is not FP8 blocks.
         let other = deepseek(r#", "quantization_config": {"quant_method": "awq", "bits": 4}"#);
-        assert_eq!(ModelConfig::from_json(&other, Path::new("c.json")).unwrap().fp8_block, None);
+        let c = ModelConfig::from_json(&other, Path::new("c.json")).unwrap();
+        assert_eq!((c.fp8_block, c.quant_method.as_deref()), (None, Some("awq")));
     }
 
     #[test]

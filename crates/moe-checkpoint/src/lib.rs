@@ -170,7 +170,15 @@ pub fn load_layer(dir: &Path, layer: usize, dtype: Option<DType>) -> Result<Chec
         return Err(Error::InvalidArgument(format!("layer weights must be f32, f16 or bf16, not {d}")));
     }
     let mut files = safetensors_dir::SafetensorsDir::open(dir)?;
-    let assembled = layer::assemble(&mut files, &config, layer, dtype)?;
+    let assembled = layer::assemble(&mut files, &config, layer, dtype).map_err(|e| match (e, &config.quant_method) {
+        // A quantization this loader does not read shows up as missing or non-float tensors
+        // (AWQ's qweight, compressed-tensors' weight_packed, ..): say why.
+        (Error::Checkpoint(msg), Some(method)) if method != "fp8" => Error::Checkpoint(format!(
+            "{msg} ({} declares quantization_config.quant_method \"{method}\", which this loader does not read: it reads F32, F16 and BF16 weights and DeepSeek's block-scaled FP8)",
+            config.path.display()
+        )),
+        (e, _) => e,
+    })?;
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         model_type: config.model_type.clone(),

@@ -675,6 +675,26 @@ fn fp8_problems_are_named() {
     let e = err(&tmp).to_string();
     assert!(e.contains("in blocks of 128x128 (DeepSeek's; config.json gives no fp8 weight_block_size) needs [1, 1]"), "{e}");
 
+    // A quantization the loader does not read (here AWQ-like: qweight instead of weight) is named.
+    let tmp = copy_fixture("qwen3_moe_f32");
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["quantization_config"] = serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 128});
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
+        let n = if n.starts_with("model.layers.1.mlp.experts.") { n.replace(".weight", ".qweight") } else { n.to_string() };
+        vec![(n, d, s.to_vec(), b.to_vec())]
+    });
+    let e = load_layer(tmp.path(), 1, None).unwrap_err().to_string();
+    assert!(e.starts_with("checkpoint: tensor model.layers.1.mlp.experts.0.gate_proj.weight is missing"), "{e}");
+    assert!(
+        e.ends_with(&format!(
+            "({} declares quantization_config.quant_method \"awq\", which this loader does not read: it reads F32, F16 and BF16 weights and DeepSeek's block-scaled FP8)",
+            cfg_path.display()
+        )),
+        "{e}"
+    );
+
     // FP8 experts of another checkpoint, without any scales.
     let tmp = copy_fixture("qwen3_moe_f32");
     rewrite(&tmp.path().join("model.safetensors"), |n, d, s, b| {
