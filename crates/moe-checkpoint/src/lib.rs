@@ -45,6 +45,8 @@
 //! products exactly). A missing or ill-shaped scale tensor, a non-finite scale and a NaN weight
 //! byte are errors naming the tensor. [`Checkpoint::stored`] says what the files held. The
 //! fixture `tests/fixtures/hf/deepseek_v3_fp8` (16 x 32 blocks) checks this against transformers.
+//! Other quantizations (AWQ, GPTQ, compressed-tensors, MXFP4, ..) are not read: the error for
+//! their tensors names the config's `quant_method`.
 //!
 //! ## Errors
 //!
