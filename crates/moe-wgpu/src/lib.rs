@@ -26,7 +26,8 @@
 //! Where the adapter has `SHADER_F16`, `SUBGROUP` and wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX`
 //! with a square f16 x f16 -> f32 configuration of 8 or 16, the device is opened with them and
 //! grouped GEMMs on f16/bf16 weights run on tensor cores (`tiled_coop` below); `features` then
-//! ends with `tensor cores: ...`. `MOE_WGPU_COOP=0` opens the device without them;
+//! ends with `tensor cores: ...`. (A driver may list them and still refuse a device with them:
+//! the device then opens without them, `features` says `tensor cores: not used: ..` and why.) `MOE_WGPU_COOP=0` opens the device without them;
 //! `MOE_WGPU_COOP_SIZE=16` (tests only; honoured on a CPU adapter only) uses 16x16 even where the
 //! adapter offers 8x8, which lavapipe executes, so CI runs the size an NVIDIA GPU will;
 //! [`WgpuBackend::with_tensor_cores`]`(false)` keeps the f32 FMA kernels on a device that has them.
@@ -198,7 +199,8 @@ impl WgpuBackend {
     ///
     /// No adapter is [`Error::Unavailable`] with a sentence; a device that cannot be created is
     /// [`Error::Driver`]; a panic inside wgpu or the driver while opening it is caught and
-    /// reported as [`Error::Unavailable`].
+    /// reported as [`Error::Unavailable`]. Where the device fails to open (or panics) with
+    /// cooperative matrices, it is opened again without them, and `features` says why.
     pub fn new() -> Result<WgpuBackend> {
         Self::open_catching(true)
     }
