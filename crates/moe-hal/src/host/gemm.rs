@@ -208,11 +208,11 @@ macro_rules! rows_tile_avx512 {
                 for c in 0..chunks {
                     // SAFETY: c * 16 + 16 <= k, the length of every row and activation here.
                     unsafe {
-                        // Prefetch as the one-row kernel does, once per 64-byte line of each
-                        // weight stream (5% at 16 and 128 tokens back to back; noise at 512).
+                        // Prefetch as the one-row kernel does (see PREFETCH_AHEAD), once per
+                        // 64-byte line of each weight stream.
                         if (c * 16 * std::mem::size_of::<$w>()) % 64 == 0 {
                             for row in &ws {
-                                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(c * 16 + PREFETCH_AHEAD) as *const i8);
+                                _mm_prefetch::<_MM_HINT_T1>(row.as_ptr().wrapping_add(c * 16 + PREFETCH_AHEAD) as *const i8);
                             }
                         }
                         let wv: [__m512; 4] = std::array::from_fn(|q| $load(ws[q].as_ptr().add(c * 16)));
@@ -278,14 +278,18 @@ macro_rules! avx512_rows {
     };
 }
 
-/// How far ahead of its four weight streams [`row_times_bf16_avx2`] prefetches, in elements
-/// (4 KiB of bf16; past a row's end that is the rows after it, which the block reads next).
-/// Decode reads each weight once, so the loop waits on memory; the hardware prefetchers alone
-/// kept one thread at 7 GB/s on 768-long rows (Qwen3's down projection) and 12.5 on 2048-long
-/// ones; with this, 10.4 and 16.6 (a 25 MiB probe). Back to back, the Qwen3 layer went from
-/// 3.7–5.5 to 3.5–3.9 ms at 1 token (its down stage from 1.7–2.2 to 1.55–1.65 ms) and from 38–56
-/// to 36–43 ms at 16. 1–2 KiB ahead did less, 8–16 KiB no better.
-const PREFETCH_AHEAD: usize = 2048;
+/// How far ahead of their weight streams [`row_times_bf16_avx2`] and the AVX-512 tiles prefetch,
+/// in elements (16 KiB of bf16; past a row's end that is the rows after it, which the block reads
+/// next), into L2 (`_MM_HINT_T1`). Decode reads each weight once, so the loop waits on memory,
+/// and one core keeps only so many L1 misses in flight; prefetching into L2, which tracks more,
+/// from far enough ahead is what lifts it. History on the project's 2-core Zen 4, Qwen3-30B-A3B
+/// bf16, back to back: no prefetch, 3.7–5.5 ms at 1 token; 4 KiB ahead into L1, 3.5–3.9 (and
+/// 8–16 KiB into L1 no better); 4 KiB into L2, down stage 1.28–1.41 -> 1.10–1.15 ms; 16 KiB
+/// into L2 (this), 2.1–2.5 ms at 1 token against 3.2–3.4 with the L1 hint in the same session,
+/// 20.4–21.5 against 33–42 at 16 tokens, 68 against 86–90 at 128 and 249–252 against 267–268 at
+/// 512 (three pairs; 32 and 64 KiB ahead were no better). The reads then pass 30 GB/s, more
+/// than a plain streaming loop without prefetch gets from this VM.
+const PREFETCH_AHEAD: usize = 8192;
 
 /// One activation row times `nb` bf16 weight rows read straight from the weights (no widened
 /// copy), four weight rows per pass: for decode, where each weight is used by one or two rows and
@@ -311,7 +315,7 @@ unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [
                 // past the end of the weights).
                 if c % 4 == 0 {
                     for row in &p {
-                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(c * 8 + PREFETCH_AHEAD) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(c * 8 + PREFETCH_AHEAD) as *const i8);
                     }
                 }
                 let xv = _mm256_loadu_ps(x.as_ptr().add(c * 8));
@@ -382,7 +386,9 @@ fn rows_times_block(xs: &[&[f32]], w: &[f32], k: usize, out: &mut [f32]) {
     // SAFETY: isa() found AVX-512F for the first arms, AVX2 and FMA for the last.
     unsafe {
         match (isa(), xs.len()) {
-            ("avx512", 2..) => return avx512_rows!(rows_times_block_avx512, xs, w, k, out),
+            // One row too: the tile's prefetch makes f32 decode 5–11% faster than the
+            // portable row kernel (back to back, Qwen3-30B-A3B f32 at 1 and 16 tokens).
+            ("avx512", 1..) => return avx512_rows!(rows_times_block_avx512, xs, w, k, out),
             ("avx2", 4) => return rows4_times_block_avx2([xs[0], xs[1], xs[2], xs[3]], w, k, out),
             _ => {}
         }
