@@ -51,6 +51,7 @@ fn cases() -> Vec<Case> {
         Case { name: "deepseek_v3_fp8", model_type: "deepseek_v3", family: DeepSeek, dtype: BF16, stored: fp8, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: ds, shared: 32, shards: 1 },
         Case { name: "kimi_k2_bf16", model_type: "kimi_k2", family: DeepSeek, dtype: BF16, stored: bf16s, router_dtype: F32, hidden: 32, intermediate: 16, experts: 384, top_k: 8, routing: kimi, shared: 16, shards: 3 },
         Case { name: "qwen3_moe_f32", model_type: "qwen3_moe", family: Qwen3Moe, dtype: F32, stored: f32s, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(true), shared: 0, shards: 1 },
+        Case { name: "qwen3_moe_fp8", model_type: "qwen3_moe", family: Qwen3Moe, dtype: BF16, stored: fp8, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(true), shared: 0, shards: 1 },
         Case { name: "qwen3_moe_bf16", model_type: "qwen3_moe", family: Qwen3Moe, dtype: BF16, stored: bf16s, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(false), shared: 0, shards: 1 },
         Case { name: "mixtral_f32", model_type: "mixtral", family: Mixtral, dtype: F32, stored: f32s, router_dtype: F32, hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: sm(true), shared: 0, shards: 1 },
         Case { name: "mixtral_bf16", model_type: "mixtral", family: Mixtral, dtype: BF16, stored: bf16s, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: sm(true), shared: 0, shards: 2 },

@@ -68,6 +68,8 @@ fn run_matches_transformers() {
         ("deepseek_v3_fp8", Some("f32"), 1e-4),
         ("qwen3_moe_f32", None, 1e-4),
         ("qwen3_moe_bf16", None, 2e-2),
+        ("qwen3_moe_fp8", None, 2e-2),
+        ("qwen3_moe_fp8", Some("f32"), 1e-4),
         ("mixtral_f32", None, 1e-4),
         ("mixtral_bf16", None, 2e-2),
         ("kimi_k2_bf16", None, 2e-2),
