@@ -44,7 +44,8 @@
 //! as BF16 (the default: what those tools produce) or the dtype asked for (F32 keeps the
 //! products exactly). A missing or ill-shaped scale tensor, a non-finite scale and a NaN weight
 //! byte are errors naming the tensor. [`Checkpoint::stored`] says what the files held. The
-//! fixture `tests/fixtures/hf/deepseek_v3_fp8` (16 x 32 blocks) checks this against transformers.
+//! fixtures `tests/fixtures/hf/deepseek_v3_fp8` (f32 scales) and `qwen3_moe_fp8` (bf16 scales),
+//! both in 16 x 32 blocks, check this against transformers.
 //! Other quantizations (AWQ, GPTQ, compressed-tensors, MXFP4, ..) are not read: the error for
 //! their tensors names the config's `quant_method`.
 //!
