@@ -80,19 +80,8 @@ fn run_matches_transformers() {
             let model = fixtures().join(case);
             let out = dir.path().join(format!("{case}-{}-{backend}.safetensors", dtype.unwrap_or("default")));
             let input = model.join("input.safetensors");
-            let mut args = vec![
-                "run",
-                "--model",
-                model.to_str().unwrap(),
-                "--layer",
-                "1",
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-                "--backend",
-                &backend,
-            ];
+            let mut args = run_args(&model, &input, &out);
+            args.extend(["--backend", &backend]);
             args.extend(dtype.iter().flat_map(|d| ["--dtype", d]));
             let o = moe(&args);
             let case = format!("{case} ({})", dtype.unwrap_or("default dtype"));
@@ -136,6 +125,12 @@ fn run_matches_transformers() {
     }
 }
 
+/// `moe run` on layer 1 of `model`, reading `input` and writing `out`.
+fn run_args<'a>(model: &'a Path, input: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    let path = |p: &'a Path| p.to_str().unwrap();
+    vec!["run", "--model", path(model), "--layer", "1", "--input", path(input), "--output", path(out)]
+}
+
 fn write_input(path: &Path, dtype: Dtype, shape: &[usize], data: &[u8]) {
     let v = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), data).unwrap();
     std::fs::write(path, safetensors::serialize([("hidden_states", v)], None).unwrap()).unwrap();
@@ -147,17 +142,7 @@ fn run_with(dir: &Path, input: &Path, extra: &[&str]) -> (bool, String) {
     let out = dir.join("out.safetensors");
     let _ = std::fs::remove_file(&out);
     let model = fixtures().join("mixtral_f32");
-    let mut args = vec![
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--layer",
-        "1",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
+    let mut args = run_args(&model, input, &out);
     args.extend_from_slice(extra);
     let o = moe(&args);
     let err = stderr(&o);
