@@ -1,6 +1,6 @@
 //! Comparison against the oracle, tolerances, and poisoned outputs.
 
-use moe_hal::{Backend, DType, Error, Tensor};
+use moe_hal::{Backend, DType, Error, HostTensor, Tensor};
 
 /// Why a case did not pass; the runner turns it into [`crate::Outcome`].
 #[derive(Debug, Clone, PartialEq)]
@@ -53,21 +53,25 @@ impl<T> Context<T> for moe_hal::Result<T> {
 ///   lands near 1e-6. The room is for a backend that rounds activations to f16 on the way into
 ///   tensor cores (unit roundoff 2^-11 ≈ 4.9e-4 per element, ~3e-4 relative over a dot product).
 /// * **bf16: 1e-2**, for the same reason with bf16's 2^-8 ≈ 3.9e-3 unit roundoff.
+/// * **f8_e4m3: 1e-2**, as bf16: the oracle applies the exact stored bytes and scales, and a
+///   tensor-core backend feeds the scaled weights (and the activations) in as f16 or bf16. The
+///   cases scale neighbouring blocks up to 64x apart, so a weight given the wrong block's scale
+///   is off by far more.
 pub fn op_tolerance(dtype: Option<DType>, k: usize) -> f64 {
     match dtype {
         Some(DType::F16) => 3e-3,
-        Some(DType::BF16) => 1e-2,
+        Some(DType::BF16 | DType::F8E4M3) => 1e-2,
         _ => 1e-5 * (k as f64 / 1024.0).sqrt().max(1.0),
     }
 }
 
 /// Relative L2 error allowed for the whole layer ([`moe_hal::ops::forward`]) with weights in
 /// `dtype`: three GEMMs, an activation and a weighted sum in a row compound per-op rounding, so
-/// f32 1e-4, f16 5e-3, bf16 2e-2 (for outputs and routing weights alike).
+/// f32 1e-4, f16 5e-3, bf16 and f8_e4m3 2e-2 (for outputs and routing weights alike).
 pub fn layer_tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F16 => 5e-3,
-        DType::BF16 => 2e-2,
+        DType::BF16 | DType::F8E4M3 => 2e-2,
         _ => 1e-4,
     }
 }
@@ -201,12 +205,50 @@ pub fn u32_tensor<B: Backend>(b: &B, shape: &[usize], v: &[u32]) -> Result<Tenso
 }
 
 /// Uploads f32 values stored as `dtype`; returns the tensor and the stored values as f64 (what the
-/// oracle must use: the weights after rounding to the storage dtype).
+/// oracle must use: the weights after rounding to the storage dtype). F8E4M3 weights are
+/// quantized in [`fp8_test_block`]s after each block is scaled by its own power of two in
+/// `2^-3 ..= 2^3`, so neighbouring blocks have scales up to 64x apart.
 pub fn weight_tensor<B: Backend>(b: &B, dtype: DType, shape: &[usize], v: &[f32]) -> Result<(Tensor<B>, Vec<f64>), Fail> {
+    if dtype == DType::F8E4M3 {
+        let host = fp8_weight(shape, v, fp8_test_block(shape))?;
+        let t = Tensor::from_host(b, &host).ctx("uploading weights")?;
+        return Ok((t, crate::oracle::decode_tensor(&host)));
+    }
     let bytes = dtype.encode(v);
     let stored = crate::oracle::decode(dtype, &bytes);
     let t = Tensor::upload(b, dtype, shape, &bytes).ctx("uploading weights")?;
     Ok((t, stored))
+}
+
+/// The block size the cases quantize an F8E4M3 weight of `shape` with: DeepSeek's 128x128 at
+/// K >= 1024; 5x12 when N is odd (partial edge blocks on both sides, and a block width that is
+/// no multiple of 8, which an 8-wide vector load would straddle); else 16x32 (several blocks
+/// per tile of a 64x64-tiled kernel).
+pub fn fp8_test_block(shape: &[usize]) -> [usize; 2] {
+    let (n, k) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    if k >= 1024 {
+        [128, 128]
+    } else if n % 2 == 1 {
+        [5, 12]
+    } else {
+        [16, 32]
+    }
+}
+
+/// `v` (a weight of `shape`) with each `block` scaled by its own power of two, quantized to
+/// F8E4M3 in those blocks.
+pub fn fp8_weight(shape: &[usize], v: &[f32], block: [usize; 2]) -> Result<HostTensor, Fail> {
+    let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    let scaled: Vec<f32> = v
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let (matrix, r, c) = (i / (rows * cols).max(1), i / cols.max(1) % rows.max(1), i % cols.max(1));
+            let step = (matrix * 5 + r / block[0] * 3 + c / block[1] * 2) % 7;
+            x * 2f32.powi(step as i32 - 3)
+        })
+        .collect();
+    HostTensor::quantize(shape, &scaled, block).ctx("quantizing weights to f8_e4m3")
 }
 
 /// Downloads an f32 tensor.

@@ -86,10 +86,12 @@
 //!   softmax probability NaN, so the token takes experts 0..k with NaN weights, as the spec reads).
 //! * `permute_u32`: the stable dispatch plan for T = 0, 1, 37, 129, 1000, E = 1 .. 384, k = E, most
 //!   experts empty, a few crowded, repeated ids within a token.
-//! * `grouped_gemm_{f32,f16,bf16}`: the dense router GEMM, grouped expert GEMMs with and without
+//! * `grouped_gemm_{f32,f16,bf16,f8_e4m3}`: the dense router GEMM, grouped expert GEMMs with and without
 //!   the gather index (from a real dispatch plan), empty experts, rows past the last offset
 //!   (must be written as zero), M = 0 and 1, sizes one off 16/32/64/128, N = 257, K = 7168.
-//! * `grouped_gemm_swiglu_{f32,f16,bf16}`: the gate/up projection with SwiGLU fused, against the
+//!   F8E4M3 weights are quantized in blocks of 16x32, 5x12 (odd N) or 128x128 (K >= 1024), each
+//!   block scaled by its own power of two ([`check::fp8_weight`]).
+//! * `grouped_gemm_swiglu_{f32,f16,bf16,f8_e4m3}`: the gate/up projection with SwiGLU fused, against the
 //!   oracle's `swiglu(grouped_gemm(..))`: dense (the shared expert) for M = 0, 1, 33; decode
 //!   (T = 1, E = 256, k = 8 and T = 3, E = 16, k = 4); prefill with groups of 0, 1, 17, 65 and 130
 //!   rows and 2I = 130; gathered rows; rows past the last offset (zero); I = 1 with K = 7168.
@@ -97,17 +99,18 @@
 //!   overflows: `silu` must still be finite).
 //! * `combine_f32`: with and without the shared expert, T = 0 and 1, k = 1 and k = E, H = 1, 127,
 //!   129, 7168.
-//! * `forward_{f32,f16,bf16}`: the whole layer via [`moe_hal::Layer::upload`] and
+//! * `forward_{f32,f16,bf16,f8_e4m3}`: the whole layer via [`moe_hal::Layer::upload`] and
 //!   [`moe_hal::ops::forward`]: Mixtral-style softmax, softmax without renormalisation plus a
 //!   shared expert, DeepSeek-V3 (E = 256) with and without a shared expert, Kimi K2 (E = 384),
 //!   decode (T = 1) for both routings, T = 0, k = E for both, 128 experts and 2 tokens (most
 //!   experts empty), hidden 7168, and an f32 router beside f16/bf16 experts (as DeepSeek-V3 and
-//!   Kimi K2 checkpoints store it).
-//! * `*_invalid` (one per op): every wrong shape and dtype through [`moe_hal::ops`] and
+//!   Kimi K2 checkpoints store it); F8E4M3 experts beside a bf16 (or f32) router.
+//! * `*_invalid` (one per op): every wrong shape and dtype (and missing or misshapen F8E4M3
+//!   block scales) through [`moe_hal::ops`] and
 //!   [`moe_hal::Layer::upload`] is `Error::InvalidArgument`; top-k > E, bad group settings;
 //!   data-dependent bad input (an expert id >= E or u32::MAX to `permute`, non-cumulative or
 //!   overlong offsets and an out-of-range gather index to `grouped_gemm` and its fused form, at
-//!   decode and at tiled shapes with f32, f16 and bf16 weights so every kernel family sees them, an out-of-range
+//!   decode and at tiled shapes with f32, f16, bf16 and F8E4M3 weights so every kernel family sees them, an out-of-range
 //!   `row_index` to `combine`) is `InvalidArgument` from the op or at the latest from the next
 //!   `synchronize`, and the backend then runs a valid op correctly. These cases run alone
 //!   ([`Case::exclusive`]) so a deferred error cannot surface in another test.
@@ -149,10 +152,12 @@ macro_rules! suite {
             grouped_gemm_f32,
             grouped_gemm_f16,
             grouped_gemm_bf16,
+            grouped_gemm_f8_e4m3,
             grouped_gemm_f32_invalid,
             grouped_gemm_swiglu_f32,
             grouped_gemm_swiglu_f16,
             grouped_gemm_swiglu_bf16,
+            grouped_gemm_swiglu_f8_e4m3,
             grouped_gemm_swiglu_f32_invalid,
             activation_f32,
             activation_f32_invalid,
@@ -161,6 +166,7 @@ macro_rules! suite {
             forward_f32,
             forward_f16,
             forward_bf16,
+            forward_f8_e4m3,
             forward_f32_invalid
         );
     };

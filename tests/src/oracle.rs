@@ -4,7 +4,7 @@
 //! explicit comparator (the host does repeated selection), permute is a stable sort of pair
 //! indices (the host does a counting sort), the layer is computed token by token, expert by
 //! expert (the host runs the permuted, grouped pipeline), and f16/bf16 are decoded from their
-//! bits here. Only the plain types of `moe_hal` ([`Routing`], [`HostLayer`], [`DType`]) are used.
+//! bits here (and F8E4M3 with its block scales). Only the plain types of `moe_hal` ([`Routing`], [`HostLayer`], [`DType`]) are used.
 //!
 //! Every matrix is a row-major `Vec<f64>` / `&[f64]`; `W` of a linear layer is `[out, in]`
 //! (PyTorch layout), so `y = x · W^T`.
@@ -34,9 +34,23 @@ pub fn bf16_to_f64(bits: u16) -> f64 {
     f32::from_bits((bits as u32) << 16) as f64
 }
 
-/// Little-endian bytes of a float storage dtype to f64 values (exact).
+/// `float8_e4m3fn` bits to f64 (exact): 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent
+/// 0 is subnormal; `S.1111.111` is NaN; no infinities.
+pub fn e4m3_to_f64(bits: u8) -> f64 {
+    let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((bits >> 3) & 0xf) as i32;
+    let man = (bits & 7) as f64;
+    match exp {
+        0 => sign * man / 8.0 * 2f64.powi(-6),
+        15 if man == 7.0 => f64::NAN,
+        _ => sign * (1.0 + man / 8.0) * 2f64.powi(exp - 7),
+    }
+}
+
+/// Little-endian bytes of a float storage dtype to f64 values (exact; F8E4M3 unscaled).
 pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f64> {
     match dtype {
+        DType::F8E4M3 => bytes.iter().map(|&b| e4m3_to_f64(b)).collect(),
         DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
         DType::F16 => bytes.chunks_exact(2).map(|c| f16_to_f64(u16::from_le_bytes([c[0], c[1]]))).collect(),
         DType::BF16 => bytes.chunks_exact(2).map(|c| bf16_to_f64(u16::from_le_bytes([c[0], c[1]]))).collect(),
@@ -44,9 +58,21 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f64> {
     }
 }
 
-/// A host tensor's values as f64.
+/// A host tensor's values as f64; a block-scaled one times the scale of each element's block
+/// (element `[.., r, c]` times `scales[.., r / block[0], c / block[1]]`), the product exact.
 pub fn decode_tensor(t: &HostTensor) -> Vec<f64> {
-    decode(t.dtype, &t.data)
+    let raw = decode(t.dtype, &t.data);
+    let Some(s) = &t.scales else { return raw };
+    let scales = decode_tensor(&s.tensor);
+    let (rows, cols) = (t.shape[t.shape.len() - 2], t.shape[t.shape.len() - 1]);
+    let (grid_rows, grid_cols) = (rows.div_ceil(s.block[0]), cols.div_ceil(s.block[1]));
+    raw.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (matrix, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+            v * scales[(matrix * grid_rows + r / s.block[0]) * grid_cols + c / s.block[1]]
+        })
+        .collect()
 }
 
 /// f32 values widened to f64.

@@ -114,10 +114,12 @@ pub const GROUPS: &[&str] = &[
     "grouped_gemm_f32",
     "grouped_gemm_f16",
     "grouped_gemm_bf16",
+    "grouped_gemm_f8_e4m3",
     "grouped_gemm_f32_invalid",
     "grouped_gemm_swiglu_f32",
     "grouped_gemm_swiglu_f16",
     "grouped_gemm_swiglu_bf16",
+    "grouped_gemm_swiglu_f8_e4m3",
     "grouped_gemm_swiglu_f32_invalid",
     "activation_f32",
     "activation_f32_invalid",
@@ -126,6 +128,7 @@ pub const GROUPS: &[&str] = &[
     "forward_f32",
     "forward_f16",
     "forward_bf16",
+    "forward_f8_e4m3",
     "forward_f32_invalid",
 ];
 

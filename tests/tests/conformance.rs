@@ -334,7 +334,7 @@ mod self_test {
             if self.fault == Fault::PermuteClamps {
                 let e = off.shape[0] as u32 - 1;
                 let clamped: Vec<u32> = u32s(&ids.buf).iter().map(|&i| i.min(e - 1)).collect();
-                let c = Tensor { buf: bytes_u32(&clamped), dtype: DType::U32, shape: ids.shape.clone() };
+                let c = Tensor { buf: bytes_u32(&clamped), dtype: DType::U32, shape: ids.shape.clone(), scales: None };
                 return fallback::permute(self, &c, off, ri, ti);
             }
             fallback::permute(self, ids, off, ri, ti)?;

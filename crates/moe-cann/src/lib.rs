@@ -557,7 +557,7 @@ mod tests {
     use moe_hal::MoeConfig;
 
     fn t(dtype: DType, shape: &[usize]) -> Tensor<CannBackend> {
-        Tensor { buf: CannBuffer { bytes: shape.iter().product::<usize>() * dtype.size() }, dtype, shape: shape.to_vec() }
+        Tensor { buf: CannBuffer { bytes: shape.iter().product::<usize>() * dtype.size() }, dtype, shape: shape.to_vec(), scales: None }
     }
 
     fn unsupported(r: Result<()>) -> String {

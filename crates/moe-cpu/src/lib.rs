@@ -2,7 +2,8 @@
 //! after the f64 oracle.
 //!
 //! Buffers are host memory; every op runs [`moe_hal::host`] on rayon's thread pool and completes
-//! before it returns (so `synchronize` has nothing to wait for). All three storage dtypes, f32
+//! before it returns (so `synchronize` has nothing to wait for). Every storage dtype (f32, f16,
+//! bf16, and F8E4M3 with block scales, widened to f32 a block of rows at a time), f32
 //! accumulation by default, f64 with [`CpuBackend::with_accumulate`].
 
 #![warn(missing_docs)]
@@ -57,6 +58,19 @@ impl CpuBuffer {
     }
 }
 
+/// The host view of a weight tensor: its elements, with the block scales of F8E4M3.
+fn weights(w: &Tensor<CpuBackend>) -> Weights<'_> {
+    match &w.scales {
+        Some(s) => Weights::F8E4M3 {
+            q: w.buf.as_bytes(),
+            scales: s.tensor.buf.f32(),
+            rows_cols: [w.shape[w.shape.len() - 2], w.shape[w.shape.len() - 1]],
+            block: s.block,
+        },
+        None => w.buf.weights(w.dtype),
+    }
+}
+
 /// The CPU backend.
 pub struct CpuBackend {
     info: BackendInfo,
@@ -108,7 +122,7 @@ impl Backend for CpuBackend {
     }
 
     fn supports(&self, _op: Op, dtype: DType) -> bool {
-        dtype.is_float()
+        dtype.is_weight()
     }
 
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CpuBuffer> {
@@ -196,7 +210,7 @@ impl Backend for CpuBackend {
             x.buf.f32(),
             x.shape[1],
             token_index.map(|t| t.buf.u32()),
-            w.buf.weights(w.dtype),
+            weights(w),
             n,
             expert_offsets.map(|t| t.buf.u32()),
             y.buf.f32_mut(),

@@ -167,7 +167,9 @@ pub trait Backend: Send + Sync + 'static {
     /// * without: `w` is `[N, K]`, one plain GEMM over all `M` rows.
     ///
     /// `src(r)` is `token_index[r]` when a gather index `[M]` is given (rows are read straight from
-    /// the unsorted hidden states), else `r`. Weights are f32, f16 or bf16; accumulation in f32.
+    /// the unsorted hidden states), else `r`. Weights are f32, f16, bf16, or F8E4M3 with block
+    /// scales in `w.scales` (each weight `E4M3[q] * scale`, see [`crate::fp8`]; a backend
+    /// that does not support it answers `false` from [`Backend::supports`]); accumulation in f32.
     /// Offsets that are not cumulative or end past `M`, and a gather index `>= Mx`, are an
     /// [`crate::Error::InvalidArgument`]; rows past `expert_offsets[G]` are written as zero.
     fn grouped_gemm(

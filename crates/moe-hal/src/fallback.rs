@@ -68,11 +68,19 @@ pub fn grouped_gemm<B: Backend + ?Sized>(
     let (w32, w16, wbf): (Vec<f32>, Vec<f16>, Vec<bf16>) = match w.dtype {
         DType::F16 => (vec![], bytemuck::pod_collect_to_vec(&wb), vec![]),
         DType::BF16 => (vec![], vec![], bytemuck::pod_collect_to_vec(&wb)),
+        DType::F8E4M3 => (vec![], vec![], vec![]),
         _ => (bytemuck::pod_collect_to_vec(&wb), vec![], vec![]),
     };
+    let scales = w.scales.as_ref().map(|s| s.tensor.to_f32(b)).transpose()?.unwrap_or_default();
     let weights = match w.dtype {
         DType::F16 => Weights::F16(&w16),
         DType::BF16 => Weights::BF16(&wbf),
+        DType::F8E4M3 => Weights::F8E4M3 {
+            q: &wb,
+            scales: &scales,
+            rows_cols: [w.shape[w.shape.len() - 2], w.shape[w.shape.len() - 1]],
+            block: w.scales.as_ref().map_or([1, 1], |s| s.block),
+        },
         _ => Weights::F32(&w32),
     };
     let n = y.shape[1];

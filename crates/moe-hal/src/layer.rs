@@ -1,7 +1,7 @@
 //! The description of one MoE layer: its shape, its routing, and its weights on the host or on a
 //! device.
 
-use crate::{Backend, DType, Error, Result, Tensor, invalid};
+use crate::{Backend, BlockScales, DType, Error, Result, Tensor, fp8, invalid};
 
 /// How the router turns logits into the top-k experts and their weights.
 ///
@@ -131,16 +131,25 @@ impl MoeConfig {
         Ok(())
     }
 
-    /// Bytes of all weights of this layer stored in `dtype` (the bias is always f32).
+    /// Bytes of all weights of this layer with experts stored in `dtype` (the bias is always
+    /// f32). F8E4M3 experts count one f32 scale per [`fp8::DEFAULT_BLOCK`] and a bf16 router (as
+    /// DeepSeek ships it); other dtypes store the router in `dtype` too.
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
-        let (h, i, e, s) = (self.hidden as u64, self.intermediate as u64, self.experts as u64, self.shared_intermediate as u64);
-        let elems = e * h + e * 3 * i * h + 3 * s * h;
+        let (h, i, e, s) = (self.hidden, self.intermediate, self.experts as u64, self.shared_intermediate);
+        let weight = |rows: usize, cols: usize| -> u64 {
+            let scales =
+                if dtype.is_block_scaled() { 4 * fp8::scale_shape(&[rows, cols], fp8::DEFAULT_BLOCK).iter().product::<usize>() } else { 0 };
+            (rows * cols * dtype.size() + scales) as u64
+        };
+        let router_size = if dtype.is_block_scaled() { DType::BF16.size() } else { dtype.size() };
+        let shared = if s > 0 { weight(2 * s, h) + weight(h, s) } else { 0 };
         let bias = if matches!(self.routing, Routing::SigmoidGrouped { .. }) { 4 * e } else { 0 };
-        elems * dtype.size() as u64 + bias
+        e * (h * router_size) as u64 + e * (weight(2 * i, h) + weight(h, i)) + shared + bias
     }
 }
 
-/// A tensor in host memory: little-endian bytes, a dtype and a shape.
+/// A tensor in host memory: little-endian bytes, a dtype and a shape, and the block scales of a
+/// [`DType::F8E4M3`] weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
     /// Element type.
@@ -149,26 +158,84 @@ pub struct HostTensor {
     pub shape: Vec<usize>,
     /// `shape.product() * dtype.size()` little-endian bytes.
     pub data: Vec<u8>,
+    /// The block scales of an F8E4M3 weight (f32); `None` for every other dtype.
+    pub scales: Option<Box<BlockScales<HostTensor>>>,
 }
 
 impl HostTensor {
-    /// Wraps bytes, checking that their length matches the shape.
+    /// Wraps bytes, checking that their length matches the shape. F8E4M3 needs its scales:
+    /// [`HostTensor::fp8`].
     pub fn new(dtype: DType, shape: &[usize], data: Vec<u8>) -> Result<Self> {
-        let want = shape.iter().product::<usize>() * dtype.size();
-        if data.len() != want {
-            return invalid!("a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}", data.len());
-        }
-        Ok(HostTensor { dtype, shape: shape.to_vec(), data })
+        let t = HostTensor { dtype, shape: shape.to_vec(), data, scales: None };
+        t.check()?;
+        Ok(t)
     }
 
-    /// Encodes f32 values into `dtype` (rounding to nearest even).
+    /// An F8E4M3 weight from its bytes `q` and its f32 scale grid, one scale per `block` of the
+    /// last two dimensions ([`crate::fp8`]). NaN bytes and non-finite scales are errors naming
+    /// the first.
+    pub fn fp8(shape: &[usize], q: Vec<u8>, block: [usize; 2], scales: Vec<f32>) -> Result<Self> {
+        let grid = fp8::scale_shape(shape, block);
+        let scales = HostTensor::new(DType::F32, &grid, bytemuck::cast_slice(&scales).to_vec()).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "the block scales of an f8_e4m3 tensor of shape {shape:?} in {}x{} blocks must be {} f32 values (grid {grid:?}), got {}",
+                block[0],
+                block[1],
+                grid.iter().product::<usize>(),
+                scales.len()
+            ))
+        })?;
+        let t = HostTensor {
+            dtype: DType::F8E4M3,
+            shape: shape.to_vec(),
+            data: q,
+            scales: Some(Box::new(BlockScales { block, tensor: scales })),
+        };
+        t.check()?;
+        if let Some(i) = t.data.iter().position(|&b| fp8::is_nan(b)) {
+            return invalid!("element {i} of an f8_e4m3 tensor of shape {shape:?} is NaN (byte {:#04x})", t.data[i]);
+        }
+        let s = t.scales.as_ref().map(|s| s.tensor.to_f32()).unwrap_or_default();
+        if let Some(i) = s.iter().position(|v| !v.is_finite()) {
+            return invalid!("block scale {i} of an f8_e4m3 tensor of shape {shape:?} is {}", s[i]);
+        }
+        Ok(t)
+    }
+
+    /// Encodes f32 values into `dtype`, rounding to nearest even; F8E4M3 is quantized with one
+    /// scale per [`fp8::DEFAULT_BLOCK`] ([`HostTensor::quantize`]).
     pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Result<Self> {
+        if dtype.is_block_scaled() {
+            return Self::quantize(shape, values, fp8::DEFAULT_BLOCK);
+        }
         Self::new(dtype, shape, dtype.encode(values))
     }
 
-    /// The values as f32 (exact for every float dtype).
+    /// Quantizes finite f32 values to an F8E4M3 weight with one scale per `block`
+    /// ([`fp8::quantize`]).
+    pub fn quantize(shape: &[usize], values: &[f32], block: [usize; 2]) -> Result<Self> {
+        if values.len() != shape.iter().product::<usize>() {
+            return invalid!("a tensor of shape {shape:?} needs {} values, got {}", shape.iter().product::<usize>(), values.len());
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return invalid!("value {i} to quantize to f8_e4m3 is {}", values[i]);
+        }
+        if block[0] == 0 || block[1] == 0 || shape.len() < 2 {
+            return invalid!(
+                "f8_e4m3 weights are matrices (or [G, N, K]) in blocks of positive size, got shape {shape:?}, block {block:?}"
+            );
+        }
+        let (q, scales) = fp8::quantize(values, shape, block);
+        Self::fp8(shape, q, block, scales)
+    }
+
+    /// The values as f32 (exact for f32, f16 and bf16; F8E4M3 with its scales applied, each
+    /// value `E4M3[q] * scale` rounded once to f32).
     pub fn to_f32(&self) -> Vec<f32> {
-        self.dtype.decode(&self.data)
+        match &self.scales {
+            Some(s) => fp8::dequantize(&self.data, &self.shape, s.block, &s.tensor.to_f32()),
+            None => self.dtype.decode(&self.data),
+        }
     }
 
     /// Number of elements.
@@ -179,6 +246,24 @@ impl HostTensor {
     /// True when the tensor has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes held, block scales included (what uploading it needs on a device).
+    pub fn stored_bytes(&self) -> u64 {
+        self.data.len() as u64 + self.scales.as_ref().map_or(0, |s| s.tensor.stored_bytes())
+    }
+
+    /// Checks the byte count against the shape, and the block scales against the dtype.
+    pub fn check(&self) -> Result<()> {
+        let want = self.len() * self.dtype.size();
+        if self.data.len() != want {
+            return invalid!("a {} tensor of shape {:?} needs {want} bytes, got {}", self.dtype, self.shape, self.data.len());
+        }
+        if let Some(s) = &self.scales {
+            s.tensor.check()?;
+        }
+        let scales = self.scales.as_ref().map(|s| (s.block, s.tensor.dtype, &s.tensor.shape[..]));
+        fp8::check_scales(&format!("a {} tensor of shape {:?}", self.dtype, self.shape), self.dtype, &self.shape, scales)
     }
 }
 
@@ -226,17 +311,13 @@ impl HostLayer {
             self.shared_down.as_ref(),
         ];
         for t in all.into_iter().flatten() {
-            if t.data.len() != t.len() * t.dtype.size() {
-                return invalid!(
-                    "a {} tensor of shape {:?} holds {} bytes, expected {}",
-                    t.dtype,
-                    t.shape,
-                    t.data.len(),
-                    t.len() * t.dtype.size()
-                );
-            }
+            t.check()?;
         }
-        let m = |t: &HostTensor| Meta { dtype: t.dtype, shape: t.shape.clone() };
+        let m = |t: &HostTensor| Meta {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            scales: t.scales.as_ref().map(|s| (s.block, s.tensor.dtype, s.tensor.shape.clone())),
+        };
         check_layout(
             &self.config,
             self.dtype,
@@ -245,13 +326,27 @@ impl HostLayer {
         )
     }
 
-    /// Converts every weight to another storage dtype (through f32, rounding to nearest even); an
-    /// f32 router stays f32 (see [`router_dtype`]).
+    /// Converts every weight to another storage dtype (through f32, rounding to nearest even;
+    /// F8E4M3 quantized with one scale per [`fp8::DEFAULT_BLOCK`]); the router keeps its
+    /// precision where it can (see [`router_dtype`]).
     pub fn to_dtype(&self, dtype: DType) -> Result<HostLayer> {
-        if !dtype.is_float() {
-            return invalid!("layer weights must be f32, f16 or bf16, not {dtype}");
+        self.convert(dtype, fp8::DEFAULT_BLOCK)
+    }
+
+    /// Quantizes every expert weight to F8E4M3 with one scale per `block` ([`fp8::quantize`]);
+    /// the router keeps its dtype.
+    pub fn to_fp8(&self, block: [usize; 2]) -> Result<HostLayer> {
+        self.convert(DType::F8E4M3, block)
+    }
+
+    fn convert(&self, dtype: DType, block: [usize; 2]) -> Result<HostLayer> {
+        if !dtype.is_weight() {
+            return invalid!("layer weights must be f32, f16, bf16 or f8_e4m3, not {dtype}");
         }
-        let conv = |t: &HostTensor| HostTensor::from_f32(dtype, &t.shape, &t.to_f32());
+        let conv = |t: &HostTensor| match dtype {
+            DType::F8E4M3 => HostTensor::quantize(&t.shape, &t.to_f32(), block),
+            _ => HostTensor::from_f32(dtype, &t.shape, &t.to_f32()),
+        };
         let rd = router_dtype(self.router.dtype, dtype);
         Ok(HostLayer {
             config: self.config.clone(),
@@ -267,9 +362,17 @@ impl HostLayer {
 }
 
 /// The dtype a router stored in `stored` keeps when the experts move to `experts`: f32 when either
-/// is f32 (never round a router that has the precision), else the experts' dtype.
+/// is f32 (never round a router that has the precision), its own dtype when the experts are
+/// block-scaled (a router is never quantized: DeepSeek's FP8 checkpoints keep it in bf16), else
+/// the experts' dtype.
 pub fn router_dtype(stored: DType, experts: DType) -> DType {
-    if stored == DType::F32 || experts == DType::F32 { DType::F32 } else { experts }
+    if stored == DType::F32 || experts == DType::F32 {
+        DType::F32
+    } else if experts.is_block_scaled() {
+        stored
+    } else {
+        experts
+    }
 }
 
 /// The weights of one MoE layer resident on a backend; made by [`Layer::upload`].
@@ -307,7 +410,7 @@ impl<B: Backend + ?Sized> Layer<B> {
             host.shared_gate_up.as_ref(),
             host.shared_down.as_ref(),
         ];
-        let need: u64 = tensors.iter().flatten().map(|t| t.data.len() as u64).sum();
+        let need: u64 = tensors.iter().flatten().map(|t| t.stored_bytes()).sum();
         let have = backend.info().memory_bytes;
         if need > have {
             return Err(Error::OutOfMemory(format!(
@@ -317,7 +420,7 @@ impl<B: Backend + ?Sized> Layer<B> {
                 have as f64 / (1u64 << 30) as f64
             )));
         }
-        let up = |t: &HostTensor| Tensor::upload(backend, t.dtype, &t.shape, &t.data);
+        let up = |t: &HostTensor| Tensor::from_host(backend, t);
         Ok(Layer {
             config: host.config.clone(),
             dtype: host.dtype,
@@ -335,7 +438,11 @@ impl<B: Backend + ?Sized> Layer<B> {
     /// Checks every resident tensor against the config (the fields are public, so a caller may
     /// have assembled a layer by hand).
     pub fn validate(&self) -> Result<()> {
-        let m = |t: &Tensor<B>| Meta { dtype: t.dtype, shape: t.shape.clone() };
+        let m = |t: &Tensor<B>| Meta {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            scales: t.scales.as_ref().map(|s| (s.block, s.tensor.dtype, s.tensor.shape.clone())),
+        };
         check_layout(
             &self.config,
             self.dtype,
@@ -345,25 +452,27 @@ impl<B: Backend + ?Sized> Layer<B> {
     }
 }
 
-/// The dtype and shape of one of a layer's tensors, wherever it lives.
+/// The dtype and shape of one of a layer's tensors, wherever it lives, and of its block scales
+/// (`(block, dtype, shape)`).
 struct Meta {
     dtype: DType,
     shape: Vec<usize>,
+    scales: Option<([usize; 2], DType, Vec<usize>)>,
 }
 
 /// The one check of a layer's tensors against its config, for [`HostLayer`] and [`Layer`]:
 /// `[router, gate_up, down]` and the optional `[bias, shared_gate_up, shared_down]`.
 fn check_layout(c: &MoeConfig, dtype: DType, required: [Meta; 3], optional: [Option<Meta>; 3]) -> Result<()> {
     c.validate()?;
-    if !dtype.is_float() {
-        return invalid!("layer weights must be f32, f16 or bf16, not {dtype}");
+    if !dtype.is_weight() {
+        return invalid!("layer weights must be f32, f16, bf16 or f8_e4m3, not {dtype}");
     }
     let (h, i, e, s) = (c.hidden, c.intermediate, c.experts, c.shared_intermediate);
     let check = |name: &str, t: &Meta, dtype: DType, shape: &[usize]| -> Result<()> {
         if t.dtype != dtype || t.shape != shape {
             return invalid!("{name} must be {dtype} {shape:?}, got {} {:?}", t.dtype, t.shape);
         }
-        Ok(())
+        fp8::check_scales(name, t.dtype, &t.shape, t.scales.as_ref().map(|(b, d, s)| (*b, *d, &s[..])))
     };
     let [router, gate_up, down] = required;
     let [bias, shared_gate_up, shared_down] = optional;

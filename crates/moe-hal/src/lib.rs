@@ -10,6 +10,7 @@
 //! | concept | host | device |
 //! |---|---|---|
 //! | a tensor | [`HostTensor`] | [`Tensor`] (`B::Buffer` + dtype + shape) |
+//! | FP8 block scales | [`BlockScales<HostTensor>`] | [`BlockScales<Tensor>`] ([`fp8`]) |
 //! | one layer's weights | [`HostLayer`] | [`Layer`] ([`Layer::upload`]) |
 //! | an op | [`host::grouped_gemm`] .. | [`Backend::grouped_gemm`] .. via [`ops::grouped_gemm`] .. |
 //! | a port's first day | | [`fallback::grouped_gemm`] ..: download, host, upload |
@@ -33,6 +34,7 @@ mod error;
 pub mod fallback;
 pub mod flags;
 pub mod forward;
+pub mod fp8;
 pub mod host;
 mod layer;
 pub mod ops;
@@ -42,4 +44,4 @@ pub use backend::{Backend, BackendInfo, Op};
 pub use dtype::DType;
 pub use error::{Error, Result, catch_panic, panic_is_caught, panic_message};
 pub use layer::{HostLayer, HostTensor, Layer, MoeConfig, Routing, RoutingParams, router_dtype};
-pub use tensor::Tensor;
+pub use tensor::{BlockScales, Tensor};

@@ -123,8 +123,8 @@ fn gemm_shape<B: Backend + ?Sized>(
 ) -> Result<(usize, usize)> {
     let (mx, kx) = matrix("x", x)?;
     expect("x", x, DType::F32, &[mx, kx])?;
-    if !w.dtype.is_float() {
-        return invalid!("weights must be f32, f16 or bf16, got {}", w.dtype);
+    if !w.dtype.is_weight() {
+        return invalid!("weights must be f32, f16, bf16 or f8_e4m3, got {}", w.dtype);
     }
     let (n, kw) = match (expert_offsets, &w.shape[..]) {
         (Some(off), &[g, n, kw]) => {
@@ -137,6 +137,7 @@ fn gemm_shape<B: Backend + ?Sized>(
             return invalid!("weights without expert_offsets must be [N, K], got shape {s:?}");
         }
     };
+    w.check_scales("the weights")?;
     if kw != kx {
         return invalid!("x has {kx} columns but the weights have K = {kw}");
     }

@@ -326,6 +326,7 @@ fn grouped_gemm_matches_host() {
                 buf: b.make_buffer_within(dtype, &[n, k], Some(&dtype.encode(&w)), 256).unwrap(),
                 dtype,
                 shape: vec![n, k],
+                scales: None,
             };
             assert!(wt.buf.parts() > 2);
             let mut y = poisoned(&b, DType::F32, &[m, n]);

@@ -1,5 +1,5 @@
 //! `forward` (the whole layer, [`moe_hal::ops::forward`] on a [`moe_hal::Layer::upload`]ed
-//! [`HostLayer`]) per weight dtype: softmax with and without renormalisation, DeepSeek-V3 and
+//! [`HostLayer`]) per weight dtype (F8E4M3 with a bf16 router): softmax with and without renormalisation, DeepSeek-V3 and
 //! Kimi K2 grouped sigmoid routing, with and without a shared expert; T = 0 and 1, k = E, experts
 //! with no tokens, E = 256 and 384, hidden 7168.
 
@@ -71,12 +71,17 @@ impl LayerSpec {
 }
 
 /// Random weights for `config` stored in `dtype` (the router in `router_dtype`), scaled so every
-/// activation is O(1): router logits have a standard deviation near 1, expert outputs near 0.3.
+/// activation is O(1): router logits have a standard deviation near 1, expert outputs near 0.3
+/// (F8E4M3: in [`crate::check::fp8_weight`]'s blocks of different scales).
 pub fn random_layer(config: &MoeConfig, bias: bool, dtype: DType, router_dtype: DType, rng: &mut Rng) -> HostLayer {
     let (h, i, e, s) = (config.hidden, config.intermediate, config.experts, config.shared_intermediate);
     let mut t = |dtype: DType, shape: &[usize], fan_in: usize, gain: f64| {
         let n = shape.iter().product();
-        HostTensor::from_f32(dtype, shape, &rng.vec_f32(n, gain * (3.0 / fan_in as f64).sqrt())).expect("shape matches")
+        let v = rng.vec_f32(n, gain * (3.0 / fan_in as f64).sqrt());
+        match dtype {
+            DType::F8E4M3 => crate::check::fp8_weight(shape, &v, crate::check::fp8_test_block(shape)).expect("shape matches"),
+            _ => HostTensor::from_f32(dtype, shape, &v).expect("shape matches"),
+        }
     };
     let router = t(router_dtype, &[e, h], h, 2.0);
     let gate_up = t(dtype, &[e, 2 * i, h], h, 1.0);
@@ -96,7 +101,13 @@ pub fn random_problem(spec: &LayerSpec, dtype: DType, seed: &str) -> (HostLayer,
     let c = &spec.config;
     let threshold = margin_threshold(&c.routing);
     'layer: for _ in 0..20 {
-        let layer = random_layer(c, spec.bias, dtype, if spec.router_f32 { DType::F32 } else { dtype }, &mut rng);
+        // A router is never F8E4M3: DeepSeek's FP8 checkpoints keep it in bf16.
+        let router_dtype = match dtype {
+            _ if spec.router_f32 => DType::F32,
+            DType::F8E4M3 => DType::BF16,
+            d => d,
+        };
+        let layer = random_layer(c, spec.bias, dtype, router_dtype, &mut rng);
         let router = oracle::decode_tensor(&layer.router);
         let bias = layer.bias.as_ref().map(oracle::decode_tensor);
         let mut x = Vec::with_capacity(spec.tokens * c.hidden);
@@ -146,6 +157,7 @@ pub fn group(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "forward_f16",
         DType::BF16 => "forward_bf16",
+        DType::F8E4M3 => "forward_f8_e4m3",
         _ => "forward_f32",
     }
 }
@@ -184,5 +196,5 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
 
 /// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
-    DType::FLOATS.iter().flat_map(|&d| cases_for(d)).collect()
+    DType::WEIGHTS.iter().flat_map(|&d| cases_for(d)).collect()
 }

@@ -1,4 +1,5 @@
-//! `grouped_gemm` for weights in f32, f16 and bf16: the dense router GEMM, grouped expert GEMMs
+//! `grouped_gemm` for weights in f32, f16, bf16 and F8E4M3 (block scales of
+//! [`crate::check::fp8_test_block`]): the dense router GEMM, grouped expert GEMMs
 //! with and without the gather index, empty experts, rows past the last offset (written as zero),
 //! M = 0 and 1, sizes one off every tile boundary (15/16/17 .. 127/128/129), K = 7168.
 //!
@@ -47,6 +48,7 @@ pub fn group(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "grouped_gemm_f16",
         DType::BF16 => "grouped_gemm_bf16",
+        DType::F8E4M3 => "grouped_gemm_f8_e4m3",
         _ => "grouped_gemm_f32",
     }
 }
@@ -56,6 +58,7 @@ pub fn swiglu_group(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "grouped_gemm_swiglu_f16",
         DType::BF16 => "grouped_gemm_swiglu_bf16",
+        DType::F8E4M3 => "grouped_gemm_swiglu_f8_e4m3",
         _ => "grouped_gemm_swiglu_f32",
     }
 }
@@ -191,10 +194,10 @@ pub fn swiglu_cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
 
 /// Every case of this group, for every backend.
 pub fn cases<B: Backend>() -> Vec<Case<B>> {
-    DType::FLOATS.iter().flat_map(|&d| cases_for(d)).collect()
+    DType::WEIGHTS.iter().flat_map(|&d| cases_for(d)).collect()
 }
 
 /// Every grouped_gemm_swiglu case, for every backend.
 pub fn swiglu_cases<B: Backend>() -> Vec<Case<B>> {
-    DType::FLOATS.iter().flat_map(|&d| swiglu_cases_for(d)).collect()
+    DType::WEIGHTS.iter().flat_map(|&d| swiglu_cases_for(d)).collect()
 }

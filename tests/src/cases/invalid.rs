@@ -11,14 +11,15 @@ use crate::rng::Rng;
 use crate::runner::Case;
 use moe_hal::{Backend, DType, Layer, MoeConfig, Op, Routing, Tensor, ops};
 
-/// A tensor of `dtype` and `shape` holding harmless valid-looking data (0.5 for floats, 0 for u32).
+/// A tensor of `dtype` and `shape` holding harmless valid-looking data (0.5 for floats, 0 for u32;
+/// F8E4M3 with valid 128x128 block scales).
 fn filled<B: Backend>(b: &B, dtype: DType, shape: &[usize]) -> Result<Tensor<B>, Fail> {
     let n: usize = shape.iter().product();
-    let bytes = match dtype {
-        DType::U32 => vec![0u8; n * 4],
-        d => d.encode(&vec![0.5; n]),
-    };
-    Tensor::upload(b, dtype, shape, &bytes).ctx("uploading an input")
+    match dtype {
+        DType::U32 => Tensor::upload(b, dtype, shape, &vec![0u8; n * 4]),
+        d => Tensor::from_f32(b, d, shape, &vec![0.5; n]),
+    }
+    .ctx("uploading an input")
 }
 
 type Spec = (DType, &'static [usize]);
@@ -211,7 +212,47 @@ pub fn grouped_gemm<B: Backend>() -> Vec<Case<B>> {
         gemm_bad("dense_w_with_offsets", (F32, &[4, 8]), None, (F32, &[16, 8]), Some((U32, &[2])), (F32, &[4, 16])),
         gemm_bad("gather_f32", (F32, &[4, 8]), Some((F32, &[4])), (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 16])),
         gemm_bad("x_vector", (F32, &[32]), None, (F32, &[16, 8]), None, (F32, &[4, 16])),
+        gemm_bad_data(Op::GroupedGemm, "offsets_past_m_f8", F8E4M3, 8, &[0, 4, 9], false),
+        gemm_bad_data(Op::GroupedGemm, "tiled_gather_index_out_of_range_f8", F8E4M3, 40, &[0, 15, 40], true),
+        scales_bad("f8_without_scales", "f8_e4m3 w [2, 16, 8] with its scales removed", |b, w| {
+            w.scales = None;
+            let _ = b;
+            Ok(())
+        }),
+        scales_bad("f8_scales_shape", "f8_e4m3 w [2, 16, 8] in 8x8 blocks, scales [2, 2, 2]", |b, w| {
+            let s = w.scales.as_mut().expect("f8 weights have scales");
+            s.block = [8, 8];
+            s.tensor = filled(b, F32, &[2, 2, 2])?;
+            Ok(())
+        }),
+        scales_bad("f8_scales_f16", "f8_e4m3 w [2, 16, 8] with f16 scales", |b, w| {
+            let s = w.scales.as_mut().expect("f8 weights have scales");
+            s.tensor = filled(b, F16, &[2, 1, 1])?;
+            Ok(())
+        }),
+        scales_bad("f8_zero_block", "f8_e4m3 w [2, 16, 8] in 0x128 blocks", |_, w| {
+            w.scales.as_mut().expect("f8 weights have scales").block = [0, 128];
+            Ok(())
+        }),
+        scales_bad("bf16_with_scales", "bf16 w [2, 16, 8] carrying block scales", |b, w| {
+            let scales = w.scales.take();
+            *w = filled(b, BF16, &[2, 16, 8])?;
+            w.scales = scales;
+            Ok(())
+        }),
     ]
+}
+
+/// `grouped_gemm` on f8_e4m3 weights `[2, 16, 8]` whose block scales `edit` broke.
+fn scales_bad<B: Backend>(name: &str, what: &str, edit: fn(&B, &mut Tensor<B>) -> Result<(), Fail>) -> Case<B> {
+    Case::new(GEMM, name, Op::GroupedGemm, Some(DType::F32), what.to_string(), move |b: &B| {
+        let xt = filled(b, DType::F32, &[4, 8])?;
+        let mut wt = filled(b, DType::F8E4M3, &[2, 16, 8])?;
+        edit(b, &mut wt)?;
+        let ot = Tensor::from_u32(b, &[3], &[0, 2, 4]).ctx("uploading an input")?;
+        let mut yt = filled(b, DType::F32, &[4, 16])?;
+        expect_invalid("grouped_gemm", ops::grouped_gemm(b, &xt, None, &wt, Some(&ot), &mut yt))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -239,6 +280,7 @@ pub fn grouped_gemm_swiglu<B: Backend>() -> Vec<Case<B>> {
         gemm_bad_data(Op::GroupedGemmSwiglu, "gather_index_out_of_range", F32, 8, &[0, 3, 8], true),
         gemm_bad_data(Op::GroupedGemmSwiglu, "tiled_offsets_past_m_bf16", BF16, 40, &[0, 20, 45], false),
         gemm_bad_data(Op::GroupedGemmSwiglu, "tiled_gather_index_out_of_range_bf16", BF16, 40, &[0, 15, 40], true),
+        gemm_bad_data(Op::GroupedGemmSwiglu, "gather_index_out_of_range_f8", F8E4M3, 8, &[0, 3, 8], true),
         swiglu_bad("odd_weight_rows", (F32, &[4, 8]), (F32, &[2, 15, 8]), Some((U32, &[3])), (F32, &[4, 7])),
         swiglu_bad("h_is_2i_wide", (F32, &[4, 8]), (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 16])),
         swiglu_bad("h_rows", (F32, &[4, 8]), (F32, &[16, 8]), None, (F32, &[5, 8])),
@@ -419,6 +461,13 @@ pub fn forward<B: Backend>() -> Vec<Case<B>> {
         }),
         upload_bad("upload_truncated_bytes", "down holds one byte too few", |l| {
             l.down.data.pop();
+        }),
+        upload_bad("upload_f8_router", "router quantized to f8_e4m3", |l| {
+            l.router = moe_hal::HostTensor::from_f32(F8E4M3, &[4, 16], &vec![0.5; 64]).unwrap();
+        }),
+        upload_bad("upload_f8_without_scales", "f8_e4m3 layer whose down weights lost their scales", |l| {
+            *l = l.to_fp8([4, 8]).unwrap();
+            l.down.scales = None;
         }),
         upload_bad("upload_k_gt_kept_groups", "sigmoid g4/1 with E=4 k=2", |l| {
             l.config.routing = Routing::SigmoidGrouped { n_group: 4, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1.0 };

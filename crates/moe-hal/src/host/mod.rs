@@ -36,6 +36,17 @@ pub enum Weights<'a> {
     F16(&'a [f16]),
     /// bf16 weights.
     BF16(&'a [bf16]),
+    /// F8E4M3 weights `[.., rows, cols]` with their f32 block scales ([`crate::fp8`]).
+    F8E4M3 {
+        /// The E4M3 bytes.
+        q: &'a [u8],
+        /// The scale grid, [`crate::fp8::scale_shape`] of the weight's shape.
+        scales: &'a [f32],
+        /// Rows of one matrix (`N`) and columns (`K`).
+        rows_cols: [usize; 2],
+        /// Rows and columns of one block.
+        block: [usize; 2],
+    },
 }
 
 impl Weights<'_> {
@@ -45,6 +56,7 @@ impl Weights<'_> {
             Weights::F32(w) => w.len(),
             Weights::F16(w) => w.len(),
             Weights::BF16(w) => w.len(),
+            Weights::F8E4M3 { q, .. } => q.len(),
         }
     }
 
@@ -53,7 +65,7 @@ impl Weights<'_> {
         self.len() == 0
     }
 
-    /// Widens `len` elements starting at `start` into `out`.
+    /// Widens `out.len()` elements starting at `start` into `out` (F8E4M3: whole rows, scaled).
     fn widen(&self, start: usize, out: &mut [f32]) {
         let n = out.len();
         match self {
@@ -61,6 +73,14 @@ impl Weights<'_> {
             // half's slice conversions use F16C/AVX where the CPU has them (detected at run time).
             Weights::F16(w) => w[start..start + n].convert_to_f32_slice(out),
             Weights::BF16(w) => widen_bf16(&w[start..start + n], out),
+            Weights::F8E4M3 { q, scales, rows_cols: [rows, cols], block } => {
+                debug_assert!(start.is_multiple_of(*cols) && n.is_multiple_of(*cols), "F8E4M3 widens whole rows");
+                crate::fp8::for_each_block(&q[start..start + n], start / cols, *rows, *cols, *block, scales, |at, run, scale| {
+                    for (o, &b) in out[at..at + run.len()].iter_mut().zip(run) {
+                        *o = crate::fp8::E4M3[b as usize] * scale;
+                    }
+                });
+            }
         }
     }
 }
