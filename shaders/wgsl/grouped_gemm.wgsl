@@ -4,11 +4,17 @@
 // columns *interleaved*: tile column 2j holds gate row j and column 2j + 1 up row I + j (wcol),
 // so the invocation that owns column 2j owns 2j + 1 too and pairs them in registers.
 //
-// The host prepends two constants to this file:
-//   const DT: u32   storage dtype of w: 0 f32, 1 f16, 2 bf16 (read from u32 words; f16 with
-//                   unpack2x16float, bf16 as the high half of an f32). Accumulation is f32.
+// The host prepends these constants to this file:
+//   const DT: u32   storage dtype of w: 0 f32, 1 f16, 2 bf16, 3 f8_e4m3 (read from u32 words; f16
+//                   with unpack2x16float, bf16 as the high half of an f32, f8_e4m3 decoded by
+//                   e4m3() and multiplied by its block's scale from sc). Accumulation is f32.
+//   const SBN: u32, SBK: u32
+//                   f8_e4m3: rows and columns of one scale block (1 for the other dtypes). Weight
+//                   element [g, n, k] is e4m3(q) * sc[(g * ceil(N / SBN) + n / SBN) * ceil(K / SBK)
+//                   + k / SBK], the product in f32 (as DeepSeek's and transformers' dequantization).
 //   const VEC: bool the aligned path: K % 4 == 0 (tiled) or K % 8 == 0 (gemv), so rows start on
 //                   whole vectors and loads are vec4; otherwise element loads with bounds checks.
+//                   f8_e4m3 also needs SBK % 4 == 0, so four aligned elements share one scale.
 //
 // Entry points (the host picks one from shapes only, never from device data):
 //   prep   validates expert_offsets and token_index (flags in errs, no out-of-bounds access) and
@@ -51,6 +57,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> off: array<u32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read_write> errs: array<atomic<u32>>;
+@group(0) @binding(7) var<storage, read> sc: array<f32>; // f8_e4m3 block scales (else unused)
 
 // ---- shared helpers ----
 
@@ -110,10 +117,41 @@ fn x1(row: u32, col: u32) -> f32 {
     return x[i >> 2u][i & 3u];
 }
 
-// Weight element i (local to this part) as f32.
-fn w1(i: u32) -> f32 {
+// float8_e4m3fn bytes (the low 8 bits of each lane) as f32, exactly: sign, 4 exponent bits (bias
+// 7), 3 mantissa bits. A normal value is rebuilt as f32 bits (exponent rebiased by 120); exponent 0
+// is m * 2^-9, computed, so no f32 denormal is involved (a GPU may flush those); S.1111.111 is NaN
+// (built from runtime bits: WGSL rejects a NaN constant).
+fn e4m3(b: vec4<u32>) -> vec4<f32> {
+    let e = (b >> vec4<u32>(3u)) & vec4<u32>(15u);
+    let m = b & vec4<u32>(7u);
+    let normal = bitcast<vec4<f32>>(((e + vec4<u32>(120u)) << vec4<u32>(23u)) | (m << vec4<u32>(20u)));
+    var v = select(normal, vec4<f32>(m) * 0.001953125, e == vec4<u32>(0u));
+    v = select(v, bitcast<vec4<f32>>(vec4<u32>(0x7fc00000u) | m), (b & vec4<u32>(0x7fu)) == vec4<u32>(0x7fu));
+    return select(v, -v, (b & vec4<u32>(0x80u)) != vec4<u32>(0u));
+}
+
+// The four bytes of a word, lowest first.
+fn bytes4(word: u32) -> vec4<u32> {
+    return (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
+}
+
+// f8_e4m3: the scale of weight element (row, col), row local to this part.
+fn wscale(row: u32, col: u32) -> f32 {
+    let rg = row + p.row0; // row of the [G * N, K] view
+    let grid_k = (p.k + SBK - 1u) / SBK;
+    let grid_n = (p.n + SBN - 1u) / SBN;
+    return sc[((rg / p.n) * grid_n + (rg % p.n) / SBN) * grid_k + col / SBK];
+}
+
+// Weight element (row, col) (row local to this part) as f32.
+fn w1(row: u32, col: u32) -> f32 {
+    let i = row * p.k + col;
     if (DT == 0u) {
         return bitcast<f32>(w[i >> 2u][i & 3u]);
+    }
+    if (DT == 3u) {
+        let word = w[i >> 4u][(i >> 2u) & 3u];
+        return e4m3(vec4<u32>((word >> ((i & 3u) * 8u)) & 0xffu)).x * wscale(row, col);
     }
     let word = w[i >> 3u][(i >> 1u) & 3u];
     let h = select(word & 0xffffu, word >> 16u, (i & 1u) != 0u);
@@ -130,10 +168,15 @@ fn unpack2(word: u32) -> vec2<f32> {
     return vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
 }
 
-// Four weight elements from i, i % 4 == 0.
-fn w4(i: u32) -> vec4<f32> {
+// Four weight elements from (row, col), (row * K + col) % 4 == 0 (f8_e4m3: SBK % 4 == 0 too, so
+// they share one scale).
+fn w4(row: u32, col: u32) -> vec4<f32> {
+    let i = row * p.k + col;
     if (DT == 0u) {
         return bitcast<vec4<f32>>(w[i >> 2u]);
+    }
+    if (DT == 3u) {
+        return e4m3(bytes4(w[i >> 4u][(i >> 2u) & 3u])) * wscale(row, col);
     }
     let v = w[i >> 3u];
     let pair = select(v.xy, v.zw, (i & 4u) != 0u);
@@ -228,12 +271,12 @@ fn load_w4(ok: bool, wrow: u32, kk: u32) -> vec4<f32> {
     }
     if (VEC) {
         if (kk < p.k) {
-            v = w4(wrow * p.k + kk);
+            v = w4(wrow, kk);
         }
     } else {
         for (var j = 0u; j < 4u; j++) {
             if (kk + j < p.k) {
-                v[j] = w1(wrow * p.k + kk + j);
+                v[j] = w1(wrow, kk + j);
             }
         }
     }
@@ -369,10 +412,22 @@ fn dot8(a: V8, b: V8) -> f32 {
     return dot(a.a, b.a) + dot(a.b, b.b);
 }
 
-// Eight weight elements from i, i % 8 == 0.
-fn w8(i: u32) -> V8 {
+// Eight weight elements from (row, col), (row * K + col) % 8 == 0 (f8_e4m3: two scales unless
+// SBK % 8 == 0).
+fn w8(row: u32, col: u32) -> V8 {
+    let i = row * p.k + col;
     if (DT == 0u) {
         return V8(bitcast<vec4<f32>>(w[i >> 2u]), bitcast<vec4<f32>>(w[(i >> 2u) + 1u]));
+    }
+    if (DT == 3u) {
+        let v = w[i >> 4u];
+        let pair = select(v.xy, v.zw, (i & 8u) != 0u);
+        let s0 = wscale(row, col);
+        var s1 = s0;
+        if (SBK % 8u != 0u) {
+            s1 = wscale(row, col + 4u);
+        }
+        return V8(e4m3(bytes4(pair.x)) * s0, e4m3(bytes4(pair.y)) * s1);
     }
     let v = w[i >> 3u];
     return V8(vec4<f32>(unpack2(v.x), unpack2(v.y)), vec4<f32>(unpack2(v.z), unpack2(v.w)));
@@ -426,11 +481,11 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 let xq2 = x8(src4.z, kk);
                 let xq3 = x8(src4.w, kk);
                 if (ok_a) {
-                    let wv = w8(row_a * p.k + kk);
+                    let wv = w8(row_a, kk);
                     acc_a += vec4<f32>(dot8(xq0, wv), dot8(xq1, wv), dot8(xq2, wv), dot8(xq3, wv));
                 }
                 if (ok_b) {
-                    let wv = w8(row_b * p.k + kk);
+                    let wv = w8(row_b, kk);
                     acc_b += vec4<f32>(dot8(xq0, wv), dot8(xq1, wv), dot8(xq2, wv), dot8(xq3, wv));
                 }
             }
@@ -438,10 +493,10 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
             for (var kk = lane; kk < p.k; kk += TEAM) {
                 let xv = vec4<f32>(x1z(src4.x, kk), x1z(src4.y, kk), x1z(src4.z, kk), x1z(src4.w, kk));
                 if (ok_a) {
-                    acc_a += xv * w1(row_a * p.k + kk);
+                    acc_a += xv * w1(row_a, kk);
                 }
                 if (ok_b) {
-                    acc_b += xv * w1(row_b * p.k + kk);
+                    acc_b += xv * w1(row_b, kk);
                 }
             }
         }

@@ -15,7 +15,8 @@
 //                        backend's mma_split_* do the same).
 //
 // Numbers: weights become f16 (exact for f16 storage; bf16 keeps all its bits within f16's range,
-// 6e-8 .. 65504; smaller magnitudes round toward zero, larger ones clamp), x is rounded to f16
+// 6e-8 .. 65504; smaller magnitudes round toward zero, larger ones clamp; f8_e4m3 is scaled in f32
+// first, then rounded to f16 the same way), x is rounded to f16
 // (clamped to +-65504) unless SPLIT, and every sum accumulates in f32.
 //
 // Subgroups: the 128 invocations form num_subgroups subgroups; the (64 / CS)^2 coop tiles of the

@@ -70,20 +70,24 @@ impl Kernel {
         match self {
             Kernel::RouterTopk => &[U, R, R, W, W, W],
             Kernel::PermuteRank | Kernel::PermuteScan | Kernel::PermuteScatter => &[U, R, W, W, W, W, W, W],
-            Kernel::GemmPrep | Kernel::GemmTiled | Kernel::GemmCoop | Kernel::Gemv => &[U, R, R, R, R, W, W],
+            Kernel::GemmPrep | Kernel::GemmTiled | Kernel::GemmCoop | Kernel::Gemv => &[U, R, R, R, R, W, W, R],
             Kernel::Activation => &[U, R, W],
             Kernel::Combine => &[U, R, R, R, R, W, W],
         }
     }
 }
 
-/// The compile-time variant of a kernel: weight dtype, whether the aligned vector path applies,
-/// and for the tensor-core kernel its cooperative-matrix size and whether x is split (hi + lo).
+/// The compile-time variant of a kernel: weight dtype (and the scale block of F8E4M3 weights),
+/// whether the aligned vector path applies, and for the tensor-core kernel its cooperative-matrix
+/// size and whether x is split (hi + lo).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct Variant {
     pub dtype: DType,
     pub vec: bool,
     pub coop: Option<Coop>,
+    /// Rows and columns of one scale block (`[1, 1]` without scales): constants in the shader,
+    /// so the block index is a shift for DeepSeek's 128x128.
+    pub block: [u32; 2],
 }
 
 /// The cooperative-matrix settings of `tiled_coop` (see `grouped_gemm_coop.wgsl`).
@@ -97,17 +101,18 @@ pub(crate) struct Coop {
 
 impl Variant {
     /// The variant of kernels that have no weights and no vector path.
-    pub const PLAIN: Variant = Variant { dtype: DType::F32, vec: false, coop: None };
+    pub const PLAIN: Variant = Variant { dtype: DType::F32, vec: false, coop: None, block: [1, 1] };
 
     /// A variant for weights in `dtype` (`vec`: the aligned vector path).
     pub const fn of(dtype: DType, vec: bool) -> Variant {
-        Variant { dtype, vec, coop: None }
+        Variant { dtype, vec, coop: None, block: [1, 1] }
     }
 
     fn prelude(self) -> String {
         let dt = match self.dtype {
             DType::F16 => 1,
             DType::BF16 => 2,
+            DType::F8E4M3 => 3,
             _ => 0,
         };
         // Directives (`enable`, `diagnostic`) must come before any declaration.
@@ -119,7 +124,8 @@ impl Variant {
             ),
             None => String::new(),
         };
-        format!("{coop}const DT: u32 = {dt}u;\nconst VEC: bool = {};\n", self.vec)
+        let [sbn, sbk] = self.block;
+        format!("{coop}const DT: u32 = {dt}u;\nconst VEC: bool = {};\nconst SBN: u32 = {sbn}u;\nconst SBK: u32 = {sbk}u;\n", self.vec)
     }
 }
 

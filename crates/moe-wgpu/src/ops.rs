@@ -211,10 +211,17 @@ impl WgpuBackend {
             kernel: Kernel::GemmPrep,
             variant: Variant::PLAIN,
             params: prep,
-            bufs: vec![xb, tib, &self.dummy, ob, yb, &self.errs],
+            bufs: vec![xb, tib, &self.dummy, ob, yb, &self.errs, &self.dummy],
             groups: stride_groups((m * y.shape[1]).max(m).max(g), self.max_dim()),
         }));
         let gemv = m <= GEMV_ROWS_PER_GROUP * g;
+        // F8E4M3: the scale grid (one binding: 256 experts of 4096 x 7168 hold 7 MiB of scales),
+        // and the block, which the vector paths need to be a whole number of 4-element vectors.
+        let (sb, block) = match &w.scales {
+            Some(s) => (self.one(&s.tensor, "the weights' block scales")?, [s.block[0] as u32, s.block[1] as u32]),
+            None => (&self.dummy, [1, 1]),
+        };
+        let block_vec = block[1].is_multiple_of(4);
         if k > 0 {
             let row_bytes = k * w.dtype.size();
             for part in &w.buf.parts {
@@ -229,7 +236,8 @@ impl WgpuBackend {
                 let (kernel, variant, tiles_n, total) = if gemv {
                     let tiles_n = n.div_ceil(16);
                     let slots = if by_row { m } else { g1 - g0 };
-                    (Kernel::Gemv, Variant::of(w.dtype, k.is_multiple_of(8)), tiles_n, slots * tiles_n)
+                    let vec = k.is_multiple_of(8) && block_vec;
+                    (Kernel::Gemv, Variant { block, ..Variant::of(w.dtype, vec) }, tiles_n, slots * tiles_n)
                 } else {
                     let tiles_n = n.div_ceil(64);
                     // Tensor cores for f16/bf16 weights where the adapter has them (f32 weights
@@ -238,7 +246,8 @@ impl WgpuBackend {
                         Some(size) if w.dtype != DType::F32 => (Kernel::GemmCoop, Some(Coop { size, split: grouped == 0 })),
                         _ => (Kernel::GemmTiled, None),
                     };
-                    (kernel, Variant { dtype: w.dtype, vec: k.is_multiple_of(4), coop }, tiles_n, m.div_ceil(64) * tiles_n)
+                    let vec = k.is_multiple_of(4) && block_vec;
+                    (kernel, Variant { dtype: w.dtype, vec, coop, block }, tiles_n, m.div_ceil(64) * tiles_n)
                 };
                 let mut p = params(&head);
                 p[7] = g0 as u32;
@@ -253,7 +262,7 @@ impl WgpuBackend {
                     kernel,
                     variant,
                     params: p,
-                    bufs: vec![xb, tib, &part.buf, ob, yb, &self.errs],
+                    bufs: vec![xb, tib, &part.buf, ob, yb, &self.errs, sb],
                     groups: grid(total as u32, self.max_dim()),
                 });
             }

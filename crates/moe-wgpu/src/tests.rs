@@ -3,7 +3,7 @@
 //! (lavapipe in CI); without one the tests fail, so a missing driver is not mistaken for a pass.
 
 use moe_cpu::CpuBackend;
-use moe_hal::{Backend, DType, Error, HostLayer, HostTensor, Layer, MoeConfig, Routing, Tensor, ops};
+use moe_hal::{Backend, BlockScales, DType, Error, HostLayer, HostTensor, Layer, MoeConfig, Routing, Tensor, ops};
 
 use crate::WgpuBackend;
 use crate::buffer::{padded, plan};
@@ -290,7 +290,7 @@ fn grouped_gemm_matches_host() {
         (33, 9, 130, 16),
     ];
     for &(m, n, k, g) in &shapes {
-        for dtype in DType::FLOATS {
+        for dtype in DType::WEIGHTS {
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-5 * 4.0 };
             let tc_tol = tolerance(&tc, dtype, tol);
             let grouped = g > 1 || n % 2 == 1;
@@ -318,15 +318,17 @@ fn grouped_gemm_matches_host() {
     }
     // A plain [N, K] weight split on rows (as a too-large router or shared expert would be), both paths.
     for (m, n, k) in [(2, 37, 24), (70, 37, 21)] {
-        for dtype in DType::FLOATS {
+        for dtype in DType::WEIGHTS {
             let w = r.vec(n * k, 1.0);
             let x = r.vec(m * k, 1.0);
             let want = gemm_on(&cpu, dtype, &x, m, k, None, &w, &[n, k], None, m, n).unwrap();
+            // The same bytes (and, for F8E4M3, the same 128x128 block scales) as gemm_on uploads.
+            let host = HostTensor::from_f32(dtype, &[n, k], &w).unwrap();
             let wt = Tensor::<WgpuBackend> {
-                buf: b.make_buffer_within(dtype, &[n, k], Some(&dtype.encode(&w)), 256).unwrap(),
+                buf: b.make_buffer_within(dtype, &[n, k], Some(&host.data), 256).unwrap(),
                 dtype,
                 shape: vec![n, k],
-                scales: None,
+                scales: host.scales.map(|s| Box::new(BlockScales { block: s.block, tensor: Tensor::from_host(&b, &s.tensor).unwrap() })),
             };
             assert!(wt.buf.parts() > 2);
             let mut y = poisoned(&b, DType::F32, &[m, n]);
@@ -461,8 +463,14 @@ fn activation_and_combine_match_host() {
 
 fn random_layer(r: &mut Rng, config: MoeConfig, dtype: DType) -> HostLayer {
     let (h, i, e, s) = (config.hidden, config.intermediate, config.experts, config.shared_intermediate);
-    let t = |shape: &[usize], scale: f32, r: &mut Rng| HostTensor::from_f32(dtype, shape, &r.vec(shape.iter().product(), scale)).unwrap();
-    let router = t(&[e, h], 1.0, r);
+    // F8E4M3 in 8x16 blocks, so these small weights hold several (and partial ones).
+    let t = |shape: &[usize], scale: f32, r: &mut Rng| {
+        let v = r.vec(shape.iter().product(), scale);
+        if dtype == DType::F8E4M3 { HostTensor::quantize(shape, &v, [8, 16]) } else { HostTensor::from_f32(dtype, shape, &v) }.unwrap()
+    };
+    // A router is never F8E4M3 (DeepSeek's FP8 checkpoints keep it in bf16).
+    let rd = if dtype == DType::F8E4M3 { DType::BF16 } else { dtype };
+    let router = HostTensor::from_f32(rd, &[e, h], &r.vec(e * h, 1.0)).unwrap();
     let gate_up = t(&[e, 2 * i, h], 0.3, r);
     let down = t(&[e, h, i], 0.3, r);
     let bias =
@@ -517,7 +525,7 @@ fn forward_matches_host() {
         (MoeConfig { hidden: 64, intermediate: 16, experts: 32, top_k: 8, routing: deepseek, shared_intermediate: 16 }, 1),
     ];
     for (config, t) in configs {
-        for dtype in DType::FLOATS {
+        for dtype in DType::WEIGHTS {
             let layer = random_layer(&mut r, config.clone(), dtype);
             let x = r.vec(t * config.hidden, 1.0);
             let (want, want_ids) = forward_on(&cpu, &layer, &x, t);
@@ -703,7 +711,7 @@ fn shader_runtime_checks_change_no_bit() {
     let mut r = Rng(17);
     let deepseek = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
     let config = MoeConfig { hidden: 72, intermediate: 40, experts: 16, top_k: 4, routing: deepseek, shared_intermediate: 24 };
-    for dtype in DType::FLOATS {
+    for dtype in DType::WEIGHTS {
         let layer = random_layer(&mut r, config.clone(), dtype);
         for t in [1, 3, 90] {
             let x = r.vec(t * 72, 1.0);

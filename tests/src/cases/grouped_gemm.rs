@@ -167,6 +167,9 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         case(dtype, "grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),
         case(dtype, "gather_gate_up", Layout::Planned { tokens: 13, experts: 16, top_k: 3 }, 66, 129),
         case(dtype, "gather_t1_e256_k8", Layout::Planned { tokens: 1, experts: 256, top_k: 8 }, 32, 64),
+        // Decode with odd N and K % 8 == 0: f8_e4m3 in 5x12 blocks, whose 8-wide vectors straddle
+        // two scale blocks.
+        case(dtype, "gather_t2_e16_n33_k64", Layout::Planned { tokens: 2, experts: 16, top_k: 4 }, 33, 64),
         case(dtype, "gather_repeated_rows_past_end", grouped(&[3, 0, 4], 2, Some(5)), 17, 33),
         case(dtype, "gather_k7168", grouped(&[2, 0, 3], 0, Some(4)), 17, 7168),
     ]
