@@ -24,12 +24,13 @@ pub enum Stored {
 
 impl Stored {
     /// The storage dtype a layer gets when the caller forces none: the same dtype for floats;
-    /// BF16 for FP8, as DeepSeek's own conversion and transformers' CPU fallback produce (F32,
-    /// asked for, keeps `q * scale_inv` exactly as transformers computes it).
+    /// F8E4M3 for FP8, kept as stored with its block scales (half the memory of bf16, and the
+    /// checkpoint's exact values). `bf16` dequantizes as DeepSeek's own conversion does, `f32`
+    /// as transformers computes it.
     pub fn default_dtype(self) -> DType {
         match self {
             Stored::Float(d) => d,
-            Stored::Fp8E4M3 { .. } => DType::BF16,
+            Stored::Fp8E4M3 { .. } => DType::F8E4M3,
         }
     }
 }

@@ -187,9 +187,12 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
     let experts = experts.into_iter().map(|t| weight_part(files, t, cfg.fp8_block)).collect::<Result<Vec<_>>>()?;
     let stored = experts[0].stored();
     let dtype = force.unwrap_or(stored.default_dtype());
-    if !dtype.is_float() {
-        return Err(Error::InvalidArgument(format!("layer weights must be f32, f16 or bf16, not {dtype}")));
+    if !dtype.is_weight() {
+        return Err(Error::InvalidArgument(format!("layer weights must be f32, f16, bf16 or f8_e4m3, not {dtype}")));
     }
+    // f8_e4m3 asked of a float checkpoint: read the floats, quantize once assembled.
+    let quantize = dtype.is_block_scaled() && !matches!(stored, Stored::Fp8E4M3 { .. });
+    let dtype_read = if quantize { stored.default_dtype() } else { dtype };
 
     let bias = match cfg.moe.routing {
         Routing::SigmoidGrouped { .. } => {
@@ -244,15 +247,15 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
     let router_t = gather(files, "router weight", &[e, h], moe_hal::router_dtype(router_stored_dtype, dtype), &[&router])?;
     let (gate_up, down) = if fused {
         (
-            gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype, &[&experts[0]])?,
-            gather(files, "expert down weights", &[e, h, i], dtype, &[&experts[1]])?,
+            gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype_read, &[&experts[0]])?,
+            gather(files, "expert down weights", &[e, h, i], dtype_read, &[&experts[1]])?,
         )
     } else {
         let gu: Vec<&Part> = experts.chunks(3).flat_map(|c| [&c[0], &c[1]]).collect();
         let dn: Vec<&Part> = experts.chunks(3).map(|c| &c[2]).collect();
         (
-            gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype, &gu)?,
-            gather(files, "expert down weights", &[e, h, i], dtype, &dn)?,
+            gather(files, "expert gate/up weights", &[e, 2 * i, h], dtype_read, &gu)?,
+            gather(files, "expert down weights", &[e, h, i], dtype_read, &dn)?,
         )
     };
     let bias = bias.map(|b| gather(files, "e_score_correction_bias", &[e], DType::F32, &[&b])).transpose()?;
@@ -260,13 +263,13 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
         None => (0, None, None),
         Some((s, g, u, d)) => (
             *s,
-            Some(gather(files, "shared expert gate/up weights", &[2 * s, h], dtype, &[g, u])?),
-            Some(gather(files, "shared expert down weights", &[h, *s], dtype, &[d])?),
+            Some(gather(files, "shared expert gate/up weights", &[2 * s, h], dtype_read, &[g, u])?),
+            Some(gather(files, "shared expert down weights", &[h, *s], dtype_read, &[d])?),
         ),
     };
     let layer = HostLayer {
         config: MoeConfig { shared_intermediate, ..cfg.moe.clone() },
-        dtype,
+        dtype: dtype_read,
         router: router_t,
         bias,
         gate_up,
@@ -274,6 +277,7 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
         shared_gate_up,
         shared_down,
     };
+    let layer = if quantize { layer.to_dtype(dtype)? } else { layer };
     layer.validate()?;
     Ok(Assembled { layer, stored, router_stored_dtype, fused })
 }
@@ -286,6 +290,9 @@ const CHUNK_ELEMS: usize = 1 << 22;
 /// stored dtype differs and dequantizing FP8. One allocation; each part's bytes go straight from
 /// the map into it (a `memcpy` when the dtypes match), in parallel.
 fn gather(files: &SafetensorsDir, what: &str, shape: &[usize], dtype: DType, parts: &[&Part]) -> Result<HostTensor> {
+    if dtype.is_block_scaled() {
+        return gather_fp8(files, what, shape, parts);
+    }
     let elems: usize = shape.iter().product();
     let total = elems * dtype.size();
     let mut data: Vec<u8> = Vec::new();
@@ -297,16 +304,7 @@ fn gather(files: &SafetensorsDir, what: &str, shape: &[usize], dtype: DType, par
         .iter()
         .map(|p| match &p.src {
             Src::Float(_) => Ok(None),
-            Src::Fp8 { scales, .. } => {
-                let v = scales.float_dtype()?.decode(files.bytes(scales));
-                match v.iter().position(|s| !s.is_finite()) {
-                    Some(i) => Err(Error::Checkpoint(format!(
-                        "tensor {} in {} holds a non-finite scale ({}) at element {i}",
-                        scales.name, scales.file, v[i]
-                    ))),
-                    None => Ok(Some(v)),
-                }
-            }
+            Src::Fp8 { scales, .. } => read_scales(files, scales).map(Some),
         })
         .collect::<Result<_>>()?;
     let mut jobs: Vec<Job<'_>> = Vec::new();
@@ -356,6 +354,72 @@ fn gather(files: &SafetensorsDir, what: &str, shape: &[usize], dtype: DType, par
     // those bytes are initialised.
     unsafe { data.set_len(total) };
     HostTensor::new(dtype, shape, data)
+}
+
+/// An FP8 weight's scale grid as f32, checked finite.
+fn read_scales(files: &SafetensorsDir, scales: &Found) -> Result<Vec<f32>> {
+    let v = scales.float_dtype()?.decode(files.bytes(scales));
+    match v.iter().position(|s| !s.is_finite()) {
+        Some(i) => {
+            Err(Error::Checkpoint(format!("tensor {} in {} holds a non-finite scale ({}) at element {i}", scales.name, scales.file, v[i])))
+        }
+        None => Ok(v),
+    }
+}
+
+/// [`gather`] into F8E4M3, kept as stored: the parts' bytes concatenated, and their scale grids
+/// concatenated into the grid of `shape`. That is one grid only when every part starts on a
+/// block row of its matrix: gate and up fused into `[2I, H]` need `I` to be a multiple of the
+/// block rows (DeepSeek-V3 and Kimi K2: 2048 and 128), else the error says to dequantize instead.
+fn gather_fp8(files: &SafetensorsDir, what: &str, shape: &[usize], parts: &[&Part]) -> Result<HostTensor> {
+    let rows = shape[shape.len() - 2];
+    let mut block = None;
+    let mut scales = Vec::new();
+    let mut data = Vec::new();
+    let mut row = 0;
+    for p in parts {
+        let (t, b, s) = match &p.src {
+            Src::Fp8 { scales, block } => (&p.t, *block, scales),
+            Src::Float(d) => {
+                return Err(Error::Checkpoint(format!(
+                    "the {what} cannot stay f8_e4m3: tensor {} in {} is stored as {d}; load them dequantized (--dtype bf16)",
+                    p.t.name, p.t.file
+                )));
+            }
+        };
+        if block.is_some_and(|x| x != b) {
+            return Err(Error::Checkpoint(format!(
+                "the {what} mix FP8 block sizes ({:?} and {b:?}); load them dequantized (--dtype bf16)",
+                block.unwrap()
+            )));
+        }
+        block = Some(b);
+        let start = row % rows;
+        if !start.is_multiple_of(b[0]) {
+            return Err(Error::Checkpoint(format!(
+                "tensor {} in {} starts at row {start} of the {what} [.., {rows}, ..], not on a boundary of its {}-row scale blocks, so its scales cannot join one grid; load the layer dequantized (--dtype bf16)",
+                t.name, t.file, b[0]
+            )));
+        }
+        let bytes = files.bytes(t);
+        if let Some(i) = bytes.par_iter().position_first(|&q| fp8::is_nan(q)) {
+            return Err(Error::Checkpoint(format!(
+                "tensor {} in {} holds a NaN (F8_E4M3 byte {:#04x}) at element {i}",
+                t.name, t.file, bytes[i]
+            )));
+        }
+        scales.extend(read_scales(files, s)?);
+        data.try_reserve_exact(bytes.len()).map_err(|_| {
+            Error::OutOfMemory(format!(
+                "the host cannot allocate {:.2} GiB for the {what} {shape:?}",
+                bytes.len() as f64 / (1u64 << 30) as f64
+            ))
+        })?;
+        data.extend_from_slice(bytes);
+        row += t.shape[..t.shape.len() - 1].iter().product::<usize>();
+    }
+    let block = block.expect("a weight has at least one part");
+    HostTensor::fp8(shape, data, block, scales)
 }
 
 /// One slice of a [`gather`]: destination bytes and the source bytes that fill them.

@@ -39,11 +39,17 @@
 //! Expert weights (routed and shared) may be `F8_E4M3` with their block scales beside them:
 //! `…weight_scale_inv` [`ceil(rows / 128)`, `ceil(columns / 128)`] in F32 (or BF16/F16), the block
 //! size from `config.json`'s `quantization_config.weight_block_size` (DeepSeek's `[128, 128]`
-//! when absent). They are dequantized on load as `q * scale_inv` in F32, exactly as
-//! transformers' fine-grained FP8 quantizer and DeepSeek's `fp8_cast_bf16.py` do, then stored
-//! as BF16 (the default: what those tools produce) or the dtype asked for (F32 keeps the
-//! products exactly). A missing or ill-shaped scale tensor, a non-finite scale and a NaN weight
-//! byte are errors naming the tensor. [`Checkpoint::stored`] says what the files held. The
+//! when absent). By default they stay as stored: [`DType::F8E4M3`] bytes with their scales
+//! ([`moe_hal::BlockScales`]), which every backend that supports it computes on directly (half
+//! the memory and bandwidth of BF16, and the checkpoint's exact values). Gate and up projections
+//! are fused into one `[2I, H]` weight whose scale grid is the two grids stacked, which needs `I`
+//! to be a multiple of the block rows (DeepSeek-V3, Kimi K2 and Qwen3's FP8 releases all are;
+//! the error otherwise says to dequantize). Asked for a float dtype, they are dequantized on
+//! load as `q * scale_inv` in F32, exactly as transformers' fine-grained FP8 quantizer and
+//! DeepSeek's `fp8_cast_bf16.py` do (BF16 is what those tools produce; F32 keeps the products
+//! exactly). Asked for F8E4M3, a float checkpoint is quantized on load in DeepSeek's 128 x 128
+//! blocks ([`moe_hal::HostLayer::to_dtype`]). A missing or ill-shaped scale tensor, a
+//! non-finite scale and a NaN weight byte are errors naming the tensor. [`Checkpoint::stored`] says what the files held. The
 //! fixtures `tests/fixtures/hf/deepseek_v3_fp8` (f32 scales) and `qwen3_moe_fp8` (bf16 scales),
 //! both in 16 x 32 blocks, check this against transformers.
 //! Other quantizations (AWQ, GPTQ, compressed-tensors, MXFP4, ..) are not read: the error for
@@ -116,10 +122,11 @@ impl Checkpoint {
             0 => String::new(),
             s => format!(", shared expert intermediate {s}"),
         };
-        let mut dtypes = format!("weights {}", self.layer.dtype);
-        if self.stored != Stored::Float(self.layer.dtype) {
-            dtypes += &format!(" (stored {})", self.stored);
-        }
+        let mut dtypes = match (self.stored, &self.layer.gate_up.scales) {
+            (Stored::Fp8E4M3 { .. }, Some(_)) => format!("weights {} as stored", self.stored),
+            (Stored::Float(d), _) if d == self.layer.dtype => format!("weights {d}"),
+            (stored, _) => format!("weights {} (stored {stored})", self.layer.dtype),
+        };
         if self.layer.router.dtype != self.layer.dtype {
             dtypes += &format!(", router {}", self.layer.router.dtype);
         }
@@ -155,9 +162,9 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 
 /// Loads MoE layer `layer` of the Hugging Face checkpoint in `dir`.
 ///
-/// `dtype` forces the storage dtype of the returned layer (f32, f16 or bf16); `None` keeps the
-/// dtype of the routed experts' weights (BF16 for FP8 ones) and converts the shared expert to it;
-/// an F32 router stays F32 (see the crate docs).
+/// `dtype` forces the storage dtype of the returned layer (f32, f16, bf16 or f8_e4m3); `None`
+/// keeps the dtype of the routed experts' weights (FP8 ones stay F8E4M3 with their block scales)
+/// and converts the shared expert to it; an F32 router stays F32 (see the crate docs).
 ///
 /// Only the shards holding the layer's tensors are opened. Errors: a layer number at or beyond
 /// `num_hidden_layers`, or one that is a dense MLP, is [`Error::InvalidArgument`] naming the valid
@@ -168,9 +175,9 @@ pub fn load_layer(dir: &Path, layer: usize, dtype: Option<DType>) -> Result<Chec
     let config = read_config(dir)?;
     config.check_moe_layer(layer)?;
     if let Some(d) = dtype
-        && !d.is_float()
+        && !d.is_weight()
     {
-        return Err(Error::InvalidArgument(format!("layer weights must be f32, f16 or bf16, not {d}")));
+        return Err(Error::InvalidArgument(format!("layer weights must be f32, f16, bf16 or f8_e4m3, not {d}")));
     }
     let mut files = safetensors_dir::SafetensorsDir::open(dir)?;
     let assembled = layer::assemble(&mut files, &config, layer, dtype).map_err(|e| match (e, &config.quant_method) {

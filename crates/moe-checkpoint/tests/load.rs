@@ -41,17 +41,17 @@ fn cases() -> Vec<Case> {
     let ds = Routing::SigmoidGrouped { n_group: 4, topk_group: 2, norm_topk_prob: true, routed_scaling_factor: 2.5 };
     let kimi = Routing::SigmoidGrouped { n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.827 };
     let sm = |norm_topk_prob| Routing::Softmax { norm_topk_prob };
-    use DType::{BF16, F32};
+    use DType::{BF16, F8E4M3, F32};
     use Family::*;
     let (f32s, bf16s, fp8) = (Stored::Float(F32), Stored::Float(BF16), Stored::Fp8E4M3 { block: [16, 32] });
     #[rustfmt::skip]
     let v = vec![
         Case { name: "deepseek_v3_f32", model_type: "deepseek_v3", family: DeepSeek, dtype: F32, stored: f32s, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: ds, shared: 32, shards: 1 },
         Case { name: "deepseek_v3_bf16", model_type: "deepseek_v3", family: DeepSeek, dtype: BF16, stored: bf16s, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: ds, shared: 32, shards: 2 },
-        Case { name: "deepseek_v3_fp8", model_type: "deepseek_v3", family: DeepSeek, dtype: BF16, stored: fp8, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: ds, shared: 32, shards: 1 },
+        Case { name: "deepseek_v3_fp8", model_type: "deepseek_v3", family: DeepSeek, dtype: F8E4M3, stored: fp8, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: ds, shared: 32, shards: 1 },
         Case { name: "kimi_k2_bf16", model_type: "kimi_k2", family: DeepSeek, dtype: BF16, stored: bf16s, router_dtype: F32, hidden: 32, intermediate: 16, experts: 384, top_k: 8, routing: kimi, shared: 16, shards: 3 },
         Case { name: "qwen3_moe_f32", model_type: "qwen3_moe", family: Qwen3Moe, dtype: F32, stored: f32s, router_dtype: F32, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(true), shared: 0, shards: 1 },
-        Case { name: "qwen3_moe_fp8", model_type: "qwen3_moe", family: Qwen3Moe, dtype: BF16, stored: fp8, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(true), shared: 0, shards: 1 },
+        Case { name: "qwen3_moe_fp8", model_type: "qwen3_moe", family: Qwen3Moe, dtype: F8E4M3, stored: fp8, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(true), shared: 0, shards: 1 },
         Case { name: "qwen3_moe_bf16", model_type: "qwen3_moe", family: Qwen3Moe, dtype: BF16, stored: bf16s, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 16, top_k: 4, routing: sm(false), shared: 0, shards: 1 },
         Case { name: "mixtral_f32", model_type: "mixtral", family: Mixtral, dtype: F32, stored: f32s, router_dtype: F32, hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: sm(true), shared: 0, shards: 1 },
         Case { name: "mixtral_bf16", model_type: "mixtral", family: Mixtral, dtype: BF16, stored: bf16s, router_dtype: BF16, hidden: 64, intermediate: 32, experts: 8, top_k: 2, routing: sm(true), shared: 0, shards: 2 },
@@ -259,8 +259,10 @@ fn cpu_forward_matches_transformers() {
             let same_ids = got_ids == ids_want.i;
             let out_err = rel_l2(&out.iter().map(|v| *v as f64).collect::<Vec<_>>(), &out_want.f);
             // Exact: what transformers computed from (f32 widens bf16 and f16 exactly; FP8 loaded
-            // as f32 is transformers' own q * scale_inv). FP8 loaded as bf16 rounds each product.
-            let weights_exact = ck.layer.dtype == DType::F32 || ck.stored == Stored::Float(ck.layer.dtype);
+            // as f32 is transformers' own q * scale_inv, and FP8 kept as stored computes those same
+            // products). FP8 loaded as bf16 rounds each product.
+            let weights_exact =
+                ck.layer.dtype == DType::F32 || ck.layer.dtype == DType::F8E4M3 || ck.stored == Stored::Float(ck.layer.dtype);
             let router_exact = ck.layer.router.dtype == DType::F32 || ck.layer.router.dtype == ck.router_stored_dtype;
             if router_exact {
                 assert!(same_ids, "{label}: ids {got_ids:?} != {:?}", ids_want.i);
@@ -582,13 +584,34 @@ fn fp8_dequantizes_every_block_exactly() {
     assert_eq!(sgu[..i * h], deq("model.layers.1.mlp.shared_experts.gate_proj.weight"));
     assert_eq!(sgu[i * h..], deq("model.layers.1.mlp.shared_experts.up_proj.weight"));
     assert_eq!(ck.layer.shared_down.as_ref().unwrap().to_f32(), deq("model.layers.1.mlp.shared_experts.down_proj.weight"));
-    // The default, bf16: those products rounded to nearest even; f16 likewise.
+    // bf16, as DeepSeek's conversion: those products rounded to nearest even; f16 likewise.
     for d in [DType::BF16, DType::F16] {
-        let half = load_layer(&dir, 1, if d == DType::BF16 { None } else { Some(d) }).unwrap();
+        let half = load_layer(&dir, 1, Some(d)).unwrap();
         assert_eq!(half.layer.gate_up.data, d.encode(&gu), "{d}");
         assert_eq!(half.layer.router, ck.layer.router, "{d}: the f32 router stays f32");
+        assert!(half.summary().contains(&format!("weights {d} (stored f8_e4m3 with 16x32 block scales), router f32")));
     }
-    assert!(load("deepseek_v3_fp8", None).summary().contains("weights bf16 (stored f8_e4m3 with 16x32 block scales), router f32"));
+    // The default keeps the bytes and their scales: the same f32 products, half the bytes of bf16.
+    let native = load("deepseek_v3_fp8", None);
+    let l = &native.layer;
+    assert_eq!((l.dtype, l.gate_up.dtype, l.gate_up.scales.as_ref().map(|s| s.block)), (DType::F8E4M3, DType::F8E4M3, Some([16, 32])));
+    assert_eq!((l.gate_up.to_f32(), l.down.to_f32()), (gu, down));
+    assert_eq!(l.shared_gate_up.as_ref().unwrap().to_f32(), sgu);
+    assert_eq!(l.gate_up.data[..i * h], st.tensor("model.layers.1.mlp.experts.0.gate_proj.weight").unwrap().data()[..]);
+    assert_eq!(l.gate_up.scales.as_ref().unwrap().tensor.shape, [16, 4, 2]);
+    assert_eq!(l.router, ck.layer.router, "the f32 router stays f32");
+    assert!(native.summary().contains("weights f8_e4m3 with 16x32 block scales as stored, router f32"), "{}", native.summary());
+}
+
+/// A float checkpoint asked for f8_e4m3 is quantized on load in DeepSeek's 128x128 blocks, the
+/// router kept as stored.
+#[test]
+fn float_checkpoint_quantizes_to_fp8_on_request() {
+    let bf = load("deepseek_v3_bf16", None);
+    let q = load("deepseek_v3_bf16", Some(DType::F8E4M3));
+    assert_eq!((q.layer.dtype, q.layer.router.dtype, q.stored), (DType::F8E4M3, bf.layer.router.dtype, bf.stored));
+    assert_eq!(q.layer.gate_up, moe_hal::HostTensor::quantize(&bf.layer.gate_up.shape, &bf.layer.gate_up.to_f32(), [128, 128]).unwrap());
+    assert!(q.summary().contains("weights f8_e4m3 (stored bf16)"), "{}", q.summary());
 }
 
 /// A copy of the FP8 fixture with one tensor's bytes (or dtype and shape) replaced.
@@ -675,6 +698,23 @@ fn fp8_problems_are_named() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = err(&tmp).to_string();
     assert!(e.contains("in blocks of 128x128 (DeepSeek's; config.json gives no fp8 weight_block_size) needs [1, 1]"), "{e}");
+
+    // Kept as stored, gate and up stack into one [2I, H] weight: in 20-row blocks the up
+    // projection would start at row 32 % 20 = 12 of a block, so the grids cannot join (the
+    // scale shapes still fit: ceil(32 / 20) = 2, ceil(64 / 20) = 4 rows). Dequantized, the
+    // same files load.
+    let tmp = copy_fixture("deepseek_v3_fp8");
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["quantization_config"]["weight_block_size"] = serde_json::json!([20, 32]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = err(&tmp).to_string();
+    assert!(
+        e.contains("tensor model.layers.1.mlp.experts.0.up_proj.weight in model.safetensors starts at row 32 of the expert gate/up weights [.., 64, ..], not on a boundary of its 20-row scale blocks")
+            && e.ends_with("load the layer dequantized (--dtype bf16)"),
+        "{e}"
+    );
+    assert_eq!(load_layer(tmp.path(), 1, Some(DType::BF16)).unwrap().layer.dtype, DType::BF16);
 
     // A quantization the loader does not read (here AWQ-like: qweight instead of weight) is named.
     let tmp = copy_fixture("qwen3_moe_f32");

@@ -21,8 +21,9 @@ pub struct RunArgs {
     pub output: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Choice,
-    /// Storage dtype of the weights on the device (default: as in the checkpoint; bf16 for FP8
-    /// checkpoints, which are dequantized on load).
+    /// Storage dtype of the weights on the device: f32, f16, bf16 or f8_e4m3 (default: as in the
+    /// checkpoint; FP8 checkpoints stay f8_e4m3 with their block scales, bf16 or f32 dequantizes
+    /// them on load; f8_e4m3 quantizes a float checkpoint in 128x128 blocks).
     #[arg(long)]
     pub dtype: Option<DType>,
 }
@@ -80,6 +81,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     )?;
     let weights = match ckpt.stored {
         moe_checkpoint::Stored::Float(d) if d == layer.dtype => layer.dtype.to_string(),
+        stored @ moe_checkpoint::Stored::Fp8E4M3 { .. } if layer.dtype.is_block_scaled() => stored.to_string(),
         stored => format!("{} from {stored}", layer.dtype),
     };
     eprintln!(

@@ -3,7 +3,7 @@
 //! Each function has the name of the [`Backend`] method it guards. Errors are
 //! [`crate::Error::InvalidArgument`] with a sentence naming the argument and both shapes.
 
-use crate::{Backend, DType, Layer, Result, Routing, Tensor, invalid};
+use crate::{Backend, DType, Layer, Op, Result, Routing, Tensor, invalid};
 
 fn expect<B: Backend + ?Sized>(name: &str, t: &Tensor<B>, dtype: DType, shape: &[usize]) -> Result<()> {
     if t.dtype != dtype {
@@ -20,6 +20,19 @@ fn matrix<B: Backend + ?Sized>(name: &str, t: &Tensor<B>) -> Result<(usize, usiz
         [a, b] => Ok((a, b)),
         _ => invalid!("{name} must be a matrix, got shape {:?}", t.shape),
     }
+}
+
+/// Block-scaled weights are the one storage a backend may not have (an older port, or one whose
+/// kernels are not written yet): ask it first, so such weights become a sentence rather than
+/// bytes read as some other dtype. (For the other dtypes `supports` only informs the suite.)
+fn supported<B: Backend + ?Sized>(backend: &B, op: Op, dtype: DType) -> Result<()> {
+    if dtype.is_block_scaled() && !backend.supports(op, dtype) {
+        return Err(crate::Error::Unsupported(format!(
+            "{} does not run {op} on {dtype} weights; load them dequantized (bf16 or f32) for this backend",
+            backend.info().name
+        )));
+    }
+    Ok(())
 }
 
 /// Validates, then [`Backend::router_topk`].
@@ -85,6 +98,7 @@ pub fn grouped_gemm<B: Backend + ?Sized>(
     y: &mut Tensor<B>,
 ) -> Result<()> {
     let (m, n) = gemm_shape(x, token_index, w, expert_offsets)?;
+    supported(backend, Op::GroupedGemm, w.dtype)?;
     expect("y", y, DType::F32, &[m, n])?;
     if y.is_empty() {
         return Ok(());
@@ -103,6 +117,7 @@ pub fn grouped_gemm_swiglu<B: Backend>(
     h: &mut Tensor<B>,
 ) -> Result<()> {
     let (m, two_i) = gemm_shape(x, token_index, w, expert_offsets)?;
+    supported(backend, Op::GroupedGemmSwiglu, w.dtype)?;
     if two_i % 2 != 0 {
         return invalid!("gate/up weights must have an even number of rows per expert (gate then up), got {two_i}");
     }
@@ -209,6 +224,7 @@ pub fn forward<B: Backend>(
     topk_weights: &mut Tensor<B>,
 ) -> Result<()> {
     layer.validate()?;
+    supported(backend, Op::Forward, layer.dtype)?;
     let c = &layer.config;
     let (t, h) = matrix("hidden_states", x)?;
     if h != c.hidden {

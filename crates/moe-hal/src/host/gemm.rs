@@ -93,6 +93,23 @@ mod avx2 {
         let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
+
+    /// 8 E4M3 bytes from `p` as f32, unscaled (exact; see `widen_e4m3` in `host`: the bits placed
+    /// in an f32, times 2^120; NaN bytes become NaN).
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn e4m3x8(p: *const u8) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable bytes.
+        let b = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(p as *const __m128i) });
+        let em = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
+        let bits = _mm256_or_si256(_mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80))), _mm256_slli_epi32::<20>(em));
+        let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((120 + 127) << 23)));
+        let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7F)));
+        _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan)
+    }
 }
 
 /// The 4 x 3 register tile of [`rows4_times_block_avx2`] and [`rows4_times_bf16_avx2`], written
@@ -166,6 +183,15 @@ rows4_tile_avx2!(
 );
 
 rows4_tile_avx2!(
+    /// [`rows4_times_block_avx2`] on unscaled E4M3 bytes, decoded in registers (the block scales
+    /// are folded into the activations: see [`Direct::E4m3`]).
+    rows4_times_e4m3_avx2,
+    u8,
+    |p: *const u8| avx2::e4m3x8(p),
+    |v: u8| crate::fp8::E4M3[v as usize]
+);
+
+rows4_tile_avx2!(
     /// [`rows4_times_block_avx2`] reading bf16 weights straight from the weights, widened in
     /// registers (a shift) as they load: no widened copy of the block. Each weight vector feeds
     /// four rows, so the widening costs a quarter of what a separate pass over the block would.
@@ -190,6 +216,21 @@ mod avx512 {
         // SAFETY: the caller passes a pointer to 16 readable bf16 values.
         let h = unsafe { _mm256_loadu_si256(p as *const __m256i) };
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    /// 16 E4M3 bytes from `p` as f32, unscaled (as [`super::avx2::e4m3x8`]).
+    ///
+    /// # Safety
+    /// `p` points at 16 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn e4m3x16(p: *const u8) -> __m512 {
+        // SAFETY: the caller passes a pointer to 16 readable bytes.
+        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
+        let em = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+        let bits = _mm512_or_si512(_mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80))), _mm512_slli_epi32::<20>(em));
+        let v = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(f32::from_bits((120 + 127) << 23)));
+        _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7F)), _mm512_set1_ps(f32::NAN))
     }
 }
 
@@ -262,6 +303,15 @@ rows_tile_avx512!(
     half::bf16,
     |p: *const half::bf16| avx512::widen16(p),
     |v: half::bf16| v.to_f32()
+);
+
+rows_tile_avx512!(
+    /// The same for unscaled E4M3 bytes (the block scales folded into the activations: see
+    /// [`Direct::E4m3`]).
+    rows_times_e4m3_avx512,
+    u8,
+    |p: *const u8| avx512::e4m3x16(p),
+    |v: u8| crate::fp8::E4M3[v as usize]
 );
 
 rows_tile_avx512!(
@@ -340,7 +390,8 @@ unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [
     }
 }
 
-/// A block of 16-bit weights the tiles read directly, widening in registers (no widened copy).
+/// A block of 16-bit or 8-bit weights the tiles read directly, widening in registers (no widened
+/// copy).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 enum Direct<'a> {
@@ -348,16 +399,29 @@ enum Direct<'a> {
     Bf16(&'a [half::bf16]),
     /// f16: AVX-512 tiles (`vcvtph2ps`).
     F16(&'a [half::f16]),
+    /// E4M3 rows that all lie in one row of scale blocks: `scales` is that row of the grid (one
+    /// scale per `block_cols` columns). Since `sum_c x[c] * (q[c] * s[c / b]) =
+    /// sum_c (x[c] * s[c / b]) * q[c]`, each activation row is scaled once per block of weight
+    /// rows and the tiles run on the unscaled bytes (AVX-512 tiles, or the AVX2 4-row tile).
+    E4m3 { q: &'a [u8], scales: &'a [f32], block_cols: usize },
 }
 
-/// The weights `w[start..start + len]` as a [`Direct`] block, where this CPU has tiles for their
-/// dtype (and accumulation is f32).
+/// The weights `w[start..start + len]` (whole rows of one group) as a [`Direct`] block, where
+/// this CPU has tiles for their dtype (and accumulation is f32). `rows` is the number of
+/// activation rows a tile will take (the AVX2 E4M3 tile takes exactly 4).
 #[cfg(target_arch = "x86_64")]
-fn direct(w: Weights<'_>, start: usize, len: usize) -> Option<Direct<'_>> {
+fn direct(w: Weights<'_>, start: usize, len: usize, rows: usize) -> Option<Direct<'_>> {
     match (w, isa()) {
         (_, "portable") => None,
         (Weights::BF16(b), _) => Some(Direct::Bf16(&b[start..start + len])),
         (Weights::F16(h), "avx512") => Some(Direct::F16(&h[start..start + len])),
+        (Weights::F8E4M3 { q, scales, rows_cols: [n, k], block: [bn, bk] }, isa) if isa == "avx512" || rows >= 4 => {
+            // The caller's row blocks never straddle a row of scale blocks (see grouped_gemm).
+            let (g, n0) = (start / k / n, start / k % n);
+            let grid_cols = k.div_ceil(bk);
+            let row = (g * n.div_ceil(bn) + n0 / bn) * grid_cols;
+            Some(Direct::E4m3 { q: &q[start..start + len], scales: &scales[row..row + grid_cols], block_cols: bk })
+        }
         _ => None,
     }
 }
@@ -375,6 +439,32 @@ fn rows_times_direct(xs: &[&[f32]], w: Direct<'_>, k: usize, out: &mut [f32]) {
     // AVX-512 tiles (and for every f16 block), AVX2 and FMA for the others.
     unsafe {
         match (w, isa(), xs.len()) {
+            (Direct::E4m3 { q, scales, block_cols }, isa, n) => {
+                // The activation rows times their block scales, in a per-thread buffer.
+                thread_local! {
+                    static SCALED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                SCALED.with_borrow_mut(|buf| {
+                    buf.resize(n * k, 0.0);
+                    for (r, x) in xs.iter().enumerate() {
+                        for ((o, xc), s) in buf[r * k..(r + 1) * k].chunks_mut(block_cols).zip(x.chunks(block_cols)).zip(scales) {
+                            o.iter_mut().zip(xc).for_each(|(o, x)| *o = x * s);
+                        }
+                    }
+                    let rows: [&[f32]; AVX512_ROWS] = std::array::from_fn(|r| &buf[r.min(n - 1) * k..(r.min(n - 1) + 1) * k]);
+                    if isa == "avx512" {
+                        avx512_rows!(rows_times_e4m3_avx512, &rows[..n], q, k, out)
+                    } else if n == 4 {
+                        rows4_times_e4m3_avx2([rows[0], rows[1], rows[2], rows[3]], q, k, out)
+                    } else {
+                        // A group's last tile of fewer than 4 rows: the 4-row tile with the last
+                        // row repeated, kept once.
+                        let mut four = vec![0f32; 4 * out.len() / n];
+                        rows4_times_e4m3_avx2([rows[0], rows[1], rows[2], rows[3]], q, k, &mut four);
+                        out.copy_from_slice(&four[..out.len()]);
+                    }
+                })
+            }
             // One row at a time (decode) takes the 8-lane kernel made for it.
             (Direct::Bf16(w), "avx512", 2..) => avx512_rows!(rows_times_bf16_avx512, xs, w, k, out),
             (Direct::F16(w), _, _) => avx512_rows!(rows_times_f16_avx512, xs, w, k, out),
@@ -490,7 +580,15 @@ pub fn grouped_gemm(
     let end = offsets[offsets.len() - 1] as usize;
     y[end * n..].fill(0.0);
     // Blocks of weight rows of about 64 KiB (f32), so a block stays in L2 while the rows stream.
-    let block = (16384 / k.max(1)).clamp(1, n.max(1));
+    let mut block = (16384 / k.max(1)).clamp(1, n.max(1));
+    if let Weights::F8E4M3 { block: [bn, _], .. } = w {
+        // E4M3: blocks that never straddle a row of scale blocks, so one block shares a row of
+        // scales (Direct::E4m3): a divisor of the scale block's rows.
+        block = block.min(bn);
+        while !bn.is_multiple_of(block) {
+            block -= 1;
+        }
+    }
     let tasks: Vec<(usize, usize)> = (0..offsets.len() - 1)
         .filter(|&g| offsets[g + 1] > offsets[g])
         .flat_map(|g| (0..n).step_by(block).map(move |n0| (g, n0)))
@@ -531,7 +629,7 @@ pub fn grouped_gemm(
         // 16-bit weights are read directly, widened in registers: no widened copy of the block
         // (at decode that pass would cost as much as the dot products; at prefill ~a third).
         #[cfg(target_arch = "x86_64")]
-        if let (Some(block), Accumulate::F32) = (direct(w, (g * n + n0) * k, nb * k), accumulate) {
+        if let (Some(block), Accumulate::F32) = (direct(w, (g * n + n0) * k, nb * k, end - r0), accumulate) {
             return tiles(tile_rows(), &mut |xs, d| rows_times_direct(xs, block, k, d));
         }
         SCRATCH.with_borrow_mut(|scratch| {

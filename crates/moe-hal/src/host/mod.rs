@@ -76,13 +76,39 @@ impl Weights<'_> {
             Weights::F8E4M3 { q, scales, rows_cols: [rows, cols], block } => {
                 debug_assert!(start.is_multiple_of(*cols) && n.is_multiple_of(*cols), "F8E4M3 widens whole rows");
                 crate::fp8::for_each_block(&q[start..start + n], start / cols, *rows, *cols, *block, scales, |at, run, scale| {
-                    for (o, &b) in out[at..at + run.len()].iter_mut().zip(run) {
-                        *o = crate::fp8::E4M3[b as usize] * scale;
-                    }
+                    widen_e4m3(run, scale, &mut out[at..at + run.len()])
                 });
             }
         }
     }
+}
+
+/// `out[i] = E4M3[q[i]] * scale`, without a table: the byte's sign and 7 exponent-and-mantissa
+/// bits placed in an f32 (exponent field = E4M3's, an f32 denormal for E4M3's subnormals) times
+/// 2^120 (exact: it rebiases the exponent from 127 to 7), then the scale (the one rounding, as
+/// the table's product has). NaN bytes stay NaN. Branch-free, so the compiler vectorises it
+/// (AVX2 where the CPU has it): a table lookup per element cost five times as long.
+fn widen_e4m3(q: &[u8], scale: f32, out: &mut [f32]) {
+    #[inline(always)]
+    fn generic(q: &[u8], scale: f32, out: &mut [f32]) {
+        const REBIAS: f32 = f32::from_bits((120 + 127) << 23);
+        for (o, &b) in out.iter_mut().zip(q) {
+            let b = b as u32;
+            let v = f32::from_bits(((b & 0x80) << 24) | ((b & 0x7F) << 20)) * REBIAS;
+            *o = if b & 0x7F == 0x7F { f32::NAN } else { v * scale };
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(q: &[u8], scale: f32, out: &mut [f32]) {
+        generic(q, scale, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { avx2(q, scale, out) };
+    }
+    generic(q, scale, out)
 }
 
 /// bf16 is the top half of an f32: widening is a 16-bit shift (exact, NaN included), which the
@@ -295,4 +321,22 @@ pub fn combine(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every byte, subnormals and NaN included, at a few scales (one with a subnormal product),
+    /// over lengths that leave a vector tail: bit for bit the table's product.
+    #[test]
+    fn widen_e4m3_is_the_table_times_the_scale() {
+        let q: Vec<u8> = (0..=255u8).chain(0..37).collect();
+        for scale in [1.0f32, 3.7e-3, -0.5, 1e-38] {
+            let mut out = vec![0f32; q.len()];
+            super::widen_e4m3(&q, scale, &mut out);
+            for (&b, &o) in q.iter().zip(&out) {
+                let want = crate::fp8::E4M3[b as usize] * scale;
+                assert!(o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()), "byte {b:#04x} x {scale}: {o} != {want}");
+            }
+        }
+    }
 }
