@@ -88,7 +88,7 @@ impl Backend for FallbackBackend {
 
     /// Every op, for every storage dtype: the fallback runs them all.
     fn supports(&self, _op: Op, dtype: DType) -> bool {
-        dtype.is_float()
+        dtype.is_weight()
     }
 
     /// Step 1 of a port: allocation (here a zeroed `Vec`; a device may leave it uninitialised).
