@@ -6,12 +6,16 @@
 // 4 tx + 3; gemv: a warp's NR rows, NR even), so each thread pairs gate and up in registers.
 //
 // Self-contained (NVRTC has no system headers): no #include; f16/bf16 weights are read as raw
-// 16-bit words and converted with PTX cvt (f16) or a shift (bf16); tensor cores are reached
-// through inline PTX (mma.sync), so neither cuda_fp16.h nor cuda_bf16.h is needed.
+// 16-bit words and converted with PTX cvt (f16) or a shift (bf16), F8E4M3 bytes are decoded
+// arithmetically (e4m3_to_f32); tensor cores are reached through inline PTX (mma.sync), so
+// neither cuda_fp16.h, cuda_bf16.h nor cuda_fp8.h is needed.
 //
 // * x is f32 [Mx, K]; src(r) = token_index[r] when a gather index is given, else r.
-// * w is [G, N, K] (or [N, K] with G = 1 and no offsets), stored f32 (DT 0), f16 (DT 1) or bf16
-//   (DT 2); every product accumulates in f32.
+// * w is [G, N, K] (or [N, K] with G = 1 and no offsets), stored f32 (DT 0), f16 (DT 1), bf16
+//   (DT 2) or F8E4M3 (DT 3: float8_e4m3fn bytes with f32 block scales, DeepSeek-V3's format):
+//   element [g, n, k] is E4M3[q] * scales[g, n / sb_rows, k / sb_cols], the product in f32, as
+//   moe_hal::fp8 defines it. Every product accumulates in f32. The scales pointer is every GEMM
+//   kernel's argument; only the F8E4M3 kernels read it.
 // * With offsets, group g owns rows expert_offsets[g] .. expert_offsets[g + 1] of y; offsets are
 //   clamped to M, a decreasing pair is an empty group, a gather index >= Mx reads zeros, so no
 //   data can make a kernel read or write out of bounds. gemm_prep flags bad data in errs[3..9].
@@ -22,16 +26,20 @@
 //   gemm_plan   one block: tile_start[g] = the number of BM-row tiles of the groups before g
 //               (exclusive scan of ceil(rows_g / BM)), tile_start[G] = all tiles. A row tile never
 //               spans two groups, so each tile reads only its own expert's weights.
-//   mma_*       tensor cores, f16/bf16 weights (sm_80+): a BM x 128 tile of y per block of 8
+//   mma_*       tensor cores, f16/bf16/F8E4M3 weights (sm_80+): a BM x 128 tile of y per block of 8
 //               warps (2 x 4; a warp owns (BM / 2) x 32), K in slices of 32 staged in shared memory
 //               (x converted to the weight dtype on the way in, weights copied with 16-byte loads),
 //               the next slice prefetched into registers while the tensor cores work on this one;
 //               mma.sync.m16n8k16 with f32 accumulators. BM = 64 or 128. mma_split_*: the same
 //               with each activation as two 16-bit parts (hi + lo, two MMAs per product), for dense
 //               GEMMs (the router, the shared expert), whose activations must stay f32-accurate.
+//               F8E4M3 runs as bf16: each thread loads 16 weight bytes per slice (one 16-byte
+//               load), and on their way into shared memory multiplies them by their block scale and
+//               rounds to bf16 (bf16, not f16: q * scale may be far below f16's range, where f16
+//               would flush it to zero); x is converted to bf16, as for bf16 weights.
 //   simt_*      the same schedule on plain f32 FMA: a 64 x 64 tile, 4 x 4 outputs per thread.
 //               f32 weights always take it (never TF32: it would break the f32 tolerance), and
-//               f16/bf16 on GPUs older than sm_80.
+//               f16/bf16/F8E4M3 on GPUs older than sm_80.
 //   gemv_*      decode: few rows per group. A block owns 8 * NR weight rows of one expert and
 //               streams them once with 16-byte loads (a warp reads 512 contiguous bytes of a row per
 //               step), applying them to up to 4 token rows at a time; warps reduce with shuffles.
@@ -39,10 +47,19 @@
 //               experts idle) rows of y, where only a group's first row does the work.
 // Block order (mma_*, simt_*): super-columns of 8 column tiles, row tiles inside, so the blocks
 // running together share one weight slab (in L2) across the row tiles of an expert.
+//
+// F8E4M3 scales: a thread's weights come in runs of consecutive elements of one row, starting at a
+// multiple of the run length (gemv_*_vec: 16 per lane and step, shared by the warp's NR rows;
+// simt: 4; mma: 16; gemv_*_any: 1). The scale is looked up once per run (one division) when
+// sb_cols is a multiple of the run length, so that the run cannot cross a block; otherwise
+// (blocks like 5 x 12; DeepSeek's 128 x 128 never) the run walks its elements, moving to the next
+// block's scale where one starts (f8_walk; gemv per word of 4). No scale is read for an element at
+// or past K, so the last row's grid is never overrun.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef unsigned short u16;
+typedef unsigned char u8;
 
 struct GemmParams {
     u32 m;         // rows of y
@@ -57,7 +74,10 @@ struct GemmParams {
     u32 by_row;    // gemv: a slot is a row of y (M < G), not a group
     u32 bm;        // gemm_plan: rows per tile
     u32 swiglu;    // SwiGLU epilogue: y is h [M, N / 2], tile columns interleave gate and up
-    u32 pad1, pad2, pad3, pad4;
+    u32 sb_rows;   // F8E4M3: weight rows per scale block (the host clamps it to N; >= 1)
+    u32 sb_cols;   // F8E4M3: weight columns per scale block (clamped to K rounded up to 16; >= 1)
+    u32 sg_rows;   // F8E4M3: rows of one group's scale grid, ceil(N / sb_rows)
+    u32 sg_cols;   // F8E4M3: columns of the scale grid, ceil(K / sb_cols)
 };
 
 // ---- shared helpers ----
@@ -144,6 +164,8 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
     return (u16)(b >> 16);
 }
 
+// The 16-bit type the tensor cores see for weights of dtype DT: f16 for f16 (DT 1), bf16 for bf16
+// and for F8E4M3 (DT 3, dequantized to bf16).
 template <int DT>
 __device__ __forceinline__ float half_to_f32(u16 h) {
     return DT == 1 ? f16_to_f32(h) : bf16_to_f32(h);
@@ -154,11 +176,78 @@ __device__ __forceinline__ u16 f32_to_half(float x) {
     return DT == 1 ? f32_to_f16(x) : f32_to_bf16(x);
 }
 
-// One weight element as f32.
+// ---- F8E4M3 (DT 3) ----
+
+// One float8_e4m3fn byte as f32, exactly: sign, 4 exponent bits (bias 7), 3 mantissa bits. A
+// normal byte moves its fields into place (exponent + 120 rebiases 7 to 127); a subnormal one
+// (exponent 0) is m * 2^-9, computed as a product because the shift trick would produce an f32
+// denormal, which FTZ code flushes to zero. 0x7F and 0xFF are NaN (the format has no infinity).
+__device__ __forceinline__ float e4m3_to_f32(u32 b) {
+    const u32 e = (b >> 3) & 15u, m = b & 7u;
+    const u32 mag = e == 0u ? __float_as_uint((float)m * 0.001953125f) : ((e + 120u) << 23) | (m << 20);
+    const u32 bits = (b & 0x7fu) == 0x7fu ? 0x7fc00000u : mag;
+    return __uint_as_float(bits | ((b & 0x80u) << 24));
+}
+
+// The block scales of weight row n of group g (one f32 per sb_cols columns).
+__device__ __forceinline__ const float* scale_row(const GemmParams& p, const float* __restrict__ scales, u32 g, u32 n) {
+    return scales + ((u64)g * p.sg_rows + n / p.sb_rows) * p.sg_cols;
+}
+
+// Byte j of NB E4M3 bytes packed little-endian in words.
+__device__ __forceinline__ u32 byte_at(const u32* words, int j) {
+    return (words[j >> 2] >> (8 * (j & 3))) & 0xffu;
+}
+
+// NB E4M3 bytes (packed in words) times one scale s: a run inside one block.
+template <int NB>
+__device__ __forceinline__ void f8_scaled(const u32* words, float s, float* out) {
+#pragma unroll
+    for (int j = 0; j < NB; j++) out[j] = e4m3_to_f32(byte_at(words, j)) * s;
+}
+
+// NB E4M3 bytes (packed in words) that may cross blocks: element j is column k + j of a weight
+// row whose scales are srow. One division finds the first block; the walk then moves to the next
+// scale where a block starts. Elements at or past K (zero bytes: their loads were skipped) take
+// scale 0, so no scale past the row's grid is read.
+template <int NB>
+__device__ __forceinline__ void f8_walk(const GemmParams& p, const u32* words, const float* __restrict__ srow, u32 k,
+                                        float* out) {
+    u32 c = k / p.sb_cols;
+    u32 left = p.sb_cols - (k - c * p.sb_cols); // elements of block c from k on
+    float s = k < p.k ? srow[c] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < NB; j++) {
+        if (left == 0u) {
+            c++;
+            left = p.sb_cols;
+            s = k + j < p.k ? srow[c] : 0.0f;
+        }
+        left--;
+        out[j] = e4m3_to_f32(byte_at(words, j)) * s;
+    }
+}
+
+// The NB-element run at column k (a multiple of NB) of a weight row: one scale when sb_cols is a
+// multiple of NB (the run cannot cross a block), else the walk.
+template <int NB>
+__device__ __forceinline__ void f8_run(const GemmParams& p, const u32* words, const float* __restrict__ srow, u32 k,
+                                       float* out) {
+    if (p.sb_cols % NB == 0u) {
+        f8_scaled<NB>(words, k < p.k ? srow[k / p.sb_cols] : 0.0f, out);
+    } else {
+        f8_walk<NB>(p, words, srow, k, out);
+    }
+}
+
+// One weight element as f32 (F8E4M3: unscaled, the caller applies the block scale).
 template <int DT>
 __device__ __forceinline__ float w_at(const void* __restrict__ w, u64 i) {
     if (DT == 0) {
         return ((const float*)w)[i];
+    }
+    if (DT == 3) {
+        return e4m3_to_f32(((const u8*)w)[i]);
     }
     return half_to_f32<DT>(((const u16*)w)[i]);
 }
@@ -335,7 +424,7 @@ __device__ __forceinline__ bool find_tile(const GemmParams& p, const u32* __rest
     return tile.m0 < tile.m_end;
 }
 
-// ---- mma: tensor cores (f16 / bf16 weights) ----
+// ---- mma: tensor cores (f16 / bf16 / F8E4M3 weights) ----
 
 #define MMA_BN 128
 #define MMA_BK 32
@@ -344,9 +433,9 @@ __device__ __forceinline__ bool find_tile(const GemmParams& p, const u32* __rest
 template <int DT>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
 #if defined(MOE_EMULATOR)
-    emu_mma16816(DT == 2, c, a, b); // the CPU emulator: the same fragment layout, exchanged per warp
+    emu_mma16816(DT != 1, c, a, b); // the CPU emulator: the same fragment layout, exchanged per warp
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if (DT == 2) {
+    if (DT != 1) { // bf16, and F8E4M3 dequantized to bf16
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -365,11 +454,13 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
 // every product is issued twice (hi . w + lo . w): the activations keep about 16 significant bits
 // (relative error ~2^-17 instead of 2^-9 for bf16), for GEMMs whose output must be f32-accurate
 // (the router's logits decide the routing). Al holds the lo parts.
+// VEC: 16-byte weight loads, K % 8 == 0 for 16-bit weights, K % 16 == 0 for F8E4M3 (x: float4).
 template <int DT, int MT, bool VEC, bool SPLIT>
 __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __restrict__ x,
-                                         const u32* __restrict__ ti, const u16* __restrict__ w,
-                                         const u32* __restrict__ off, const u32* __restrict__ tile_start,
-                                         float* __restrict__ y, u16* As, u16* Al, u16* Bs) {
+                                         const u32* __restrict__ ti, const void* __restrict__ w,
+                                         const float* __restrict__ scales, const u32* __restrict__ off,
+                                         const u32* __restrict__ tile_start, float* __restrict__ y,
+                                         u16* As, u16* Al, u16* Bs) {
     constexpr int BM = 32 * MT;
     Tile tile;
     if (!find_tile<BM, MMA_BN>(p, off, tile_start, tile)) {
@@ -379,9 +470,11 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
     const u32 wm = warp >> 2, wn = warp & 3u;
     const u32 gid = lane >> 2, tig = lane & 3u;
     const u32 K = p.k, N = p.n;
-    const u16* wg = w + (u64)tile.g * N * K;
+    const u64 wg = (u64)tile.g * N * K; // the group's first weight element
 
-    // What this thread stages: MT float4 of x (rows), 2 x 8 weights (rows of w).
+    // What this thread stages: MT float4 of x (rows), and BL 16-byte loads of weights: 16-bit
+    // dtypes 2 x 8 elements (rows idx / 4 of the tile, columns 8 (idx % 4) of the slice, idx = tid,
+    // tid + 256), F8E4M3 16 bytes (row tid / 2, columns 16 (tid % 2)) and their scale.
     u32 a_src[MT];
     bool a_ok[MT];
 #pragma unroll
@@ -395,18 +488,28 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
             a_ok[i] = a_src[i] < p.mx;
         }
     }
-    bool b_ok[2];
-    const u16* b_row[2];
+    constexpr int BL = DT == 3 ? 1 : 2;
+    auto b_tile_row = [&](int i) { return DT == 3 ? tid >> 1 : (tid + 256u * i) >> 2; };
+    auto b_tile_col = [&](int i) { return DT == 3 ? (tid & 1u) * 16u : ((tid + 256u * i) & 3u) * 8u; };
+    bool b_ok[BL];
+    u64 b_row[BL]; // the weight row's first element
+    const float* b_srow = scales; // F8E4M3: the row's block scales
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        u32 idx = tid + 256u * i;
-        u32 n = tile.n0 + (idx >> 2);
+    for (int i = 0; i < BL; i++) {
+        u32 n = tile.n0 + b_tile_row(i);
         b_ok[i] = n < N;
         b_row[i] = wg + (u64)(b_ok[i] ? wcol(p, n) : 0u) * K;
+        if (DT == 3 && b_ok[i]) {
+            b_srow = scale_row(p, scales, tile.g, wcol(p, n));
+        }
     }
+    // F8E4M3: a 16-byte run starts at a multiple of 16, so one scale serves it when sb_cols is a
+    // multiple of 16; that scale is prefetched with the bytes (rs), else store() walks the scales.
+    const bool one_scale = p.sb_cols % 16u == 0u;
 
     float4 ra[MT];
-    uint4 rb[2];
+    uint4 rb[BL];
+    float rs = 0.0f;
     auto load = [&](u32 k0) {
 #pragma unroll
         for (int i = 0; i < MT; i++) {
@@ -428,19 +531,33 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
             ra[i] = v;
         }
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            u32 kk = k0 + ((tid + 256u * i) & 3u) * 8u;
+        for (int i = 0; i < BL; i++) {
+            u32 kk = k0 + b_tile_col(i);
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (b_ok[i]) {
+            if (b_ok[i] && DT == 3) {
+                const u8* wr = (const u8*)w + b_row[i];
+                if (VEC && kk < K) {
+                    v = __ldg((const uint4*)(wr + kk));
+                } else if (!VEC) {
+                    u32 q[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+                    for (int j = 0; j < 16; j++) {
+                        if (kk + j < K) q[j >> 2] |= (u32)wr[kk + j] << (8 * (j & 3));
+                    }
+                    v = make_uint4(q[0], q[1], q[2], q[3]);
+                }
+                rs = one_scale && kk < K ? b_srow[kk / p.sb_cols] : 0.0f;
+            } else if (b_ok[i]) {
+                const u16* wr = (const u16*)w + b_row[i];
                 if (VEC) {
                     if (kk < K) {
-                        v = __ldg((const uint4*)(b_row[i] + kk));
+                        v = __ldg((const uint4*)(wr + kk));
                     }
                 } else {
                     u32 h[8];
 #pragma unroll
                     for (int j = 0; j < 8; j++) {
-                        h[j] = kk + j < K ? (u32)b_row[i][kk + j] : 0u;
+                        h[j] = kk + j < K ? (u32)wr[kk + j] : 0u;
                     }
                     v = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
                 }
@@ -448,7 +565,7 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
             rb[i] = v;
         }
     };
-    auto store = [&]() {
+    auto store = [&](u32 k0) {
 #pragma unroll
         for (int i = 0; i < MT; i++) {
             u32 idx = tid + 256u * i;
@@ -466,10 +583,24 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
             }
         }
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            u32 idx = tid + 256u * i;
-            u32 row = idx >> 2, c = (idx & 3u) * 8u;
-            *(uint4*)(Bs + row * MMA_LDS + c) = rb[i];
+        for (int i = 0; i < BL; i++) {
+            const u32 row = b_tile_row(i), c = b_tile_col(i);
+            if (DT == 3) { // dequantize: q * scale in f32 (as moe_hal::fp8), rounded once to bf16
+                const u32 q[4] = {rb[i].x, rb[i].y, rb[i].z, rb[i].w};
+                float f[16];
+                if (one_scale) {
+                    f8_scaled<16>(q, rs, f);
+                } else {
+                    f8_walk<16>(p, q, b_srow, k0 + c, f);
+                }
+                u32 h[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) h[j] = (u32)f32_to_bf16(f[2 * j]) | ((u32)f32_to_bf16(f[2 * j + 1]) << 16);
+                *(uint4*)(Bs + row * MMA_LDS + c) = make_uint4(h[0], h[1], h[2], h[3]);
+                *(uint4*)(Bs + row * MMA_LDS + c + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+            } else {
+                *(uint4*)(Bs + row * MMA_LDS + c) = rb[i];
+            }
         }
     };
 
@@ -483,7 +614,7 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
 
     load(0u);
     for (u32 k0 = 0; k0 < K; k0 += MMA_BK) {
-        store();
+        store(k0);
         __syncthreads();
         if (k0 + MMA_BK < K) {
             load(k0 + MMA_BK); // in flight while the tensor cores work
@@ -548,12 +679,12 @@ __device__ __forceinline__ void mma_body(const GemmParams& p, const float* __res
 #define MMA_KERNEL(NAME, DT, MT, VEC, SPLIT)                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                                \
     NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
-         const u16* __restrict__ w, const u32* __restrict__ off, const u32* __restrict__ tile_start,  \
-         float* __restrict__ y) {                                                                     \
+         const void* __restrict__ w, const float* __restrict__ scales, const u32* __restrict__ off,   \
+         const u32* __restrict__ tile_start, float* __restrict__ y) {                                 \
         __shared__ __align__(16) u16 As[32 * MT * MMA_LDS];                                           \
         __shared__ __align__(16) u16 Al[SPLIT ? 32 * MT * MMA_LDS : 8];                               \
         __shared__ __align__(16) u16 Bs[MMA_BN * MMA_LDS];                                            \
-        mma_body<DT, MT, VEC, SPLIT>(p, x, ti, w, off, tile_start, y, As, Al, Bs);                    \
+        mma_body<DT, MT, VEC, SPLIT>(p, x, ti, w, scales, off, tile_start, y, As, Al, Bs);            \
     }
 
 MMA_KERNEL(mma_f16_m64_vec, 1, 2, true, false)
@@ -564,6 +695,10 @@ MMA_KERNEL(mma_bf16_m64_vec, 2, 2, true, false)
 MMA_KERNEL(mma_bf16_m64_any, 2, 2, false, false)
 MMA_KERNEL(mma_bf16_m128_vec, 2, 4, true, false)
 MMA_KERNEL(mma_bf16_m128_any, 2, 4, false, false)
+MMA_KERNEL(mma_f8_e4m3_m64_vec, 3, 2, true, false)
+MMA_KERNEL(mma_f8_e4m3_m64_any, 3, 2, false, false)
+MMA_KERNEL(mma_f8_e4m3_m128_vec, 3, 4, true, false)
+MMA_KERNEL(mma_f8_e4m3_m128_any, 3, 4, false, false)
 MMA_KERNEL(mma_split_f16_m64_vec, 1, 2, true, true)
 MMA_KERNEL(mma_split_f16_m64_any, 1, 2, false, true)
 MMA_KERNEL(mma_split_f16_m128_vec, 1, 4, true, true)
@@ -572,6 +707,10 @@ MMA_KERNEL(mma_split_bf16_m64_vec, 2, 2, true, true)
 MMA_KERNEL(mma_split_bf16_m64_any, 2, 2, false, true)
 MMA_KERNEL(mma_split_bf16_m128_vec, 2, 4, true, true)
 MMA_KERNEL(mma_split_bf16_m128_any, 2, 4, false, true)
+MMA_KERNEL(mma_split_f8_e4m3_m64_vec, 3, 2, true, true)
+MMA_KERNEL(mma_split_f8_e4m3_m64_any, 3, 2, false, true)
+MMA_KERNEL(mma_split_f8_e4m3_m128_vec, 3, 4, true, true)
+MMA_KERNEL(mma_split_f8_e4m3_m128_any, 3, 4, false, true)
 
 // ---- simt: plain f32 FMA tiles ----
 
@@ -579,12 +718,14 @@ MMA_KERNEL(mma_split_bf16_m128_any, 2, 4, false, true)
 #define SIMT_BN 64
 #define SIMT_BK 16
 
-// VEC: K % 4 == 0 (rows start on 16-byte boundaries for f32 x and f32 w, 8-byte for 16-bit w).
+// VEC: K % 4 == 0 (rows start on 16-byte boundaries for f32 x and f32 w, 8-byte for 16-bit w,
+// 4-byte for F8E4M3 w).
 template <int DT, bool VEC>
 __device__ __forceinline__ void simt_body(const GemmParams& p, const float* __restrict__ x,
                                           const u32* __restrict__ ti, const void* __restrict__ w,
-                                          const u32* __restrict__ off, const u32* __restrict__ tile_start,
-                                          float* __restrict__ y, float* xs, float* ws) {
+                                          const float* __restrict__ scales, const u32* __restrict__ off,
+                                          const u32* __restrict__ tile_start, float* __restrict__ y,
+                                          float* xs, float* ws) {
     Tile tile;
     if (!find_tile<SIMT_BM, SIMT_BN>(p, off, tile_start, tile)) {
         return;
@@ -606,6 +747,7 @@ __device__ __forceinline__ void simt_body(const GemmParams& p, const float* __re
     const u32 wn = tile.n0 + lr;
     const bool w_ok = wn < N;
     const u64 wrow = ((u64)tile.g * N + (w_ok ? wcol(p, wn) : 0u)) * K;
+    const float* srow = DT == 3 && w_ok ? scale_row(p, scales, tile.g, wcol(p, wn)) : scales;
 
     float xv[4], wv[4];
     auto load = [&](u32 k0) {
@@ -625,7 +767,18 @@ __device__ __forceinline__ void simt_body(const GemmParams& p, const float* __re
                 for (int j = 0; j < 4; j++) xv[j] = kk + j < K ? xr[kk + j] : 0.0f;
             }
         }
-        if (w_ok && kk < K) {
+        if (w_ok && kk < K && DT == 3) { // 4 bytes from a multiple of 4: f8_run's one-scale case
+            u32 q = 0u;
+            if (VEC) {
+                q = __ldg((const u32*)((const u8*)w + wrow + kk));
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if (kk + j < K) q |= (u32)((const u8*)w)[wrow + kk + j] << (8 * j);
+                }
+            }
+            f8_run<4>(p, &q, srow, kk, wv);
+        } else if (w_ok && kk < K) {
             if (VEC && DT == 0) {
                 float4 v = __ldg((const float4*)((const float*)w + wrow + kk));
                 wv[0] = v.x; wv[1] = v.y; wv[2] = v.z; wv[3] = v.w;
@@ -702,11 +855,11 @@ __device__ __forceinline__ void simt_body(const GemmParams& p, const float* __re
 #define SIMT_KERNEL(NAME, DT, VEC)                                                                      \
     extern "C" __global__ void __launch_bounds__(256, 2)                                                \
     NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
-         const void* __restrict__ w, const u32* __restrict__ off, const u32* __restrict__ tile_start, \
-         float* __restrict__ y) {                                                                     \
+         const void* __restrict__ w, const float* __restrict__ scales, const u32* __restrict__ off,   \
+         const u32* __restrict__ tile_start, float* __restrict__ y) {                                 \
         __shared__ __align__(16) float xs[SIMT_BK * SIMT_BM];                                         \
         __shared__ __align__(16) float ws[SIMT_BK * SIMT_BN];                                         \
-        simt_body<DT, VEC>(p, x, ti, w, off, tile_start, y, xs, ws);                                 \
+        simt_body<DT, VEC>(p, x, ti, w, scales, off, tile_start, y, xs, ws);                         \
     }
 
 SIMT_KERNEL(simt_f32_vec, 0, true)
@@ -715,16 +868,20 @@ SIMT_KERNEL(simt_f16_vec, 1, true)
 SIMT_KERNEL(simt_f16_any, 1, false)
 SIMT_KERNEL(simt_bf16_vec, 2, true)
 SIMT_KERNEL(simt_bf16_any, 2, false)
+SIMT_KERNEL(simt_f8_e4m3_vec, 3, true)
+SIMT_KERNEL(simt_f8_e4m3_any, 3, false)
 
 // ---- gemv: decode, each touched expert's weights streamed once ----
 
 #define GEMV_RB 4 // token rows per pass
 
-// NR: weight rows per warp (a block owns 8 * NR rows); even for SwiGLU. VEC: K % 8 == 0 (16-byte loads).
+// NR: weight rows per warp (a block owns 8 * NR rows); even for SwiGLU. VEC: 16-byte loads, a lane
+// taking 8 elements of a row per step (K % 8 == 0), or 16 for F8E4M3 (K % 16 == 0).
 template <int DT, int NR, bool VEC>
 __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __restrict__ x,
                                           const u32* __restrict__ ti, const void* __restrict__ w,
-                                          const u32* __restrict__ off, float* __restrict__ y) {
+                                          const float* __restrict__ scales, const u32* __restrict__ off,
+                                          float* __restrict__ y) {
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const u32 nt = blockIdx.x % p.tiles_n;
     const u32 slot = blockIdx.x / p.tiles_n;
@@ -755,11 +912,17 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
     }
     u64 wrow[NR];
     bool wok[NR];
+    const float* srow[NR]; // F8E4M3: the rows' block scales
 #pragma unroll
     for (int i = 0; i < NR; i++) {
         wok[i] = n_base + i < N;
-        wrow[i] = ((u64)g * N + wcol(p, wok[i] ? n_base + i : n_base)) * K;
+        const u32 n = wcol(p, wok[i] ? n_base + i : n_base);
+        wrow[i] = ((u64)g * N + n) * K;
+        srow[i] = DT == 3 ? scale_row(p, scales, g, n) : scales;
     }
+    // F8E4M3, VEC: a lane's 16 bytes start at a multiple of 16, so one scale per row serves them
+    // when sb_cols is a multiple of 16 (else f8_walk, per word of 4).
+    const bool one_scale = p.sb_cols % 16u == 0u;
 
     for (u32 rb = r_lo; rb < r_hi; rb += GEMV_RB) {
         u64 xrow[GEMV_RB];
@@ -781,7 +944,57 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
 #pragma unroll
             for (int q = 0; q < GEMV_RB; q++) acc[i][q] = 0.0f;
 
-        if (VEC) {
+        if (VEC && DT == 3) {
+#pragma unroll 2
+            for (u32 kk = lane * 16u; kk < K; kk += 512u) {
+                // The NR rows' 16 bytes first (the loads in flight together), then four words of 4
+                // elements against x, in a loop kept rolled: only 4 x values per token row are
+                // live at a time, which holds r4 under 128 registers (2 blocks per multiprocessor)
+                // without spilling.
+                uint4 raw[NR];
+                float s[NR];
+                const u32 c = one_scale ? kk / p.sb_cols : 0u;
+#pragma unroll
+                for (int i = 0; i < NR; i++) {
+                    raw[i] = make_uint4(0u, 0u, 0u, 0u);
+                    s[i] = 0.0f;
+                    if (wok[i]) {
+                        raw[i] = __ldg((const uint4*)((const u8*)w + wrow[i] + kk));
+                        s[i] = one_scale ? srow[i][c] : 0.0f;
+                    }
+                }
+#pragma unroll 1
+                for (u32 h = 0; h < 4u; h++) {
+                    const u32 k4 = kk + 4u * h;
+                    float xv[GEMV_RB][4];
+#pragma unroll
+                    for (int q = 0; q < GEMV_RB; q++) {
+                        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                        if (xok[q]) {
+                            a = __ldg((const float4*)(x + xrow[q] + k4));
+                        }
+                        xv[q][0] = a.x; xv[q][1] = a.y; xv[q][2] = a.z; xv[q][3] = a.w;
+                    }
+#pragma unroll
+                    for (int i = 0; i < NR; i++) {
+                        if (!wok[i]) {
+                            continue;
+                        }
+                        const u32 q4 = h == 0u ? raw[i].x : h == 1u ? raw[i].y : h == 2u ? raw[i].z : raw[i].w;
+                        float wv[4];
+                        if (one_scale) {
+                            f8_scaled<4>(&q4, s[i], wv);
+                        } else {
+                            f8_walk<4>(p, &q4, srow[i], k4, wv);
+                        }
+#pragma unroll
+                        for (int q = 0; q < GEMV_RB; q++)
+#pragma unroll
+                            for (int j = 0; j < 4; j++) acc[i][q] = fmaf(xv[q][j], wv[j], acc[i][q]);
+                    }
+                }
+            }
+        } else if (VEC) {
 #pragma unroll 2
             for (u32 kk = lane * 8u; kk < K; kk += 256u) {
                 float xv[GEMV_RB][8];
@@ -816,12 +1029,13 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
                 float xv[GEMV_RB];
 #pragma unroll
                 for (int q = 0; q < GEMV_RB; q++) xv[q] = xok[q] ? x[xrow[q] + kk] : 0.0f;
+                const u32 c = DT == 3 ? kk / p.sb_cols : 0u; // the scale column, shared by the rows
 #pragma unroll
                 for (int i = 0; i < NR; i++) {
                     if (!wok[i]) {
                         continue;
                     }
-                    const float wv = w_at<DT>(w, wrow[i] + kk);
+                    const float wv = DT == 3 ? w_at<DT>(w, wrow[i] + kk) * srow[i][c] : w_at<DT>(w, wrow[i] + kk);
 #pragma unroll
                     for (int q = 0; q < GEMV_RB; q++) acc[i][q] = fmaf(xv[q], wv, acc[i][q]);
                 }
@@ -871,8 +1085,9 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
 #define GEMV_KERNEL(NAME, DT, NR, VEC)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                \
     NAME(const GemmParams p, const float* __restrict__ x, const u32* __restrict__ ti,                 \
-         const void* __restrict__ w, const u32* __restrict__ off, float* __restrict__ y) {            \
-        gemv_body<DT, NR, VEC>(p, x, ti, w, off, y);                                                  \
+         const void* __restrict__ w, const float* __restrict__ scales, const u32* __restrict__ off,   \
+         float* __restrict__ y) {                                                                     \
+        gemv_body<DT, NR, VEC>(p, x, ti, w, scales, off, y);                                          \
     }
 
 GEMV_KERNEL(gemv_f32_r1_vec, 0, 1, true)
@@ -893,3 +1108,9 @@ GEMV_KERNEL(gemv_bf16_r2_vec, 2, 2, true)
 GEMV_KERNEL(gemv_bf16_r2_any, 2, 2, false)
 GEMV_KERNEL(gemv_bf16_r4_vec, 2, 4, true)
 GEMV_KERNEL(gemv_bf16_r4_any, 2, 4, false)
+GEMV_KERNEL(gemv_f8_e4m3_r1_vec, 3, 1, true)
+GEMV_KERNEL(gemv_f8_e4m3_r1_any, 3, 1, false)
+GEMV_KERNEL(gemv_f8_e4m3_r2_vec, 3, 2, true)
+GEMV_KERNEL(gemv_f8_e4m3_r2_any, 3, 2, false)
+GEMV_KERNEL(gemv_f8_e4m3_r4_vec, 3, 4, true)
+GEMV_KERNEL(gemv_f8_e4m3_r4_any, 3, 4, false)

@@ -188,7 +188,8 @@ unsigned short emu_f32_to_f16(float x) {
     return h;
 }
 
-// ---- mma.sync.m16n8k16.row.col.f32.{f16,bf16}: the PTX ISA fragment layout ----
+// ---- mma.sync.m16n8k16.row.col.f32.{f16,bf16}: the PTX ISA fragment layout (F8E4M3 weights reach
+// it as bf16) ----
 // groupID = lane / 4, tig = lane % 4.
 // A (16 x 16): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
 // B (16 x 8):  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
@@ -284,6 +285,22 @@ void gemv_bf16_r2_vec();
 void gemv_bf16_r2_any();
 void gemv_bf16_r4_vec();
 void gemv_bf16_r4_any();
+void mma_f8_e4m3_m64_vec();
+void mma_f8_e4m3_m64_any();
+void mma_f8_e4m3_m128_vec();
+void mma_f8_e4m3_m128_any();
+void mma_split_f8_e4m3_m64_vec();
+void mma_split_f8_e4m3_m64_any();
+void mma_split_f8_e4m3_m128_vec();
+void mma_split_f8_e4m3_m128_any();
+void simt_f8_e4m3_vec();
+void simt_f8_e4m3_any();
+void gemv_f8_e4m3_r1_vec();
+void gemv_f8_e4m3_r1_any();
+void gemv_f8_e4m3_r2_vec();
+void gemv_f8_e4m3_r2_any();
+void gemv_f8_e4m3_r4_vec();
+void gemv_f8_e4m3_r4_any();
 void activation();
 void activation_vec();
 void combine();
@@ -304,6 +321,10 @@ static const struct {
     K(gemv_f32_r1_vec), K(gemv_f32_r1_any), K(gemv_f32_r2_vec), K(gemv_f32_r2_any), K(gemv_f32_r4_vec), K(gemv_f32_r4_any),
     K(gemv_f16_r1_vec), K(gemv_f16_r1_any), K(gemv_f16_r2_vec), K(gemv_f16_r2_any), K(gemv_f16_r4_vec), K(gemv_f16_r4_any),
     K(gemv_bf16_r1_vec), K(gemv_bf16_r1_any), K(gemv_bf16_r2_vec), K(gemv_bf16_r2_any), K(gemv_bf16_r4_vec), K(gemv_bf16_r4_any),
+    K(mma_f8_e4m3_m64_vec), K(mma_f8_e4m3_m64_any), K(mma_f8_e4m3_m128_vec), K(mma_f8_e4m3_m128_any),
+    K(mma_split_f8_e4m3_m64_vec), K(mma_split_f8_e4m3_m64_any), K(mma_split_f8_e4m3_m128_vec), K(mma_split_f8_e4m3_m128_any),
+    K(simt_f8_e4m3_vec), K(simt_f8_e4m3_any),
+    K(gemv_f8_e4m3_r1_vec), K(gemv_f8_e4m3_r1_any), K(gemv_f8_e4m3_r2_vec), K(gemv_f8_e4m3_r2_any), K(gemv_f8_e4m3_r4_vec), K(gemv_f8_e4m3_r4_any),
     K(activation), K(activation_vec), K(combine), K(combine_vec),
 };
 

@@ -55,15 +55,17 @@
 //! | `permute` | `permute_rank` (tiles of 1024 pairs: stable in-tile rank, per-tile counts stored bucket-major), `permute_scan` (one block: exclusive scan of the counts in bucket-major order, which *is* the stable order), `permute_scatter` | all |
 //! | `grouped_gemm` | `gemm_prep`: validates offsets and gather indices, zeros rows past `expert_offsets[G]` | with offsets or a gather index |
 //! | | `gemv_*`: a block streams `8 NR` weight rows of one expert once (16-byte loads, 512 contiguous bytes per warp and step), for up to 4 token rows per pass; slots per group, or per row of `y` when `M < G` so idle experts cost one check; `NR` = 4, or 1 when that gives fewer than 2 blocks per multiprocessor (the router, a shared expert at T = 1) | `M <= 4 G` (decode; `G = 1` without offsets) |
-//! | | `gemm_plan` + `mma_*`: tensor cores, `mma.sync.m16n8k16` (f16 or bf16 inputs, f32 accumulators) from inline PTX; tiles of 64 or 128 rows (64 when `M <= 64 G`) by 128 columns, 8 warps, K in slices of 32 with a register prefetch of the next slice; row tiles never span two experts (`gemm_plan` scans `ceil(rows_g / BM)`), blocks ordered in super-columns of 8 column tiles so an expert's row tiles share its weights in L2 | `M > 4 G`, f16/bf16 weights, sm_80+, with expert offsets |
+//! | | `gemm_plan` + `mma_*`: tensor cores, `mma.sync.m16n8k16` (f16 or bf16 inputs, f32 accumulators) from inline PTX; tiles of 64 or 128 rows (64 when `M <= 64 G`) by 128 columns, 8 warps, K in slices of 32 with a register prefetch of the next slice; row tiles never span two experts (`gemm_plan` scans `ceil(rows_g / BM)`), blocks ordered in super-columns of 8 column tiles so an expert's row tiles share its weights in L2; F8E4M3 weights are dequantized (`q * scale`, rounded to bf16) on their way into shared memory and run as bf16 | `M > 4 G`, f16/bf16/F8E4M3 weights, sm_80+, with expert offsets |
 //! | | `mma_split_*`: the same, each activation staged as two 16-bit parts (hi + lo) and every product issued twice, so the activations keep ~16 significant bits | the same shapes without offsets: the router and the shared expert |
 //! | | `gemm_plan` + `simt_*`: the same schedule on f32 FMA, 64 x 64 tiles, 4 x 4 outputs per thread | `M > 4 G`, f32 weights (or a GPU older than sm_80) |
+//! | | F8E4M3 (`*_f8_e4m3_*`, every family): the weights are bytes (16-byte loads: 16 elements for `gemv_*` and `mma_*`, 4-byte for `simt_*`), decoded arithmetically (exactly, no table, no f32 denormal) and multiplied by their block's f32 scale; a thread looks its scale up once per run of consecutive elements (one division) when the block width is a multiple of the run, and walks the scales element by element otherwise (blocks like 5 x 12) | the same shapes as f16/bf16 |
 //! | `grouped_gemm_swiglu` | the `grouped_gemm` kernels with `swiglu = 1`: tile columns walk the `2I` weight rows interleaved (column `2j` = gate row `j`, `2j + 1` = up row `I + j`), so the thread holding a gate accumulator holds its up partner (the mma C fragment's column pair, simt's 4 columns, a gemv warp's `NR` rows with `NR` = 4 or 2) and writes only `silu(gate) * up`; the `[M, 2I]` intermediate never reaches memory | the same shapes as `grouped_gemm` |
 //! | `activation` | grid-stride SwiGLU (`activation_vec`: float4 when `I % 4 == 0`) | all |
 //! | `combine` | grid-stride weighted sum in slot order (`combine_vec`: float4 when `H % 4 == 0`) | all |
 //!
-//! The vector variants (`*_vec`) need `K % 8 == 0` (`K % 4 == 0` for `simt_*`), which every real
-//! model has; other `K` take the `*_any` variants, element loads with bounds checks.
+//! The vector variants (`*_vec`) need `K % 8 == 0` (`K % 4 == 0` for `simt_*`; `K % 16 == 0` for
+//! F8E4M3's `gemv_*` and `mma_*`), which every real model has; other `K` take the `*_any`
+//! variants, element loads with bounds checks.
 //! [`CudaBackend::with_gemm_path`] forces one family (for tests and benchmarks).
 //!
 //! ## Precision
@@ -83,6 +85,15 @@
 //! computes in f32, and a bf16-rounded activation moved a near-tie in the conformance suite
 //! (`forward_bf16/softmax_raw_shared`). f16 rounding of an activation above 65504 gives infinity
 //! (no real model's hidden states or SwiGLU outputs come near).
+//!
+//! **F8E4M3** weights are exact on the FMA paths (`gemv_*`, `simt_*`: `q * scale` in f32, as
+//! `moe_hal::fp8` and `moe-cpu` compute it; 1e-7 to 3e-7 from `moe-cpu` on the emulator, summation
+//! order only). On the tensor cores (`mma_*` and `mma_split_*`) each dequantized weight is rounded
+//! once to bf16 (bf16 rather than f16: `q * scale` can be far below f16's normal range, where it
+//! would lose its bits or flush to zero) and the activations go in as bf16 (`mma_*`) or as hi + lo
+//! (`mma_split_*`): 1.4e-3 to 3.3e-3 relative L2 per GEMM on the emulator, split or not (the
+//! weights' rounding dominates once the activations are split), against the conformance tolerance
+//! of 1e-2 per op and 2e-2 per layer (the bf16 ones).
 //!
 //! ## The CPU emulator
 //!
@@ -107,15 +118,20 @@
 //!   log (no warning), every entry point is in the PTX, the tensor-core kernels hold `mma.sync`,
 //!   and ptxas reports no spill and no stack frame for any kernel (`nvrtc_compiles_every_kernel`
 //!   prints the registers and shared memory of each);
-//! * on the emulator: the **whole conformance suite** passes (all 16 groups, every case), and the
-//!   `tests::device` tests force every kernel family on every dtype (tensor cores with 64- and
-//!   128-row tiles, split and not, vector and element loads; FMA tiles for every dtype; streaming
-//!   with one and four rows per warp; the router's global-scratch path at E = 20000; permute over
-//!   24 tiles) and match `moe-cpu` (these run in `cargo test` wherever g++ 12+ is installed).
+//! * on the emulator: the **whole conformance suite** passes (all 23 groups, every case, F8E4M3's
+//!   three included), and the `tests::device` tests force every kernel family on every dtype
+//!   (tensor cores with 64- and 128-row tiles, split and not, vector and element loads; FMA tiles
+//!   for every dtype; streaming with one and four rows per warp; F8E4M3 in 16 x 32, 5 x 12, 3 x 7
+//!   and 128 x 128 blocks, so each family takes both the one-scale-per-run and the walking
+//!   lookup; the router's global-scratch path at E = 20000; permute over 24 tiles) and match
+//!   `moe-cpu` (these run in `cargo test` wherever g++ 12+ is installed).
 //!
 //! **Nothing has run on a GPU yet**: the conformance suite on a real device, compute-sanitizer,
 //! `moe run --backend cuda`, the tensor cores' own arithmetic, and every timing remain for a device
-//! session (`crates/moe-cuda/DEVICE_CHECK.md` has the exact steps).
+//! session (`crates/moe-cuda/DEVICE_CHECK.md` has the exact steps). In particular the **F8E4M3**
+//! kernels (`*_f8_e4m3_*`) were verified **only on the emulator and by NVRTC** (they compile for
+//! sm_90 and sm_80 with no warning and no spill), never on a GPU: neither their results on real
+//! hardware nor their speed (decode is meant to read half the bytes of bf16) has been measured.
 
 #![warn(missing_docs)]
 
@@ -161,15 +177,15 @@ pub fn available() -> std::result::Result<String, String> {
 /// shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmPath {
-    /// From shapes: `gemv_*` for `M <= 4 G`, else tensor cores for f16/bf16 weights on sm_80+,
-    /// else f32 FMA tiles.
+    /// From shapes: `gemv_*` for `M <= 4 G`, else tensor cores for f16/bf16/F8E4M3 weights on
+    /// sm_80+, else f32 FMA tiles.
     #[default]
     Auto,
     /// Always the weight-streaming decode kernels (`gemv_*`).
     Gemv,
     /// Always tiles: tensor cores where the dtype and GPU allow, else FMA tiles.
     Tiled,
-    /// Always the FMA tiles (`simt_*`), even for f16/bf16 weights.
+    /// Always the FMA tiles (`simt_*`), even for f16/bf16/F8E4M3 weights.
     Simt,
 }
 
@@ -198,9 +214,9 @@ impl CudaBackend {
 
     fn from_device(dev: Device) -> CudaBackend {
         let f = &dev.facts;
-        let mut features = vec!["f32".to_string(), "f16".into(), "bf16".into(), format!("sm_{}", f.cc)];
+        let mut features = vec!["f32".to_string(), "f16".into(), "bf16".into(), "f8_e4m3 (block scales)".into(), format!("sm_{}", f.cc)];
         if f.cc >= 80 {
-            features.push("tensor-cores mma.sync m16n8k16 f16/bf16->f32".into());
+            features.push("tensor-cores mma.sync m16n8k16 f16/bf16->f32 (f8_e4m3 as bf16)".into());
         }
         if f.memory_pools {
             features.push("stream-ordered memory pool".into());
@@ -292,9 +308,10 @@ impl Backend for CudaBackend {
         &self.info
     }
 
-    /// Every op runs natively for f32, f16 and bf16 weights.
+    /// Every op runs natively for every weight dtype: f32, f16, bf16, and F8E4M3 with its block
+    /// scales (decoded in the GEMM kernels).
     fn supports(&self, _op: Op, dtype: DType) -> bool {
-        dtype.is_float()
+        dtype.is_weight()
     }
 
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CudaBuffer> {

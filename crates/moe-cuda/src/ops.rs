@@ -39,8 +39,9 @@ pub(crate) const GEMV_ROWS_PER_GROUP: usize = 4;
 pub(crate) enum Plan {
     /// Decode: a block streams `8 * nr` weight rows of one expert once.
     Gemv { nr: u32 },
-    /// Tensor cores, `bm`-row tiles (64 or 128) of 128 columns; `split`: activations as two
-    /// 16-bit parts (hi + lo), two MMAs per product, for f32-accurate dense GEMMs.
+    /// Tensor cores (f16, bf16, F8E4M3 dequantized to bf16), `bm`-row tiles (64 or 128) of 128
+    /// columns; `split`: activations as two 16-bit parts (hi + lo), two MMAs per product, for
+    /// f32-accurate dense GEMMs.
     Mma { bm: u32, split: bool },
     /// f32 FMA, 64 x 64 tiles.
     Simt,
@@ -77,6 +78,7 @@ fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
+        DType::F8E4M3 => "f8_e4m3",
         _ => "f32",
     }
 }
@@ -85,15 +87,19 @@ fn dtype_name(d: DType) -> &'static str {
 /// [`Source::GroupedGemm`]'s entries (a name missing there would be this file's bug: an error,
 /// never another kernel).
 pub(crate) fn gemm_entry(plan: Plan, dtype: DType, k: usize) -> Result<&'static str> {
+    // The vector variants load whole rows' worth of aligned vectors: 8 elements per lane and step
+    // (gemv: 32 bytes of f32, 16 of f16/bf16) or per mma weight load, 4 per simt load; F8E4M3's
+    // 16-byte loads are 16 elements (gemv, mma), so K must be a multiple of 16 for them.
+    let width = match (plan, dtype) {
+        (Plan::Simt, _) => 4,
+        (_, DType::F8E4M3) => 16,
+        _ => 8,
+    };
+    let vec = if k.is_multiple_of(width) { "vec" } else { "any" };
     let want = match plan {
-        Plan::Gemv { nr } => format!("gemv_{}_r{nr}_{}", dtype_name(dtype), if k.is_multiple_of(8) { "vec" } else { "any" }),
-        Plan::Mma { bm, split } => format!(
-            "mma_{}{}_m{bm}_{}",
-            if split { "split_" } else { "" },
-            dtype_name(dtype),
-            if k.is_multiple_of(8) { "vec" } else { "any" }
-        ),
-        Plan::Simt => format!("simt_{}_{}", dtype_name(dtype), if k.is_multiple_of(4) { "vec" } else { "any" }),
+        Plan::Gemv { nr } => format!("gemv_{}_r{nr}_{vec}", dtype_name(dtype)),
+        Plan::Mma { bm, split } => format!("mma_{}{}_m{bm}_{vec}", if split { "split_" } else { "" }, dtype_name(dtype)),
+        Plan::Simt => format!("simt_{}_{vec}", dtype_name(dtype)),
     };
     Source::GroupedGemm
         .entries()
@@ -211,6 +217,24 @@ impl CudaBackend {
 
         let mut head = params(&head);
         head[11] = swiglu as u32;
+        // F8E4M3: the block scales (validation guarantees them, of the right shape) and their
+        // layout; every other dtype passes the dummy pointer, which its kernels never read.
+        let sp = match (&w.scales, w.dtype) {
+            (Some(s), DType::F8E4M3) => {
+                let [br, bc] = s.block;
+                // Clamped so they fit 32 bits without changing any element's block: a block at
+                // least N rows (K columns) tall (wide) is the whole matrix either way. Columns clamp
+                // to K rounded up to 16, a multiple of every run the kernels decode at once, so a
+                // block wider than the matrix still lets them look one scale up per run.
+                head[12] = dim("scale block rows", br.min(n.max(1)))?;
+                head[13] = dim("scale block columns", bc.min(k.next_multiple_of(16).max(16)))?;
+                head[14] = dim("scale grid rows", n.div_ceil(br))?;
+                head[15] = dim("scale grid columns", k.div_ceil(bc))?;
+                Self::ptr(&s.tensor)
+            }
+            (None, DType::F8E4M3) => return moe_hal::invalid!("f8_e4m3 weights need their block scales"),
+            _ => self.dev.dummy,
+        };
         if grouped || gather {
             let p = head;
             let blocks = self.stride_blocks((m * y.shape[1]).max(m).max(g));
@@ -229,7 +253,7 @@ impl CudaBackend {
                 p[8] = dim("slots", slots)?;
                 p[9] = by_row as u32;
                 let blocks = grid("gemv", slots * tiles_n)?;
-                self.dev.launch(Source::GroupedGemm, entry, blocks, 256, 0, &p, &[xp, tip, wp, offp, yp])
+                self.dev.launch(Source::GroupedGemm, entry, blocks, 256, 0, &p, &[xp, tip, wp, sp, offp, yp])
             }
             Plan::Mma { .. } | Plan::Simt => {
                 let bm = bm_of(plan);
@@ -249,7 +273,7 @@ impl CudaBackend {
                 };
                 let tsp = tile_start.as_ref().map_or(self.dev.dummy, |t| t.ptr);
                 let blocks = grid("grouped_gemm", max_tiles * tiles_n)?;
-                self.dev.launch(Source::GroupedGemm, entry, blocks, 256, 0, &p, &[xp, tip, wp, offp, tsp, yp])
+                self.dev.launch(Source::GroupedGemm, entry, blocks, 256, 0, &p, &[xp, tip, wp, sp, offp, tsp, yp])
             }
         }
     }

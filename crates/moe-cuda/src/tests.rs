@@ -200,6 +200,12 @@ fn gemm_kernel_is_chosen_from_shapes() {
     assert_eq!(plan(GemmPath::Simt, 8192, 4096, 256, true, BF16, cc, sms, false), Plan::Simt);
     assert_eq!(plan(GemmPath::Tiled, 8, 4096, 256, true, BF16, cc, sms, false), Plan::Mma { bm: 64, split: false });
     assert_eq!(plan(GemmPath::Tiled, 8, 4096, 256, true, F32, cc, sms, false), Plan::Simt);
+    // F8E4M3 experts (DeepSeek-V3's checkpoint) take the same families as bf16: tensor cores for
+    // prefill, streaming for decode, FMA tiles before sm_80.
+    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, F8E4M3, cc, sms, false), Plan::Mma { bm: 64, split: false });
+    assert_eq!(plan(GemmPath::Auto, 8, 4096, 256, true, F8E4M3, cc, sms, true), Plan::Gemv { nr: 4 });
+    assert_eq!(plan(GemmPath::Auto, 2048, 4096, 1, false, F8E4M3, cc, sms, true), Plan::Mma { bm: 128, split: true });
+    assert_eq!(plan(GemmPath::Auto, 8192, 4096, 256, true, F8E4M3, 75, sms, false), Plan::Simt);
     // Entry names exist in the source's list.
     let all = Source::GroupedGemm.entries();
     for (p, d, k) in [
@@ -212,6 +218,12 @@ fn gemm_kernel_is_chosen_from_shapes() {
         (Plan::Mma { bm: 128, split: true }, BF16, 9),
         (Plan::Simt, F32, 6),
         (Plan::Simt, BF16, 8),
+        (Plan::Gemv { nr: 2 }, F8E4M3, 7168),
+        (Plan::Gemv { nr: 1 }, F8E4M3, 40),
+        (Plan::Mma { bm: 64, split: false }, F8E4M3, 7168),
+        (Plan::Mma { bm: 128, split: true }, F8E4M3, 37),
+        (Plan::Simt, F8E4M3, 40),
+        (Plan::Simt, F8E4M3, 6),
     ] {
         let e = gemm_entry(p, d, k).unwrap();
         assert!(all.contains(&e), "{e}");
@@ -220,6 +232,12 @@ fn gemm_kernel_is_chosen_from_shapes() {
     assert_eq!(gemm_entry(Plan::Mma { bm: 64, split: true }, F16, 7168).unwrap(), "mma_split_f16_m64_vec");
     assert_eq!(gemm_entry(Plan::Gemv { nr: 4 }, F16, 7167).unwrap(), "gemv_f16_r4_any");
     assert_eq!(gemm_entry(Plan::Simt, F32, 6).unwrap(), "simt_f32_any");
+    // F8E4M3's 16-byte loads are 16 elements: K % 16 for the vector variants of gemv and mma.
+    assert_eq!(gemm_entry(Plan::Gemv { nr: 4 }, F8E4M3, 7168).unwrap(), "gemv_f8_e4m3_r4_vec");
+    assert_eq!(gemm_entry(Plan::Gemv { nr: 4 }, F8E4M3, 40).unwrap(), "gemv_f8_e4m3_r4_any");
+    assert_eq!(gemm_entry(Plan::Mma { bm: 128, split: false }, F8E4M3, 2048).unwrap(), "mma_f8_e4m3_m128_vec");
+    assert_eq!(gemm_entry(Plan::Mma { bm: 64, split: true }, F8E4M3, 40).unwrap(), "mma_split_f8_e4m3_m64_any");
+    assert_eq!(gemm_entry(Plan::Simt, F8E4M3, 40).unwrap(), "simt_f8_e4m3_vec");
     // A plan with no kernel (f32 on tensor cores: `plan` never makes one) is an error, not some
     // other kernel.
     assert!(gemm_entry(Plan::Mma { bm: 64, split: false }, F32, 8).is_err());

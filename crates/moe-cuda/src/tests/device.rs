@@ -7,11 +7,13 @@
 //! each `grouped_gemm` family ([`GemmPath`]) on shapes that reach every variant (tensor cores with
 //! 64- and 128-row tiles, split and not, vector and element loads; FMA tiles for every dtype;
 //! streaming with one, two and four rows per warp), each plain and with the fused SwiGLU epilogue
-//! (`grouped_gemm_swiglu`), and the router's global-scratch path (E = 20000).
+//! (`grouped_gemm_swiglu`), for every weight dtype (F8E4M3 in scale blocks that make each kernel
+//! take one scale per run and walk the scales, see [`FP8_BLOCKS`]), and the router's global-scratch
+//! path (E = 20000).
 
 use crate::{CudaBackend, GemmPath};
 use moe_cpu::CpuBackend;
-use moe_hal::{Backend, DType, Routing, Tensor, ops};
+use moe_hal::{Backend, DType, HostTensor, Routing, Tensor, ops};
 
 fn required() -> bool {
     std::env::var("MOE_REQUIRE_BACKENDS").is_ok_and(|v| v.split(',').any(|n| n.trim() == "cuda"))
@@ -79,9 +81,15 @@ struct Gemm {
     k: usize,
 }
 
+/// F8E4M3 scale blocks: 16 x 32 (every run of 16, 8 or 4 inside one block), 5 x 12 (gemv's and
+/// mma's 16-byte runs cross blocks: the walk; simt's runs of 4 do not), 3 x 7 (every run walks),
+/// 128 x 128 (wider and taller than the small cases: one block per matrix, clamped).
+const FP8_BLOCKS: [[usize; 2]; 4] = [[16, 32], [5, 12], [3, 7], [128, 128]];
+
 /// Runs `case` on `b` and on the CPU backend with the same inputs (with `swiglu`, as
-/// `grouped_gemm_swiglu` over `2 ceil(n / 2)` weight rows); returns the relative L2 error.
-fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, seed: u64, swiglu: bool) -> f64 {
+/// `grouped_gemm_swiglu` over `2 ceil(n / 2)` weight rows; F8E4M3 weights quantized in `block`s);
+/// returns the relative L2 error.
+fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, block: [usize; 2], seed: u64, swiglu: bool) -> f64 {
     let n = if swiglu { case.n.div_ceil(2) * 2 } else { case.n };
     let width = if swiglu { n / 2 } else { n };
     let cpu = CpuBackend::new();
@@ -111,13 +119,17 @@ fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, seed: u64, swiglu: bool)
         w: &[f32],
         ws: &[usize],
         dtype: DType,
+        block: [usize; 2],
         off: Option<&[u32]>,
         ti: Option<&[u32]>,
         y: [usize; 2],
         swiglu: bool,
     ) -> Vec<f32> {
         let xt = Tensor::from_f32(be, DType::F32, &xs, x).unwrap();
-        let wt = Tensor::from_f32(be, dtype, ws, w).unwrap();
+        let wt = match dtype {
+            DType::F8E4M3 => Tensor::from_host(be, &HostTensor::quantize(ws, w, block).unwrap()).unwrap(),
+            _ => Tensor::from_f32(be, dtype, ws, w).unwrap(),
+        };
         let ot = off.map(|o| Tensor::from_u32(be, &[o.len()], o).unwrap());
         let tt = ti.map(|t| Tensor::from_u32(be, &[t.len()], t).unwrap());
         let mut yt = Tensor::from_f32(be, DType::F32, &y, &vec![f32::NAN; y[0] * y[1]]).unwrap();
@@ -128,8 +140,8 @@ fn run_gemm(b: &CudaBackend, case: &Gemm, dtype: DType, seed: u64, swiglu: bool)
         }
         yt.to_f32(be).unwrap()
     }
-    let got = run(b, &x, [mx, case.k], &w, &w_shape, dtype, offsets.as_deref(), ti.as_deref(), [m, width], swiglu);
-    let want = run(&cpu, &x, [mx, case.k], &w, &w_shape, dtype, offsets.as_deref(), ti.as_deref(), [m, width], swiglu);
+    let got = run(b, &x, [mx, case.k], &w, &w_shape, dtype, block, offsets.as_deref(), ti.as_deref(), [m, width], swiglu);
+    let want = run(&cpu, &x, [mx, case.k], &w, &w_shape, dtype, block, offsets.as_deref(), ti.as_deref(), [m, width], swiglu);
     if let Some(off) = &offsets {
         let end = *off.last().unwrap() as usize * width;
         assert!(got[end..].iter().all(|v| *v == 0.0), "{}: rows past the last offset are not zero", case.name);
@@ -150,6 +162,8 @@ fn gemm_cases() -> Vec<Gemm> {
         Gemm { name: "dense_m150_k37", sizes: None, dense_rows: 150, tail: 0, gather: None, n: 33, k: 37 },
         // Decode-like: one row in most experts.
         Gemm { name: "decode", sizes: Some(vec![1, 0, 1, 2, 0, 1]), dense_rows: 0, tail: 1, gather: Some(3), n: 70, k: 64 },
+        // K % 16 == 0 on the tensor cores (F8E4M3's 16-byte loads), with a gather and a tail.
+        Gemm { name: "grouped_k48", sizes: Some(vec![70, 3]), dense_rows: 0, tail: 2, gather: Some(50), n: 130, k: 48 },
     ]
 }
 
@@ -157,13 +171,18 @@ fn gemm_cases() -> Vec<Gemm> {
 fn grouped_gemm_every_kernel_family_matches_the_cpu() {
     let mut failures = Vec::new();
     for (where_, b) in backends() {
-        for path in [GemmPath::Auto, GemmPath::Gemv, GemmPath::Tiled, GemmPath::Simt] {
+        for (pi, path) in [GemmPath::Auto, GemmPath::Gemv, GemmPath::Tiled, GemmPath::Simt].into_iter().enumerate() {
             let b = CudaBackend { gemm_path: path, info: b.info.clone(), dev: b.dev.clone() };
-            for (dtype, swiglu) in DType::FLOATS.into_iter().flat_map(|d| [(d, false), (d, true)]) {
+            for (dtype, swiglu) in DType::WEIGHTS.into_iter().flat_map(|d| [(d, false), (d, true)]) {
                 for (i, case) in gemm_cases().iter().enumerate() {
-                    let err = run_gemm(&b, case, dtype, 1000 + i as u64, swiglu);
+                    // Each path sees every F8E4M3 block over the cases.
+                    let block = FP8_BLOCKS[(i + pi) % FP8_BLOCKS.len()];
+                    let err = run_gemm(&b, case, dtype, block, 1000 + i as u64, swiglu);
                     // The conformance tolerances per op; f32-accurate paths must do far better.
-                    let split_or_f32 = dtype == DType::F32 || case.sizes.is_none() || path == GemmPath::Simt || path == GemmPath::Gemv;
+                    // F8E4M3 weights are exact on the FMA paths (gemv, simt: q * scale in f32, as
+                    // the CPU), and rounded to bf16 on the tensor cores, split or not.
+                    let fma = path == GemmPath::Simt || path == GemmPath::Gemv;
+                    let split_or_f32 = dtype == DType::F32 || (case.sizes.is_none() && dtype != DType::F8E4M3) || fma;
                     let tol = if split_or_f32 {
                         2e-5
                     } else if dtype == DType::F16 {
@@ -172,7 +191,8 @@ fn grouped_gemm_every_kernel_family_matches_the_cpu() {
                         1e-2
                     };
                     let op = if swiglu { "grouped_gemm_swiglu" } else { "grouped_gemm" };
-                    let line = format!("{where_} {path:?} {op} {dtype} {}: rel err {err:.2e} (tolerance {tol:.0e})", case.name);
+                    let blk = if dtype == DType::F8E4M3 { format!(" {}x{} blocks", block[0], block[1]) } else { String::new() };
+                    let line = format!("{where_} {path:?} {op} {dtype} {}{blk}: rel err {err:.2e} (tolerance {tol:.0e})", case.name);
                     println!("{line}");
                     if err.is_nan() || err > tol {
                         failures.push(line);
