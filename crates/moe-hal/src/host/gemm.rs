@@ -582,9 +582,11 @@ pub fn grouped_gemm(
     // Blocks of weight rows of about 64 KiB (f32), so a block stays in L2 while the rows stream.
     let mut block = (16384 / k.max(1)).clamp(1, n.max(1));
     if let Weights::F8E4M3 { block: [bn, _], .. } = w {
-        // E4M3: blocks that never straddle a row of scale blocks, so one block shares a row of
-        // scales (Direct::E4m3): a divisor of the scale block's rows.
-        block = block.min(bn);
+        // E4M3: 64 KiB of bytes (the direct tiles read them as they are), so the activation rows
+        // scaled per block (Direct::E4m3) are reused by more weight rows; and blocks that never
+        // straddle a row of scale blocks, so one block shares a row of scales: a divisor of the
+        // scale block's rows.
+        block = (65536 / k.max(1)).clamp(1, n.max(1)).min(bn);
         while !bn.is_multiple_of(block) {
             block -= 1;
         }
