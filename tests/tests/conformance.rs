@@ -46,7 +46,7 @@ mod properties {
             prop::sample::select(vec![0usize, 1, 7, 24]),
             any::<bool>(),
             any::<bool>(),
-            prop::sample::select(DType::FLOATS.to_vec()),
+            prop::sample::select(DType::WEIGHTS.to_vec()),
         )
             .prop_flat_map(|(experts, tokens, hidden, inter, shared, bias, router_f32, dtype)| {
                 routing(experts).prop_flat_map(move |routing| {
@@ -289,7 +289,7 @@ mod self_test {
             &self.info
         }
         fn supports(&self, _op: Op, dtype: DType) -> bool {
-            dtype.is_float() && !(self.fault == Fault::NoBf16 && dtype == DType::BF16)
+            dtype.is_weight() && !(self.fault == Fault::NoBf16 && dtype == DType::BF16)
         }
         fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Vec<u8>> {
             Ok(vec![0; shape.iter().product::<usize>() * dtype.size()])
