@@ -81,8 +81,10 @@ pub struct BackendInfo {
 ///   errors open one backend each.
 /// * **Memory.** Outputs are allocated by the caller ([`Backend::alloc`]) and passed as `&mut`;
 ///   an op writes every element of its outputs (the suite poisons outputs to prove it).
-/// * **Activations are f32.** Weights are stored as f32, f16 or bf16; hidden states, logits and
-///   intermediate results are f32; every reduction accumulates in at least f32.
+/// * **Activations are f32.** Weights are stored as f32, f16 or bf16, expert weights also as
+///   F8E4M3 with f32 block scales ([`crate::fp8`]; the one dtype a backend may answer `false`
+///   for, which [`crate::ops`] then refuses with [`crate::Error::Unsupported`]); hidden states,
+///   logits and intermediate results are f32; every reduction accumulates in at least f32.
 /// * **Failures.** Native failures become [`crate::Error::OutOfMemory`],
 ///   [`crate::Error::DeviceLost`] or [`crate::Error::Driver`], never a panic. Data-dependent bad
 ///   input a kernel can see (an id `>= E`, offsets that are not cumulative) is an
@@ -104,7 +106,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether `op` runs natively (or through the fallback) for weights stored in `dtype`.
     /// Ops without weights (`router_topk`, `permute`, `activation`, `combine`) answer for the
-    /// layer dtype they are part of. The suite reports `false` as "unsupported", not as a failure.
+    /// layer dtype they are part of. The suite reports `false` as "unsupported", not as a failure;
+    /// for block-scaled weights ([`DType::F8E4M3`]) [`crate::ops`] asks first and refuses them.
     fn supports(&self, op: Op, dtype: DType) -> bool;
 
     /// Allocates an uninitialised buffer for a tensor of `dtype` and `shape` (possibly empty).

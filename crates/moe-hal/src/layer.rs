@@ -277,8 +277,8 @@ impl HostTensor {
 /// * `down`: `[E, H, I]`.
 /// * `shared_gate_up`: `[2S, H]` and `shared_down`: `[H, S]` when `shared_intermediate = S > 0`.
 ///
-/// All expert weights share one storage dtype, `dtype`. Row-major, `y = x · W^T` (the PyTorch
-/// `Linear` layout).
+/// All expert weights share one storage dtype, `dtype` (F8E4M3 ones each carry their block
+/// scales; the router is never F8E4M3). Row-major, `y = x · W^T` (the PyTorch `Linear` layout).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostLayer {
     /// The layer's shape and routing.
