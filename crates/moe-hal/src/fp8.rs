@@ -9,6 +9,7 @@
 //! scales `weight_scale_inv`: they multiply, despite the name.
 
 use crate::{DType, Result, invalid};
+use rayon::prelude::*;
 
 /// DeepSeek's block size, and the one [`crate::HostLayer::to_dtype`] quantizes with.
 pub const DEFAULT_BLOCK: [usize; 2] = [128, 128];
@@ -148,28 +149,43 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
 /// Quantizes `values` (a weight of `shape`, row-major) to E4M3 with one scale per `block`, the
 /// way DeepSeek quantized its weights: each block's scale is its largest magnitude over 448 (1
 /// for an all-zero block), so its largest value lands on ±448, and each value becomes
-/// `encode(value / scale)`. Returns the bytes and the scale grid ([`scale_shape`]).
+/// `encode(value / scale)`. Returns the bytes and the scale grid ([`scale_shape`]). Rows of
+/// blocks run in parallel (DeepSeek-V3's gate/up weights are 7.5 billion values).
 pub fn quantize(values: &[f32], shape: &[usize], block: [usize; 2]) -> (Vec<u8>, Vec<f32>) {
     let (rows, cols) = rows_cols(shape);
     let mut scales = vec![0f32; scale_shape(shape, block).iter().product()];
-    let (grid_rows, grid_cols) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
-    if cols == 0 {
-        return (Vec::new(), scales);
+    let mut q = vec![0u8; values.len()];
+    if cols == 0 || rows == 0 {
+        return (q, scales);
     }
-    for (i, row) in values.chunks_exact(cols).enumerate() {
-        let (matrix, r) = (i / rows, i % rows);
-        for (c, run) in row.chunks(block[1]).enumerate() {
-            let s = &mut scales[(matrix * grid_rows + r / block[0]) * grid_cols + c];
-            *s = run.iter().fold(*s, |m, v| m.max(v.abs()));
+    let grid_cols = cols.div_ceil(block[1]);
+    // One unit per row of blocks of each matrix: its values, its bytes and its scales, all
+    // contiguous and in order, so the slices split off one after another.
+    let mut units = Vec::new();
+    let (mut v, mut qr, mut sr) = (values, &mut q[..], &mut scales[..]);
+    while !v.is_empty() {
+        for r0 in (0..rows).step_by(block[0]) {
+            let n = block[0].min(rows - r0) * cols;
+            let (vu, vt) = v.split_at(n);
+            let (qu, qt) = std::mem::take(&mut qr).split_at_mut(n);
+            let (su, st) = std::mem::take(&mut sr).split_at_mut(grid_cols);
+            units.push((vu, qu, su));
+            (v, qr, sr) = (vt, qt, st);
         }
     }
-    for s in &mut scales {
-        *s = if *s > 0.0 { *s / 448.0 } else { 1.0 };
-    }
-    let mut q = vec![0u8; values.len()];
-    for_each_block(values, 0, rows, cols, block, &scales, |at, run, scale| {
-        for (o, v) in q[at..at + run.len()].iter_mut().zip(run) {
-            *o = encode(v / scale);
+    units.into_par_iter().for_each(|(v, q, s)| {
+        for row in v.chunks_exact(cols) {
+            for (m, run) in s.iter_mut().zip(row.chunks(block[1])) {
+                *m = run.iter().fold(*m, |m, x| m.max(x.abs()));
+            }
+        }
+        for m in s.iter_mut() {
+            *m = if *m > 0.0 { *m / 448.0 } else { 1.0 };
+        }
+        for (qrow, row) in q.chunks_exact_mut(cols).zip(v.chunks_exact(cols)) {
+            for ((qb, run), scale) in qrow.chunks_mut(block[1]).zip(row.chunks(block[1])).zip(s.iter()) {
+                qb.iter_mut().zip(run).for_each(|(o, x)| *o = encode(x / scale));
+            }
         }
     });
     (q, scales)
