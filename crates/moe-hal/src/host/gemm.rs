@@ -293,6 +293,7 @@ macro_rules! rows_tile_avx512 {
 /// 32 rows): DeepSeek-V3 shape with 16 experts at 128 tokens (64 rows each) 1003 / 600, 599,
 /// 617 ms; Qwen3-30B-A3B at 512 tokens (32 rows) 365 / 304, 304, 336 ms; at 128 tokens (8 rows)
 /// 96 / 103, 100, 102 ms.
+#[cfg(target_arch = "x86_64")]
 const F8_WIDEN_ROWS: usize = 16;
 
 /// Most activation rows of one AVX-512 tile.
@@ -333,6 +334,7 @@ rows_tile_avx512!(
 
 /// Calls the AVX-512 tile `$f` for `$xs.len()` rows (1 to [`AVX512_ROWS`]); unsafe: the CPU must
 /// have AVX-512F.
+#[cfg(target_arch = "x86_64")]
 macro_rules! avx512_rows {
     ($f:ident, $xs:expr, $($arg:expr),*) => {
         match $xs.len() {
@@ -357,6 +359,7 @@ macro_rules! avx512_rows {
 /// 20.4–21.5 against 33–42 at 16 tokens, 68 against 86–90 at 128 and 249–252 against 267–268 at
 /// 512 (three pairs; 32 and 64 KiB ahead were no better). The reads then pass 30 GB/s, more
 /// than a plain streaming loop without prefetch gets from this VM.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 8192;
 
 /// One activation row times `nb` bf16 weight rows read straight from the weights (no widened
@@ -417,14 +420,17 @@ enum Direct<'a> {
 
 /// The weights `w[start..start + len]` (whole rows of one group) as a [`Direct`] block, where
 /// this CPU has tiles for their dtype (and accumulation is f32). `rows` is the number of
-/// activation rows a tile will take (the AVX2 E4M3 tile takes exactly 4).
+/// activation rows of the group: the AVX2 E4M3 tile takes exactly 4, and from
+/// [`F8_WIDEN_ROWS`] on an E4M3 block is widened once instead.
 #[cfg(target_arch = "x86_64")]
 fn direct(w: Weights<'_>, start: usize, len: usize, rows: usize) -> Option<Direct<'_>> {
     match (w, isa()) {
         (_, "portable") => None,
         (Weights::BF16(b), _) => Some(Direct::Bf16(&b[start..start + len])),
         (Weights::F16(h), "avx512") => Some(Direct::F16(&h[start..start + len])),
-        (Weights::F8E4M3 { q, scales, rows_cols: [n, k], block: [bn, bk] }, isa) if isa == "avx512" || rows >= 4 => {
+        (Weights::F8E4M3 { q, scales, rows_cols: [n, k], block: [bn, bk] }, isa)
+            if rows < F8_WIDEN_ROWS && (isa == "avx512" || rows >= 4) =>
+        {
             // The caller's row blocks never straddle a row of scale blocks (see grouped_gemm).
             let (g, n0) = (start / k / n, start / k % n);
             let grid_cols = k.div_ceil(bk);
@@ -644,9 +650,7 @@ pub fn grouped_gemm(
         // 16-bit weights are read directly, widened in registers: no widened copy of the block
         // (at decode that pass would cost as much as the dot products; at prefill ~a third).
         #[cfg(target_arch = "x86_64")]
-        // (E4M3 groups of many rows take the widened copy instead: see F8_WIDEN_ROWS.)
-        let many = matches!(w, Weights::F8E4M3 { .. }) && end - r0 >= F8_WIDEN_ROWS;
-        if let (Some(block), Accumulate::F32, false) = (direct(w, (g * n + n0) * k, nb * k, end - r0), accumulate, many) {
+        if let (Some(block), Accumulate::F32) = (direct(w, (g * n + n0) * k, nb * k, end - r0), accumulate) {
             return tiles(tile_rows(), &mut |xs, d| rows_times_direct(xs, block, k, d));
         }
         SCRATCH.with_borrow_mut(|scratch| {
