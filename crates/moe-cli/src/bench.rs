@@ -210,18 +210,14 @@ fn shape_name(c: &MoeConfig) -> String {
     format!("H{} I{} E{} k{} S{}", c.hidden, c.intermediate, c.experts, c.top_k, c.shared_intermediate)
 }
 
-/// The bytes and FLOPs one layer over `tokens` must at least move and compute. F8E4M3 weights
-/// count their f32 block scales (128x128 blocks) and a bf16 router, as
-/// [`MoeConfig::weight_bytes`] does.
+/// The bytes and FLOPs one layer over `tokens` must at least move and compute: the router, the
+/// `touched` experts and the shared expert ([`MoeConfig::weight_parts`]: F8E4M3 counts its
+/// block scales), the activations in and out.
 pub fn cost(c: &MoeConfig, dtype: DType, tokens: usize, touched: usize) -> (f64, f64) {
     let (h, i, e, k, s, t) =
         (c.hidden as f64, c.intermediate as f64, c.experts as f64, c.top_k as f64, c.shared_intermediate as f64, tokens as f64);
-    let (size, scaled) = (dtype.size() as f64, dtype.is_block_scaled());
-    let [br, bc] = moe_hal::fp8::DEFAULT_BLOCK.map(|b| b as f64);
-    let weight = |rows: f64, cols: f64| rows * cols * size + if scaled { 4.0 * (rows / br).ceil() * (cols / bc).ceil() } else { 0.0 };
-    let router = e * h * if scaled { DType::BF16.size() as f64 } else { size };
-    let shared = if s > 0.0 { weight(2.0 * s, h) + weight(h, s) } else { 0.0 };
-    let weights = router + touched as f64 * (weight(2.0 * i, h) + weight(h, i)) + shared;
+    let [router, expert, shared] = c.weight_parts(dtype).map(|b| b as f64);
+    let weights = router + touched as f64 * expert + shared;
     let activations = 2.0 * t * h * 4.0 + t * k * 8.0;
     let flops = 2.0 * t * h * e + 2.0 * t * k * 3.0 * h * i + 2.0 * t * 3.0 * h * s;
     (weights + activations, flops)

@@ -133,19 +133,27 @@ impl MoeConfig {
     }
 
     /// Bytes of all weights of this layer with experts stored in `dtype` (the bias is always
-    /// f32). F8E4M3 experts count one f32 scale per [`fp8::DEFAULT_BLOCK`] and a bf16 router (as
-    /// DeepSeek ships it); other dtypes store the router in `dtype` too.
+    /// f32): the router, every expert, the shared expert ([`MoeConfig::weight_parts`]).
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
-        let (h, i, e, s) = (self.hidden, self.intermediate, self.experts as u64, self.shared_intermediate);
-        let weight = |rows: usize, cols: usize| -> u64 {
+        let [router, expert, shared] = self.weight_parts(dtype);
+        let bias = if matches!(self.routing, Routing::SigmoidGrouped { .. }) { 4 * self.experts as u64 } else { 0 };
+        router + self.experts as u64 * expert + shared + bias
+    }
+
+    /// Bytes of the router, of one routed expert (gate/up and down) and of the shared expert
+    /// (0 without one), with experts stored in `dtype`. F8E4M3 experts count one f32 scale per
+    /// [`fp8::DEFAULT_BLOCK`] and a bf16 router (as DeepSeek ships it); other dtypes store the
+    /// router in `dtype` too. `moe bench` costs a layer from these.
+    pub fn weight_parts(&self, dtype: DType) -> [u64; 3] {
+        let (h, i, s) = (self.hidden, self.intermediate, self.shared_intermediate);
+        let matrix = |rows: usize, cols: usize| -> u64 {
             let scales =
                 if dtype.is_block_scaled() { 4 * fp8::scale_shape(&[rows, cols], fp8::DEFAULT_BLOCK).iter().product::<usize>() } else { 0 };
             (rows * cols * dtype.size() + scales) as u64
         };
         let router_size = if dtype.is_block_scaled() { DType::BF16.size() } else { dtype.size() };
-        let shared = if s > 0 { weight(2 * s, h) + weight(h, s) } else { 0 };
-        let bias = if matches!(self.routing, Routing::SigmoidGrouped { .. }) { 4 * e } else { 0 };
-        e * (h * router_size) as u64 + e * (weight(2 * i, h) + weight(h, i)) + shared + bias
+        let shared = if s > 0 { matrix(2 * s, h) + matrix(h, s) } else { 0 };
+        [(self.experts * h * router_size) as u64, matrix(2 * i, h) + matrix(h, i), shared]
     }
 }
 
