@@ -3,7 +3,7 @@
 //!
 //! Buffers are host memory; every op runs [`moe_hal::host`] on rayon's thread pool and completes
 //! before it returns (so `synchronize` has nothing to wait for). Every storage dtype (f32, f16,
-//! bf16, and F8E4M3 with block scales, widened to f32 a block of rows at a time), f32
+//! bf16, and F8E4M3 with block scales, decoded in the x86 register tiles), f32
 //! accumulation by default, f64 with [`CpuBackend::with_accumulate`].
 
 #![warn(missing_docs)]
@@ -14,6 +14,10 @@ use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 pub struct CpuBuffer {
     words: Vec<u32>,
     bytes: usize,
+    /// Whether no byte is an E4M3 NaN, found on the first use as F8E4M3 weights and kept until
+    /// the buffer is next written (every `&mut` accessor forgets it). Lets the tiles take their
+    /// short decode without scanning the weights on every call.
+    nan_free: std::sync::OnceLock<bool>,
 }
 
 impl CpuBuffer {
@@ -22,7 +26,7 @@ impl CpuBuffer {
         let mut words = Vec::new();
         words.try_reserve_exact(n).map_err(|_| Error::OutOfMemory(format!("the host cannot allocate {bytes} bytes")))?;
         words.resize(n, 0);
-        Ok(CpuBuffer { words, bytes })
+        Ok(CpuBuffer { words, bytes, nan_free: std::sync::OnceLock::new() })
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -30,6 +34,7 @@ impl CpuBuffer {
     }
 
     fn as_bytes_mut(&mut self) -> &mut [u8] {
+        self.nan_free.take();
         &mut bytemuck::cast_slice_mut(&mut self.words)[..self.bytes]
     }
 
@@ -38,6 +43,7 @@ impl CpuBuffer {
     }
 
     fn f32_mut(&mut self) -> &mut [f32] {
+        self.nan_free.take();
         bytemuck::cast_slice_mut(&mut self.words[..self.bytes / 4])
     }
 
@@ -46,7 +52,14 @@ impl CpuBuffer {
     }
 
     fn u32_mut(&mut self) -> &mut [u32] {
+        self.nan_free.take();
         &mut self.words[..self.bytes / 4]
+    }
+
+    /// Whether no byte is an E4M3 NaN (a parallel scan the first time, then cached).
+    fn nan_free(&self) -> bool {
+        use rayon::prelude::*;
+        *self.nan_free.get_or_init(|| !self.as_bytes().par_chunks(1 << 16).any(moe_hal::fp8::any_nan))
     }
 
     fn weights(&self, dtype: DType) -> Weights<'_> {
@@ -66,6 +79,7 @@ fn weights(w: &Tensor<CpuBackend>) -> Weights<'_> {
             scales: s.tensor.buf.f32(),
             rows_cols: [w.shape[w.shape.len() - 2], w.shape[w.shape.len() - 1]],
             block: s.block,
+            nan_free: w.buf.nan_free(),
         },
         None => w.buf.weights(w.dtype),
     }
@@ -156,6 +170,7 @@ impl Backend for CpuBackend {
         }
         // Parallel, so the measured bandwidth is the machine's, not one core's.
         use rayon::prelude::*;
+        dst.nan_free.take();
         dst.words.par_chunks_mut(1 << 16).zip(src.words.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
         Ok(())
     }
@@ -241,5 +256,38 @@ impl Backend for CpuBackend {
             shared.map(|s| s.buf.f32()),
             out.buf.f32_mut(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_hal::HostTensor;
+
+    /// The NaN-free answer cached on an F8E4M3 buffer (which picks the tiles' short decode)
+    /// is forgotten when the buffer is written: a NaN byte copied in afterwards makes its weight
+    /// row's outputs NaN, as the format says, instead of reading as 480.
+    #[test]
+    fn a_nan_written_into_cached_weights_is_seen() {
+        let b = CpuBackend::new();
+        let (n, k) = (4, 48);
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+        let host = HostTensor::quantize(&[n, k], &values, [2, 16]).unwrap();
+        let mut w = Tensor::from_host(&b, &host).unwrap();
+        let x = Tensor::from_f32(&b, DType::F32, &[2, k], &vec![1.0; 2 * k]).unwrap();
+        let mut y = Tensor::alloc(&b, DType::F32, &[2, n]).unwrap();
+        b.grouped_gemm(&x, None, &w, None, &mut y).unwrap();
+        assert!(y.to_f32(&b).unwrap().iter().all(|v| v.is_finite()));
+        assert!(w.buf.nan_free.get() == Some(&true), "the first call caches the answer");
+
+        let mut q = host.data.clone();
+        q[2 * k + 5] = 0x7F;
+        let src = b.upload(DType::F8E4M3, &[n, k], &q).unwrap();
+        b.copy(&src, &mut w.buf).unwrap();
+        b.grouped_gemm(&x, None, &w, None, &mut y).unwrap();
+        let got = y.to_f32(&b).unwrap();
+        for (i, v) in got.iter().enumerate() {
+            assert_eq!(v.is_nan(), i % n == 2, "y[{i}] = {v}");
+        }
     }
 }

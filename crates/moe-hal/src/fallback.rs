@@ -80,6 +80,7 @@ pub fn grouped_gemm<B: Backend + ?Sized>(
             scales: &scales,
             rows_cols: [w.shape[w.shape.len() - 2], w.shape[w.shape.len() - 1]],
             block: w.scales.as_ref().map_or([1, 1], |s| s.block),
+            nan_free: !crate::fp8::any_nan(&wb),
         },
         _ => Weights::F32(&w32),
     };

@@ -110,6 +110,22 @@ mod avx2 {
         let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7F)));
         _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan)
     }
+
+    /// [`e4m3x8`] for bytes known not to be NaN (see [`super::Direct::E4m3`]): four ops instead
+    /// of nine. Sign-extending puts the sign in bit 31 and, shifted by 20, exponent and mantissa
+    /// in bits 20..27, with copies of the sign in bits 27..31 that the mask clears; then 2^120
+    /// rebiases the exponent (exact, subnormals included). A NaN byte would read as ±480.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn e4m3x8_nan_free(p: *const u8) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable bytes.
+        let s = _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p as *const __m128i) });
+        let bits = _mm256_and_si256(_mm256_slli_epi32::<20>(s), _mm256_set1_epi32(0x87F0_0000u32 as i32));
+        _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((120 + 127) << 23)))
+    }
 }
 
 /// The 4 x 3 register tile of [`rows4_times_block_avx2`] and [`rows4_times_bf16_avx2`], written
@@ -192,6 +208,14 @@ rows4_tile_avx2!(
 );
 
 rows4_tile_avx2!(
+    /// [`rows4_times_e4m3_avx2`] on bytes known not to be NaN (see [`Direct::E4m3`]).
+    rows4_times_e4m3_nan_free_avx2,
+    u8,
+    |p: *const u8| avx2::e4m3x8_nan_free(p),
+    |v: u8| crate::fp8::E4M3[v as usize]
+);
+
+rows4_tile_avx2!(
     /// [`rows4_times_block_avx2`] reading bf16 weights straight from the weights, widened in
     /// registers (a shift) as they load: no widened copy of the block. Each weight vector feeds
     /// four rows, so the widening costs a quarter of what a separate pass over the block would.
@@ -232,6 +256,25 @@ mod avx512 {
         let v = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(f32::from_bits((120 + 127) << 23)));
         _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7F)), _mm512_set1_ps(f32::NAN))
     }
+
+    /// 16 E4M3 bytes known not to be NaN, as f32 times 2^-8, through f16: the 256-bit ops of
+    /// [`super::avx2::e4m3x8_nan_free`]'s trick (sign-extend, shift by 7, clear the copy of the
+    /// sign in bit 14) make an f16 with E4M3's exponent and mantissa under f16's bias 15
+    /// instead of 7 (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps`
+    /// widens it. Three of its four ops are 256-bit, half the cost of 512-bit ones on Zen 4:
+    /// Qwen3-30B-A3B at 128 tokens (8 rows per expert) ran 66.5–71.3 ms against 73.4–75.8 with
+    /// the 512-bit f32 form, and the same at one token (back to back, three pairs).
+    ///
+    /// # Safety
+    /// `p` points at 16 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn e4m3x16_nan_free(p: *const u8) -> __m512 {
+        // SAFETY: the caller passes a pointer to 16 readable bytes.
+        let s = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(p as *const __m128i) });
+        let h = _mm256_and_si256(_mm256_slli_epi16::<7>(s), _mm256_set1_epi16(0xBFFFu16 as i16));
+        _mm512_cvtph_ps(h)
+    }
 }
 
 /// The `R` x 4 register tile of [`rows_times_block_avx512`] and [`rows_times_bf16_avx512`]: as
@@ -241,6 +284,9 @@ mod avx512 {
 /// takes an expert's last rows, so no row falls back to the one-row kernel.
 macro_rules! rows_tile_avx512 {
     ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
+        rows_tile_avx512!($(#[$doc])* $name, $w, $load, $get, 1.0);
+    };
+    ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr, $post:expr) => {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
@@ -277,7 +323,7 @@ macro_rules! rows_tile_avx512 {
                 for r in 0..R {
                     for q in 0..4 {
                         if q == 0 || js[q] != js[q - 1] {
-                            out[r * nb + js[q]] = _mm512_reduce_add_ps(acc[r][q]) + tail(xs[r], ws[q]);
+                            out[r * nb + js[q]] = _mm512_reduce_add_ps(acc[r][q]) * $post + tail(xs[r], ws[q]);
                         }
                     }
                 }
@@ -286,15 +332,17 @@ macro_rules! rows_tile_avx512 {
     };
 }
 
-/// Rows of one group from which an E4M3 block is widened to f32 once per task (then the f32
-/// tiles) rather than decoded in registers by every tile: decoding costs nine vector ops per 16
-/// weights, each tile of up to six rows repeats it, and past a dozen rows one widening pass is
-/// cheaper. Measured on the 2-core Zen 4, f8_e4m3, back to back (direct / widened from 8, 16 or
-/// 32 rows): DeepSeek-V3 shape with 16 experts at 128 tokens (64 rows each) 1003 / 600, 599,
-/// 617 ms; Qwen3-30B-A3B at 512 tokens (32 rows) 365 / 304, 304, 336 ms; at 128 tokens (8 rows)
-/// 96 / 103, 100, 102 ms.
+/// Rows of one group from which, on AVX2 without AVX-512, an E4M3 block is widened to f32 once
+/// per task (then the f32 tiles) rather than decoded in registers by every 4-row tile. Measured
+/// on the 2-core Zen 4 with `MOE_CPU_ISA=avx2`, f8_e4m3, back to back (widened from 16 rows /
+/// direct at every count): Qwen3-30B-A3B at 512 tokens (32 rows per expert) 382 / 481 ms,
+/// DeepSeek-V3 with 16 experts at 128 tokens (64 rows) 812 / 1203 ms, at 16 tokens 170 / 180.
+/// AVX-512 always decodes directly: its tiles hold six rows and its decode of bytes known not
+/// to be NaN is four ops per 16 weights, so with 256 KiB tasks the direct tiles beat widening at
+/// every count measured (Qwen3 at 512 tokens 252–264 / 293–318 ms, at 2048 tokens 1060 / 1111;
+/// DeepSeek-V3 E16 at 64 tokens 292 / 323, at 128 tokens 564 / 597).
 #[cfg(target_arch = "x86_64")]
-const F8_WIDEN_ROWS: usize = 16;
+const AVX2_F8_WIDEN_ROWS: usize = 16;
 
 /// Most activation rows of one AVX-512 tile.
 const AVX512_ROWS: usize = 6;
@@ -322,6 +370,17 @@ rows_tile_avx512!(
     u8,
     |p: *const u8| avx512::e4m3x16(p),
     |v: u8| crate::fp8::E4M3[v as usize]
+);
+
+rows_tile_avx512!(
+    /// [`rows_times_e4m3_avx512`] on bytes known not to be NaN (see [`Direct::E4m3`]): the
+    /// vectors decode to 2^-8 times the weights, so each dot product's vector part is scaled by
+    /// 2^8 at the end (exact; scaling the activations instead could overflow them).
+    rows_times_e4m3_nan_free_avx512,
+    u8,
+    |p: *const u8| avx512::e4m3x16_nan_free(p),
+    |v: u8| crate::fp8::E4M3[v as usize],
+    256.0
 );
 
 rows_tile_avx512!(
@@ -362,45 +421,75 @@ macro_rules! avx512_rows {
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 8192;
 
-/// One activation row times `nb` bf16 weight rows read straight from the weights (no widened
-/// copy), four weight rows per pass: for decode, where each weight is used by one or two rows and
-/// the widening pass would cost as much as the dot products.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_times_bf16_avx2(x: &[f32], w: &[half::bf16], k: usize, out: &mut [f32]) {
-    use avx2::{hsum, widen8};
-    use std::arch::x86_64::*;
-    let nb = out.len();
-    let chunks = k / 8;
-    let tail = |j: usize| -> f32 { (chunks * 8..k).map(|i| x[i] * w[j * k + i].to_f32()).sum() };
-    let mut j = 0;
-    while j < nb {
-        let rows = (nb - j).min(4);
-        // Rows past the block repeat the last one (computed, not stored).
-        let p: [*const half::bf16; 4] = std::array::from_fn(|q| w[(j + q.min(rows - 1)) * k..].as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for c in 0..chunks {
-            // SAFETY: c * 8 + 8 <= k, within row j + q of `w` and within `x`.
-            unsafe {
-                // One prefetch per 64-byte line of each stream (a hint: never faults, even
-                // past the end of the weights).
-                if c % 4 == 0 {
-                    for row in &p {
-                        _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(c * 8 + PREFETCH_AHEAD) as *const i8);
+/// One activation row times `nb` weight rows read straight from the weights (no widened copy),
+/// four weight rows per pass, AVX2: for decode, where each weight is used by one or two rows and
+/// a widening pass would cost as much as the dot products. `$load` and `$get` as in
+/// [`rows4_tile_avx2`].
+macro_rules! row_avx2 {
+    ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $name(x: &[f32], w: &[$w], k: usize, out: &mut [f32]) {
+            use avx2::hsum;
+            use std::arch::x86_64::*;
+            let nb = out.len();
+            let chunks = k / 8;
+            let tail = |j: usize| -> f32 { (chunks * 8..k).map(|i| x[i] * $get(w[j * k + i])).sum() };
+            let mut j = 0;
+            while j < nb {
+                let rows = (nb - j).min(4);
+                // Rows past the block repeat the last one (computed, not stored).
+                let p: [*const $w; 4] = std::array::from_fn(|q| w[(j + q.min(rows - 1)) * k..].as_ptr());
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in 0..chunks {
+                    // SAFETY: c * 8 + 8 <= k, within row j + q of `w` and within `x`.
+                    unsafe {
+                        // One prefetch per 64-byte line of each stream (a hint: never faults,
+                        // even past the end of the weights).
+                        if (c * 8 * std::mem::size_of::<$w>()) % 64 == 0 {
+                            for row in &p {
+                                _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(c * 8 + PREFETCH_AHEAD) as *const i8);
+                            }
+                        }
+                        let xv = _mm256_loadu_ps(x.as_ptr().add(c * 8));
+                        for q in 0..4 {
+                            acc[q] = _mm256_fmadd_ps(xv, $load(p[q].add(c * 8)), acc[q]);
+                        }
                     }
                 }
-                let xv = _mm256_loadu_ps(x.as_ptr().add(c * 8));
-                for q in 0..4 {
-                    acc[q] = _mm256_fmadd_ps(xv, widen8(p[q].add(c * 8)), acc[q]);
+                for q in 0..rows {
+                    out[j + q] = hsum(acc[q]) + tail(j + q);
                 }
+                j += rows;
             }
         }
-        for q in 0..rows {
-            out[j + q] = hsum(acc[q]) + tail(j + q);
-        }
-        j += rows;
-    }
+    };
 }
+
+row_avx2!(
+    /// bf16 weights, widened in registers (a shift).
+    row_times_bf16_avx2,
+    half::bf16,
+    |p: *const half::bf16| avx2::widen8(p),
+    |v: half::bf16| v.to_f32()
+);
+
+row_avx2!(
+    /// Unscaled E4M3 bytes (the block scales folded into the activation: see [`Direct::E4m3`]).
+    row_times_e4m3_avx2,
+    u8,
+    |p: *const u8| avx2::e4m3x8(p),
+    |v: u8| crate::fp8::E4M3[v as usize]
+);
+
+row_avx2!(
+    /// Unscaled E4M3 bytes known not to be NaN.
+    row_times_e4m3_nan_free_avx2,
+    u8,
+    |p: *const u8| avx2::e4m3x8_nan_free(p),
+    |v: u8| crate::fp8::E4M3[v as usize]
+);
 
 /// A block of 16-bit or 8-bit weights the tiles read directly, widening in registers (no widened
 /// copy).
@@ -414,28 +503,34 @@ enum Direct<'a> {
     /// E4M3 rows that all lie in one row of scale blocks: `scales` is that row of the grid (one
     /// scale per `block_cols` columns). Since `sum_c x[c] * (q[c] * s[c / b]) =
     /// sum_c (x[c] * s[c / b]) * q[c]`, each activation row is scaled once per block of weight
-    /// rows and the tiles run on the unscaled bytes (AVX-512 tiles, or the AVX2 4-row tile).
-    E4m3 { q: &'a [u8], scales: &'a [f32], block_cols: usize },
+    /// rows and the tiles run on the unscaled bytes (AVX-512 tiles, or the AVX2 4-row tile and
+    /// one-row kernel).
+    ///
+    /// `nan_free` (from [`Weights::F8E4M3`]): no byte of the tensor is NaN, so the tiles take
+    /// the four-op decode ([`avx512::e4m3x16_nan_free`]) instead of the nine-op one that maps
+    /// NaN bytes to NaN. Qwen3-30B-A3B f8_e4m3 on the 2-core Zen 4: 2.26–2.49 -> 1.40–1.59 ms
+    /// at 1 token, 25.5–26.4 -> 14.9–16.2 at 16, 85–90 -> 66–71 at 128.
+    E4m3 { q: &'a [u8], scales: &'a [f32], block_cols: usize, nan_free: bool },
 }
 
 /// The weights `w[start..start + len]` (whole rows of one group) as a [`Direct`] block, where
 /// this CPU has tiles for their dtype (and accumulation is f32). `rows` is the number of
-/// activation rows of the group: the AVX2 E4M3 tile takes exactly 4, and from
-/// [`F8_WIDEN_ROWS`] on an E4M3 block is widened once instead.
+/// activation rows of the group: without AVX-512, from [`AVX2_F8_WIDEN_ROWS`] on an E4M3 block
+/// is widened once instead.
 #[cfg(target_arch = "x86_64")]
 fn direct(w: Weights<'_>, start: usize, len: usize, rows: usize) -> Option<Direct<'_>> {
     match (w, isa()) {
         (_, "portable") => None,
         (Weights::BF16(b), _) => Some(Direct::Bf16(&b[start..start + len])),
         (Weights::F16(h), "avx512") => Some(Direct::F16(&h[start..start + len])),
-        (Weights::F8E4M3 { q, scales, rows_cols: [n, k], block: [bn, bk] }, isa)
-            if rows < F8_WIDEN_ROWS && (isa == "avx512" || rows >= 4) =>
+        (Weights::F8E4M3 { q, scales, rows_cols: [n, k], block: [bn, bk], nan_free }, isa)
+            if isa == "avx512" || rows < AVX2_F8_WIDEN_ROWS =>
         {
             // The caller's row blocks never straddle a row of scale blocks (see grouped_gemm).
             let (g, n0) = (start / k / n, start / k % n);
             let grid_cols = k.div_ceil(bk);
             let row = (g * n.div_ceil(bn) + n0 / bn) * grid_cols;
-            Some(Direct::E4m3 { q: &q[start..start + len], scales: &scales[row..row + grid_cols], block_cols: bk })
+            Some(Direct::E4m3 { q: &q[start..start + len], scales: &scales[row..row + grid_cols], block_cols: bk, nan_free })
         }
         _ => None,
     }
@@ -454,7 +549,7 @@ fn rows_times_direct(xs: &[&[f32]], w: Direct<'_>, k: usize, out: &mut [f32]) {
     // AVX-512 tiles (and for every f16 block), AVX2 and FMA for the others.
     unsafe {
         match (w, isa(), xs.len()) {
-            (Direct::E4m3 { q, scales, block_cols }, isa, n) => {
+            (Direct::E4m3 { q, scales, block_cols, nan_free }, isa, n) => {
                 // The activation rows times their block scales, in a per-thread buffer.
                 thread_local! {
                     static SCALED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -467,16 +562,20 @@ fn rows_times_direct(xs: &[&[f32]], w: Direct<'_>, k: usize, out: &mut [f32]) {
                         }
                     }
                     let rows: [&[f32]; AVX512_ROWS] = std::array::from_fn(|r| &buf[r.min(n - 1) * k..(r.min(n - 1) + 1) * k]);
-                    if isa == "avx512" {
+                    if isa == "avx512" && nan_free {
+                        avx512_rows!(rows_times_e4m3_nan_free_avx512, &rows[..n], q, k, out)
+                    } else if isa == "avx512" {
                         avx512_rows!(rows_times_e4m3_avx512, &rows[..n], q, k, out)
                     } else if n == 4 {
-                        rows4_times_e4m3_avx2([rows[0], rows[1], rows[2], rows[3]], q, k, out)
+                        let tile = if nan_free { rows4_times_e4m3_nan_free_avx2 } else { rows4_times_e4m3_avx2 };
+                        tile([rows[0], rows[1], rows[2], rows[3]], q, k, out)
                     } else {
-                        // A group's last tile of fewer than 4 rows: the 4-row tile with the last
-                        // row repeated, kept once.
-                        let mut four = vec![0f32; 4 * out.len() / n];
-                        rows4_times_e4m3_avx2([rows[0], rows[1], rows[2], rows[3]], q, k, &mut four);
-                        out.copy_from_slice(&four[..out.len()]);
+                        // Fewer than four rows (decode, or a group's last rows): one at a time.
+                        let row = if nan_free { row_times_e4m3_nan_free_avx2 } else { row_times_e4m3_avx2 };
+                        let nb = out.len() / n;
+                        for (r, x) in rows[..n].iter().enumerate() {
+                            row(x, q, k, &mut out[r * nb..(r + 1) * nb]);
+                        }
                     }
                 })
             }
@@ -601,11 +700,21 @@ pub fn grouped_gemm(
     // 825 -> 529 ms at 128; Qwen3-30B-A3B, K <= 2048, unchanged).
     let mut block = (16384 / k.max(1)).max(4).clamp(1, n.max(1));
     if let Weights::F8E4M3 { block: [bn, _], .. } = w {
-        // E4M3: 64 KiB of bytes (the direct tiles read them as they are), so the activation rows
-        // scaled per block (Direct::E4m3) are reused by more weight rows; and blocks that never
-        // straddle a row of scale blocks, so one block shares a row of scales: a divisor of the
-        // scale block's rows.
-        block = (65536 / k.max(1)).clamp(1, n.max(1)).min(bn);
+        // E4M3: 256 KiB of bytes (the direct tiles read them as they are), so the activation
+        // rows scaled per task (Direct::E4m3: K floats a row, each tile) are reused by more
+        // weight rows: at K = 7168, 64 KiB made 8-row tasks, and scaling cost an eighth of the
+        // products. Back to back on the 2-core Zen 4 (64 / 256 KiB): Qwen3-30B-A3B 1.61 / 1.40 ms
+        // at 1 token, 74.6 / 62.8 at 128, 1148 / 1060 at 2048; DeepSeek-V3 E16 95.8 / 82.4 at
+        // 16 tokens, 790 / 564 at 128 (512 KiB: no better). But at least four tasks a thread
+        // where the rows allow it, so a many-core machine is not left with a handful of tasks
+        // at decode. And blocks that never straddle a row of scale blocks, so one block shares
+        // a row of scales: a divisor of the scale block's rows.
+        block = (262144 / k.max(1)).clamp(1, n.max(1)).min(bn);
+        let groups = offsets.windows(2).filter(|o| o[1] > o[0]).count();
+        let want = 4 * rayon::current_num_threads();
+        while block > 4 && groups * n.div_ceil(block) < want {
+            block /= 2;
+        }
         while !bn.is_multiple_of(block) {
             block -= 1;
         }
@@ -755,6 +864,133 @@ mod tests {
                         rows_times_f16_avx512::<1>(&rows[..1], &wh, k, &mut out[..nb]);
                         check("f16 avx512 1 row", &out[..nb]);
                     }
+                }
+            }
+        }
+    }
+
+    /// Each E4M3 decode against the table, bit for bit, for every byte it is made for: the full
+    /// decodes for all 256 (NaN to NaN), the NaN-free ones for the 254 others (the f16 one gives
+    /// 2^-8 times the value).
+    #[test]
+    fn e4m3_decodes_match_the_table() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        for chunk in bytes.chunks(16) {
+            let mut got = [[0f32; 16]; 4];
+            // SAFETY: AVX2 (and AVX-512F for the 16-lane decodes) detected above; 16 bytes each.
+            unsafe {
+                use std::arch::x86_64::*;
+                for h in 0..2 {
+                    _mm256_storeu_ps(got[0][8 * h..].as_mut_ptr(), avx2::e4m3x8(chunk[8 * h..].as_ptr()));
+                    _mm256_storeu_ps(got[1][8 * h..].as_mut_ptr(), avx2::e4m3x8_nan_free(chunk[8 * h..].as_ptr()));
+                }
+                if avx512 {
+                    _mm512_storeu_ps(got[2].as_mut_ptr(), avx512::e4m3x16(chunk.as_ptr()));
+                    _mm512_storeu_ps(got[3].as_mut_ptr(), avx512::e4m3x16_nan_free(chunk.as_ptr()));
+                }
+            }
+            for (i, &b) in chunk.iter().enumerate() {
+                let want = crate::fp8::E4M3[b as usize];
+                let same = |v: f32| v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan());
+                assert!(same(got[0][i]), "e4m3x8 {b:#04x}: {}", got[0][i]);
+                assert!(crate::fp8::is_nan(b) || same(got[1][i]), "e4m3x8_nan_free {b:#04x}: {}", got[1][i]);
+                if avx512 {
+                    assert!(same(got[2][i]), "e4m3x16 {b:#04x}: {}", got[2][i]);
+                    assert!(crate::fp8::is_nan(b) || same(got[3][i] * 256.0), "e4m3x16_nan_free {b:#04x}: {}", got[3][i]);
+                }
+            }
+        }
+    }
+
+    /// The E4M3 tiles and row kernels (NaN-free and full decodes) against f64 dot products on
+    /// the table's values, every row count and K around the vector widths; and a NaN byte in a
+    /// weight row makes exactly that row's dot products NaN in the full decodes.
+    #[test]
+    fn e4m3_tiles_match_f64_dot_products() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for k in [1, 7, 8, 15, 16, 17, 33, 70] {
+            for nb in [1, 3, 4, 5, 9] {
+                let xs: Vec<Vec<f32>> =
+                    (0..6).map(|_| (0..k).map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect()).collect();
+                // Every byte but NaN, subnormals included.
+                let mut q: Vec<u8> = (0..nb * k).map(|_| next() as u8).map(|b| if crate::fp8::is_nan(b) { b ^ 1 } else { b }).collect();
+                let rows: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
+                // Each dot product, and the sum of its products' magnitudes (what f32 rounding
+                // error scales with: the values reach 448, so sums cancel).
+                let dots = |q: &[u8]| -> Vec<(f32, f64)> {
+                    (0..6 * nb)
+                        .map(|i| {
+                            let p = (0..k).map(|c| xs[i / nb][c] as f64 * crate::fp8::E4M3[q[(i % nb) * k + c] as usize] as f64);
+                            (p.clone().sum::<f64>() as f32, p.map(f64::abs).sum::<f64>())
+                        })
+                        .collect()
+                };
+                let check = |name: &str, got: &[f32], want: &[(f32, f64)]| {
+                    for (i, (g, (w, mag))) in got.iter().zip(want).enumerate() {
+                        let ok = if w.is_nan() { g.is_nan() } else { ((g - w).abs() as f64) <= 1e-6 * mag + 1e-30 };
+                        assert!(ok, "{name} k {k} nb {nb} [{i}]: {g} vs {w}");
+                    }
+                };
+                let run = |q: &[u8], nan_free: bool| -> Vec<Vec<f32>> {
+                    let mut outs = Vec::new();
+                    // SAFETY: AVX2 and FMA (and AVX-512F for its tiles) detected above.
+                    unsafe {
+                        let mut out = vec![f32::NAN; 4 * nb];
+                        let tile = if nan_free { rows4_times_e4m3_nan_free_avx2 } else { rows4_times_e4m3_avx2 };
+                        tile([rows[0], rows[1], rows[2], rows[3]], q, k, &mut out);
+                        outs.push(out);
+                        let mut out = vec![f32::NAN; 4 * nb];
+                        let row = if nan_free { row_times_e4m3_nan_free_avx2 } else { row_times_e4m3_avx2 };
+                        for r in 0..4 {
+                            row(rows[r], q, k, &mut out[r * nb..(r + 1) * nb]);
+                        }
+                        outs.push(out);
+                        if avx512 {
+                            let mut out = vec![f32::NAN; 6 * nb];
+                            if nan_free {
+                                rows_times_e4m3_nan_free_avx512::<6>(&rows, q, k, &mut out);
+                            } else {
+                                rows_times_e4m3_avx512::<6>(&rows, q, k, &mut out);
+                            }
+                            outs.push(out);
+                            let mut out = vec![f32::NAN; nb];
+                            if nan_free {
+                                rows_times_e4m3_nan_free_avx512::<1>(&rows[..1], q, k, &mut out);
+                            } else {
+                                rows_times_e4m3_avx512::<1>(&rows[..1], q, k, &mut out);
+                            }
+                            outs.push(out);
+                        }
+                    }
+                    outs
+                };
+                let want = dots(&q);
+                for nan_free in [true, false] {
+                    for (i, got) in run(&q, nan_free).iter().enumerate() {
+                        check(&format!("nan_free {nan_free} kernel {i}"), got, &want[..got.len()]);
+                    }
+                }
+                // A NaN byte (the sign varies) in the last weight row: that row's products are NaN.
+                let at = (nb - 1) * k + (next() as usize % k);
+                q[at] = if next() % 2 == 0 { 0x7F } else { 0xFF };
+                let want = dots(&q);
+                assert!(want[nb - 1].0.is_nan());
+                for (i, got) in run(&q, false).iter().enumerate() {
+                    check(&format!("NaN byte, kernel {i}"), got, &want[..got.len()]);
                 }
             }
         }

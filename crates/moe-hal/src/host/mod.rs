@@ -46,6 +46,11 @@ pub enum Weights<'a> {
         rows_cols: [usize; 2],
         /// Rows and columns of one block.
         block: [usize; 2],
+        /// Whether no byte of `q` is NaN ([`crate::fp8::any_nan`] is false), known beforehand:
+        /// the x86 tiles then take a shorter decode. `false` is always correct, only slower; a
+        /// backend that caches the answer per buffer (as the CPU backend does) pays for the scan
+        /// once instead of once per call.
+        nan_free: bool,
     },
 }
 
@@ -73,7 +78,7 @@ impl Weights<'_> {
             // half's slice conversions use F16C/AVX where the CPU has them (detected at run time).
             Weights::F16(w) => w[start..start + n].convert_to_f32_slice(out),
             Weights::BF16(w) => widen_bf16(&w[start..start + n], out),
-            Weights::F8E4M3 { q, scales, rows_cols: [rows, cols], block } => {
+            Weights::F8E4M3 { q, scales, rows_cols: [rows, cols], block, .. } => {
                 debug_assert!(start.is_multiple_of(*cols) && n.is_multiple_of(*cols), "F8E4M3 widens whole rows");
                 crate::fp8::for_each_block(&q[start..start + n], start / cols, *rows, *cols, *block, scales, |at, run, scale| {
                     widen_e4m3(run, scale, &mut out[at..at + run.len()])
