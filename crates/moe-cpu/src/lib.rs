@@ -113,6 +113,7 @@ impl CpuBackend {
                     "f32".into(),
                     "f16".into(),
                     "bf16".into(),
+                    "f8_e4m3 (block scales)".into(),
                     "f64-accumulate".into(),
                     format!("gemm kernels: {}", moe_hal::host::isa()),
                 ],

@@ -101,7 +101,7 @@ pub(crate) fn memory_bytes(adapter: &wgpu::Adapter) -> u64 {
 pub(crate) fn feature_list(adapter: &wgpu::Adapter) -> Vec<String> {
     let f = adapter.features();
     let info = adapter.get_info();
-    let mut out = vec!["f32".to_string(), "f16".into(), "bf16".into()];
+    let mut out = vec!["f32".to_string(), "f16".into(), "bf16".into(), "f8_e4m3 (block scales)".into()];
     // A software rasteriser (lavapipe, WARP): `moe --backend auto` prefers the CPU backend then.
     if info.device_type == wgpu::DeviceType::Cpu {
         out.push("software-adapter".into());
