@@ -29,6 +29,11 @@ echo "== moe bench cuda,wgpu on deepseek-v3, f8_e4m3 weights (DeepSeek's format:
 timeout 120 .device/bin/moe bench --backend cuda,wgpu --preset deepseek-v3 --dtype f8_e4m3 \
   --tokens 1,16,128,1024,4096 --iters 10 --warmup 2 > "$OUT/bench-f8.log" 2>&1
 echo "bench f8 exit $?"; tail -14 "$OUT/bench-f8.log"
+echo "== cuda f8_e4m3: the hardware E4M3 conversion (default) against the arithmetic decode, Qwen3-30B-A3B decode"
+for cvt in 1 0; do
+  MOE_CUDA_F8_CVT=$cvt timeout 25 .device/bin/moe bench --backend cuda --preset qwen3-30b-a3b --dtype f8_e4m3 \
+    --tokens 1,16,128 --iters 20 --warmup 3 2>&1 | tail -3
+done
 echo "== where the time goes: each stage alone, cuda and wgpu, Qwen3-30B-A3B"
 timeout 60 .device/bin/moe bench --backend cuda,wgpu --preset qwen3-30b-a3b --tokens 1,16,1024 \
   --iters 10 --warmup 2 --breakdown > "$OUT/breakdown.log" 2>&1

@@ -6,9 +6,9 @@
 // 4 tx + 3; gemv: a warp's NR rows, NR even), so each thread pairs gate and up in registers.
 //
 // Self-contained (NVRTC has no system headers): no #include; f16/bf16 weights are read as raw
-// 16-bit words and converted with PTX cvt (f16) or a shift (bf16), F8E4M3 bytes are decoded
-// arithmetically (e4m3_to_f32); tensor cores are reached through inline PTX (mma.sync), so
-// neither cuda_fp16.h, cuda_bf16.h nor cuda_fp8.h is needed.
+// 16-bit words and converted with PTX cvt (f16) or a shift (bf16), F8E4M3 bytes with PTX cvt on
+// sm_89+ (e4m3x4_to_f32) and arithmetically before (e4m3_to_f32); tensor cores are reached
+// through inline PTX (mma.sync), so neither cuda_fp16.h, cuda_bf16.h nor cuda_fp8.h is needed.
 //
 // * x is f32 [Mx, K]; src(r) = token_index[r] when a gather index is given, else r.
 // * w is [G, N, K] (or [N, K] with G = 1 and no offsets), stored f32 (DT 0), f16 (DT 1), bf16
@@ -199,11 +199,44 @@ __device__ __forceinline__ u32 byte_at(const u32* words, int j) {
     return (words[j >> 2] >> (8 * (j & 3))) & 0xffu;
 }
 
-// NB E4M3 bytes (packed in words) times one scale s: a run inside one block.
+// On sm_89 and later, E4M3 bytes are decoded two at a time in hardware: cvt.rn.f16x2.e4m3x2 turns
+// two bytes into two f16 (exact: every E4M3 value, subnormals and NaN included, is an f16), then
+// each f16 becomes an f32. Why: e4m3_to_f32 is about 15 integer ops a byte, and at decode the gemv
+// streams bytes at up to 4.8 TB/s, which the H200's ~33 T lane-ops/s would cap near half the
+// bandwidth; this is 1.5 ops a byte. Before sm_89 (and on the CPU emulator, which has no PTX) the
+// arithmetic decode stays, in its per-element form (decoding a word first made sm_80's
+// gemv_f8_e4m3_r2_vec spill). MOE_F8_NO_CVT (the backend defines it under MOE_CUDA_F8_CVT=0)
+// keeps the arithmetic decode on sm_89+ too, to compare the two.
+#if !defined(MOE_EMULATOR) && !defined(MOE_F8_NO_CVT) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define MOE_F8_CVT 1
+#endif
+
+#ifdef MOE_F8_CVT
+// The four E4M3 bytes of a word (byte 0 first) as f32.
+__device__ __forceinline__ void e4m3x4_to_f32(u32 word, float* out) {
+    u32 lo, hi;
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(word));
+    out[0] = f16_to_f32((u16)(lo & 0xffffu));
+    out[1] = f16_to_f32((u16)(lo >> 16));
+    out[2] = f16_to_f32((u16)(hi & 0xffffu));
+    out[3] = f16_to_f32((u16)(hi >> 16));
+}
+#endif
+
+// NB E4M3 bytes (packed in words; NB a multiple of 4) times one scale s: a run inside one block.
 template <int NB>
 __device__ __forceinline__ void f8_scaled(const u32* words, float s, float* out) {
+#ifdef MOE_F8_CVT
+#pragma unroll
+    for (int i = 0; i < NB / 4; i++) e4m3x4_to_f32(words[i], out + 4 * i);
+#pragma unroll
+    for (int j = 0; j < NB; j++) out[j] *= s;
+#else
 #pragma unroll
     for (int j = 0; j < NB; j++) out[j] = e4m3_to_f32(byte_at(words, j)) * s;
+#endif
 }
 
 // NB E4M3 bytes (packed in words) that may cross blocks: element j is column k + j of a weight
@@ -216,6 +249,10 @@ __device__ __forceinline__ void f8_walk(const GemmParams& p, const u32* words, c
     u32 c = k / p.sb_cols;
     u32 left = p.sb_cols - (k - c * p.sb_cols); // elements of block c from k on
     float s = k < p.k ? srow[c] : 0.0f;
+#ifdef MOE_F8_CVT
+#pragma unroll
+    for (int i = 0; i < NB / 4; i++) e4m3x4_to_f32(words[i], out + 4 * i);
+#endif
 #pragma unroll
     for (int j = 0; j < NB; j++) {
         if (left == 0u) {
@@ -224,7 +261,11 @@ __device__ __forceinline__ void f8_walk(const GemmParams& p, const u32* words, c
             s = k + j < p.k ? srow[c] : 0.0f;
         }
         left--;
+#ifdef MOE_F8_CVT
+        out[j] *= s;
+#else
         out[j] = e4m3_to_f32(byte_at(words, j)) * s;
+#endif
     }
 }
 

@@ -209,10 +209,16 @@ pub(crate) struct Compiled {
     pub target: Target,
 }
 
-/// The options every kernel is compiled with.
+/// The options every kernel is compiled with. `MOE_CUDA_F8_CVT=0` makes sm_89+ decode F8E4M3
+/// arithmetically, as older GPUs do, instead of with the hardware conversion (to compare the two,
+/// or to step around the conversion path should it misbehave on a driver).
 pub(crate) fn options(target: Target) -> Vec<String> {
     // No fast math: expf, division and square roots stay IEEE-accurate (the f32 tolerance is 1e-5).
-    vec![target.option(), "-std=c++17".into(), "-lineinfo".into()]
+    let mut opts = vec![target.option(), "-std=c++17".into(), "-lineinfo".into()];
+    if std::env::var("MOE_CUDA_F8_CVT").is_ok_and(|v| v == "0") {
+        opts.push("-DMOE_F8_NO_CVT".into());
+    }
+    opts
 }
 
 /// Compiles one source for `target` with [`options`] plus `extra`. A compile error is

@@ -58,7 +58,7 @@
 //! | | `gemm_plan` + `mma_*`: tensor cores, `mma.sync.m16n8k16` (f16 or bf16 inputs, f32 accumulators) from inline PTX; tiles of 64 or 128 rows (64 when `M <= 64 G`) by 128 columns, 8 warps, K in slices of 32 with a register prefetch of the next slice; row tiles never span two experts (`gemm_plan` scans `ceil(rows_g / BM)`), blocks ordered in super-columns of 8 column tiles so an expert's row tiles share its weights in L2; F8E4M3 weights are dequantized (`q * scale`, rounded to bf16) on their way into shared memory and run as bf16 | `M > 4 G`, f16/bf16/F8E4M3 weights, sm_80+, with expert offsets |
 //! | | `mma_split_*`: the same, each activation staged as two 16-bit parts (hi + lo) and every product issued twice, so the activations keep ~16 significant bits | the same shapes without offsets: the router and the shared expert |
 //! | | `gemm_plan` + `simt_*`: the same schedule on f32 FMA, 64 x 64 tiles, 4 x 4 outputs per thread | `M > 4 G`, f32 weights (or a GPU older than sm_80) |
-//! | | F8E4M3 (`*_f8_e4m3_*`, every family): the weights are bytes (16-byte loads: 16 elements for `gemv_*` and `mma_*`, 4-byte for `simt_*`), decoded arithmetically (exactly, no table, no f32 denormal) and multiplied by their block's f32 scale; a thread looks its scale up once per run of consecutive elements (one division) when the block width is a multiple of the run, and walks the scales element by element otherwise (blocks like 5 x 12) | the same shapes as f16/bf16 |
+//! | | F8E4M3 (`*_f8_e4m3_*`, every family): the weights are bytes (16-byte loads: 16 elements for `gemv_*` and `mma_*`, 4-byte for `simt_*`), decoded exactly (on sm_89+ two bytes at a time by `cvt.rn.f16x2.e4m3x2`, then f16 to f32; before sm_89, or with `MOE_CUDA_F8_CVT=0`, arithmetically: no table, no f32 denormal) and multiplied by their block's f32 scale; a thread looks its scale up once per run of consecutive elements (one division) when the block width is a multiple of the run, and walks the scales element by element otherwise (blocks like 5 x 12) | the same shapes as f16/bf16 |
 //! | `grouped_gemm_swiglu` | the `grouped_gemm` kernels with `swiglu = 1`: tile columns walk the `2I` weight rows interleaved (column `2j` = gate row `j`, `2j + 1` = up row `I + j`), so the thread holding a gate accumulator holds its up partner (the mma C fragment's column pair, simt's 4 columns, a gemv warp's `NR` rows with `NR` = 4 or 2) and writes only `silu(gate) * up`; the `[M, 2I]` intermediate never reaches memory | the same shapes as `grouped_gemm` |
 //! | `activation` | grid-stride SwiGLU (`activation_vec`: float4 when `I % 4 == 0`) | all |
 //! | `combine` | grid-stride weighted sum in slot order (`combine_vec`: float4 when `H % 4 == 0`) | all |
@@ -132,6 +132,9 @@
 //! kernels (`*_f8_e4m3_*`) were verified **only on the emulator and by NVRTC** (they compile for
 //! sm_90 and sm_80 with no warning and no spill), never on a GPU: neither their results on real
 //! hardware nor their speed (decode is meant to read half the bytes of bf16) has been measured.
+//! The emulator runs the arithmetic E4M3 decode (as sm_80 does); sm_89+'s hardware conversion
+//! path is checked only by NVRTC (the PTX holds it for sm_90, not for sm_80 nor with
+//! `MOE_CUDA_F8_CVT=0`).
 
 #![warn(missing_docs)]
 

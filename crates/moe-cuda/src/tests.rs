@@ -105,6 +105,20 @@ fn nvrtc_compiles_every_kernel() {
                 if mma == 0 || mma16 == 0 {
                     failures.push(format!("grouped_gemm compute_{arch}: no mma.sync for bf16 ({mma}) or f16 ({mma16})"));
                 }
+                // F8E4M3 decoded by the hardware conversion from sm_89 on, arithmetically before.
+                let cvt = text.matches("cvt.rn.f16x2.e4m3x2").count();
+                println!("  grouped_gemm PTX: {cvt} cvt.rn.f16x2.e4m3x2 instructions");
+                if (cvt > 0) != (arch >= 89) {
+                    failures.push(format!("grouped_gemm compute_{arch}: {cvt} cvt.rn.f16x2.e4m3x2 instructions"));
+                }
+                // MOE_CUDA_F8_CVT=0's define turns the conversion off.
+                if arch >= 89 {
+                    let off = kernels::compile(source, Target::Ptx(arch), &["-DMOE_F8_NO_CVT"]).expect("PTX with MOE_F8_NO_CVT");
+                    let n = String::from_utf8_lossy(&off.image).matches("cvt.rn.f16x2.e4m3x2").count();
+                    if n != 0 {
+                        failures.push(format!("grouped_gemm compute_{arch} with MOE_F8_NO_CVT: {n} cvt.rn.f16x2.e4m3x2 instructions"));
+                    }
+                }
             }
             // ptxas's resource report: registers, shared memory, stack, spills.
             match kernels::compile(source, Target::Cubin(arch), &["--ptxas-options=-v"]) {
