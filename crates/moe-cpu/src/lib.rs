@@ -181,7 +181,23 @@ impl Backend for CpuBackend {
         if host.len() != b.bytes {
             return moe_hal::invalid!("upload of {} bytes into a {dtype} tensor of shape {shape:?} ({} bytes)", host.len(), b.bytes);
         }
-        b.as_bytes_mut().copy_from_slice(host);
+        // In parallel chunks; F8E4M3 weights are scanned for NaN bytes as each chunk is copied
+        // (while it is in cache), so the first layer call does not pay a pass over them.
+        use rayon::prelude::*;
+        let f8 = dtype == DType::F8E4M3;
+        // (map + reduce, never `any`: it would stop copying at the first NaN.)
+        let nan = b
+            .as_bytes_mut()
+            .par_chunks_mut(1 << 16)
+            .zip(host.par_chunks(1 << 16))
+            .map(|(d, h)| {
+                d.copy_from_slice(h);
+                f8 && moe_hal::fp8::any_nan(h)
+            })
+            .reduce(|| false, |a, b| a || b);
+        if f8 {
+            let _ = b.nan_free.set(!nan);
+        }
         Ok(b)
     }
 
@@ -297,6 +313,23 @@ mod tests {
     use super::*;
     use moe_hal::HostTensor;
 
+    /// An upload of more than one chunk with a NaN byte in its first chunk still copies every
+    /// byte (the parallel NaN scan runs beside the copy and must not cut it short).
+    #[test]
+    fn upload_copies_everything_past_a_nan() {
+        let b = CpuBackend::new();
+        let n = 3 << 16;
+        let mut q: Vec<u8> = (0..n).map(|i| (i % 0x7E) as u8).collect();
+        q[1] = 0xFF;
+        let buf = b.upload(DType::F8E4M3, &[3, 1 << 16], &q).unwrap();
+        assert_eq!(buf.as_bytes(), &q[..]);
+        assert_eq!(buf.nan_free.get(), Some(&false));
+        q[1] = 0;
+        let buf = b.upload(DType::F8E4M3, &[3, 1 << 16], &q).unwrap();
+        assert_eq!(buf.nan_free.get(), Some(&true));
+        assert!(b.upload(DType::U32, &[4], &[0xFF; 16]).unwrap().nan_free.get().is_none(), "only F8E4M3 is scanned");
+    }
+
     /// The streaming copy at every alignment of the destination and lengths around its 16-byte
     /// steps: every word lands, nothing past the end is touched.
     #[test]
@@ -326,11 +359,13 @@ mod tests {
         let mut y = Tensor::alloc(&b, DType::F32, &[2, n]).unwrap();
         b.grouped_gemm(&x, None, &w, None, &mut y).unwrap();
         assert!(y.to_f32(&b).unwrap().iter().all(|v| v.is_finite()));
-        assert!(w.buf.nan_free.get() == Some(&true), "the first call caches the answer");
+        assert!(w.buf.nan_free.get() == Some(&true), "upload (or the first call) caches the answer");
 
         let mut q = host.data.clone();
         q[2 * k + 5] = 0x7F;
         let src = b.upload(DType::F8E4M3, &[n, k], &q).unwrap();
+        assert_eq!(src.nan_free.get(), Some(&false), "upload scans F8E4M3 bytes");
+        assert_eq!(src.as_bytes(), &q[..]);
         b.copy(&src, &mut w.buf).unwrap();
         b.grouped_gemm(&x, None, &w, None, &mut y).unwrap();
         let got = y.to_f32(&b).unwrap();
