@@ -87,6 +87,31 @@
 //!   the router, `token_index`, a fused layer) is written in Ascend C under `shaders/cann/`, one
 //!   file per op with the trait method's name, as for WGSL and CUDA.
 //!
+//! ## f8_e4m3 weights (DeepSeek's FP8) on Ascend
+//!
+//! moe-hal's FP8 is block-scaled: each weight is `E4M3[q] * scale[n / 128, k / 128]`, f32
+//! activations, f32 accumulation (the suite holds it to bf16's tolerance). What
+//! `aclnnGroupedMatmulV4`'s page (ops-transformer, `gmm/grouped_matmul`) offers:
+//!
+//! * **Atlas A2 / A3 (910B, 910C):** no FP8 input at all (weights f16, bf16, f32, int8, int4).
+//!   The port answers `supports(_, F8E4M3) = false`; `moe run` then refuses the stored FP8 layer
+//!   and `--dtype bf16` dequantizes it on load (twice the memory, bf16 speed). Re-quantizing to
+//!   the operator's int8 weight-only mode (per-channel or per-group `antiquantScale`) would
+//!   change the numbers, not carry DeepSeek's.
+//! * **Ascend 950 (910_95):** FLOAT8_E4M3FN weights, two ways, neither exactly moe-hal's:
+//!   - "伪量化" (weight-only, activations f16/bf16): **per-channel scales only**, one per output
+//!     column, so 128 x 128 block scales do not map;
+//!   - dynamic quantization mode **G-B** (per-group activations x per-block weights):
+//!     `y[m, n] = sum_j (sum_k x * w) * per_token_scale[m / gsM, j] * scale[j, n / gsN]`, which
+//!     is DeepSeek's own inference recipe, but the activations are quantized to E4M3 too (about
+//!     2^-4 relative each): far outside the suite's bar, so at most an opt-in fast mode
+//!     documented as such, never the default.
+//!
+//! So the conformant FP8 path on Ascend is a kernel of our own, `shaders/cann/grouped_gemm.cpp`
+//! in Ascend C, doing what the CUDA `mma_*` kernels do: dequantize each 128 x 128 block into
+//! bf16 on its way to the cube unit, accumulate in f32. Until it exists, answer `false`.
+//! unconfirmed: whether `aclnnGroupedMatmulV5` (CANN 8.5+) adds per-block weight-only scales.
+//!
 //! ## Porting route
 //!
 //! Follow `PORTING.md`: memory and capability methods first; every op through
@@ -98,7 +123,8 @@
 //!
 //! The mapping was read from Ascend's public operator pages (the `ops-transformer` docs of
 //! `aclnnMoeGatingTopKSoftmax`, `..V2`, `aclnnMoeGatingTopK`, `aclnnMoeInitRouting`, `..V2`,
-//! `aclnnGroupedMatmulV4`, `aclnnMoeFinalizeRouting`, `..V2`, `aclnnSwiGlu`), the CANN 8.x headers
+//! `aclnnGroupedMatmulV4` (its 910_95 FP8 modes included), `aclnnMoeFinalizeRouting`, `..V2`,
+//! `aclnnSwiGlu`), the CANN 8.x headers
 //! (`acl_rt.h`, `acl_meta.h`) and ggml's `ggml-cann` (`aclnn_ops.cpp`, `CMakeLists.txt`). Nothing
 //! was run on an NPU. Facts no source confirmed are marked `unconfirmed:` where they appear; the
 //! list:
@@ -468,6 +494,8 @@ impl Backend for CannBackend {
     ///   (`aclnnCast`) and the output back, or keep f32 weights (see the crate docs). unconfirmed:
     ///   the accumulator precision for f16/bf16.
     /// * NZ: the weight may be FRACTAL_NZ (`aclnnTransMatmulWeight` at upload).
+    /// * f8_e4m3 weights: no operator computes them as moe-hal does (see the crate docs, "f8_e4m3
+    ///   weights on Ascend"); `supports` answers `false` for them until an Ascend C kernel does.
     /// * ggml's `mul_mat_id` uses `aclnnGroupedMatmulV3` differently: it copies the ids to the host
     ///   and builds one 1-row group per (token, slot), 128 groups per call. The cumulative group
     ///   list avoids both the host sync and the per-pair launch.
