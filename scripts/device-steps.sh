@@ -30,8 +30,10 @@ timeout 120 .device/bin/moe bench --backend cuda,wgpu --preset deepseek-v3 --dty
   --tokens 1,16,128,1024,4096 --iters 10 --warmup 2 > "$OUT/bench-f8.log" 2>&1
 echo "bench f8 exit $?"; tail -14 "$OUT/bench-f8.log"
 echo "== cuda f8_e4m3: the hardware E4M3 conversion (default) against the arithmetic decode, Qwen3-30B-A3B decode"
+# 40 s each: every process compiles grouped_gemm.cu with NVRTC first (~12 s on the CPU machine).
 for cvt in 1 0; do
-  MOE_CUDA_F8_CVT=$cvt timeout 25 .device/bin/moe bench --backend cuda --preset qwen3-30b-a3b --dtype f8_e4m3 \
+  echo "MOE_CUDA_F8_CVT=$cvt"
+  MOE_CUDA_F8_CVT=$cvt timeout 40 .device/bin/moe bench --backend cuda --preset qwen3-30b-a3b --dtype f8_e4m3 \
     --tokens 1,16,128 --iters 20 --warmup 3 2>&1 | tail -3
 done
 echo "== where the time goes: each stage alone, cuda and wgpu, Qwen3-30B-A3B"
@@ -40,21 +42,25 @@ timeout 60 .device/bin/moe bench --backend cuda,wgpu --preset qwen3-30b-a3b --to
 echo "breakdown exit $?"; grep -E " tok |stages" "$OUT/breakdown.log" | tail -12
 echo "== wgpu: one submit per layer, scratch recycled (default) against a submit per op, fresh scratch, Qwen3-30B-A3B decode"
 for batch in 1 0; do
+  echo "MOE_WGPU_BATCH=$batch"
   MOE_WGPU_BATCH=$batch timeout 25 .device/bin/moe bench --backend wgpu --preset qwen3-30b-a3b \
     --tokens 1,16 --iters 20 --warmup 3 2>&1 | tail -2
 done
 echo "== wgpu: parameters as immediates (default) against a uniform buffer per dispatch, decode"
 for imm in 1 0; do
+  echo "MOE_WGPU_IMMEDIATES=$imm"
   MOE_WGPU_IMMEDIATES=$imm timeout 25 .device/bin/moe bench --backend wgpu --preset qwen3-30b-a3b \
     --tokens 1,16 --iters 20 --warmup 3 2>&1 | tail -2
 done
 echo "== wgpu: kernels without wgpu's shader runtime checks (default) against with them, decode and prefill"
 for checked in 0 1; do
+  echo "MOE_WGPU_CHECKED=$checked"
   MOE_WGPU_CHECKED=$checked timeout 25 .device/bin/moe bench --backend wgpu --preset qwen3-30b-a3b \
     --tokens 1,1024 --iters 10 --warmup 2 2>&1 | tail -2
 done
 echo "== wgpu: tensor cores (cooperative matrices, default) against f32 FMA tiles, prefill"
 for coop in 1 0; do
+  echo "MOE_WGPU_COOP=$coop"
   MOE_WGPU_COOP=$coop timeout 25 .device/bin/moe bench --backend wgpu --preset qwen3-30b-a3b \
     --tokens 1024,4096 --iters 10 --warmup 2 2>&1 | tail -2
 done
