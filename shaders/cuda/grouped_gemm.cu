@@ -204,9 +204,9 @@ __device__ __forceinline__ u32 byte_at(const u32* words, int j) {
 // each f16 becomes an f32. Why: e4m3_to_f32 is about 15 integer ops a byte, and at decode the gemv
 // streams bytes at up to 4.8 TB/s: at that rate the H200's integer lanes (132 SMs x 64 x ~1.9 GHz,
 // ~16 T ops/s) would cap it far below the bandwidth. This is 6 conversions per 4 bytes, on the
-// conversion pipe, whose rate there is not measured yet (the device check A/Bs the two). Before sm_89 (and on the CPU emulator, which has no PTX) the
-// arithmetic decode stays, in its per-element form (decoding a word first made sm_80's
-// gemv_f8_e4m3_r2_vec spill). MOE_F8_NO_CVT (the backend defines it under MOE_CUDA_F8_CVT=0)
+// conversion pipe, whose rate there is not measured yet (the device check A/Bs the two). Before
+// sm_89 (and on the CPU emulator, which has no PTX) the arithmetic decode stays, in its
+// per-element form (decoding a word first made sm_80's gemv_f8_e4m3_r2_vec spill). MOE_F8_NO_CVT (the backend defines it under MOE_CUDA_F8_CVT=0)
 // keeps the arithmetic decode on sm_89+ too, to compare the two.
 #if !defined(MOE_EMULATOR) && !defined(MOE_F8_NO_CVT) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
 #define MOE_F8_CVT 1

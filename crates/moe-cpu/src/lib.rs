@@ -14,8 +14,9 @@ use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 pub struct CpuBuffer {
     words: Vec<u32>,
     bytes: usize,
-    /// Whether no byte is an E4M3 NaN, found on the first use as F8E4M3 weights and kept until
-    /// the buffer is next written (every `&mut` accessor forgets it). Lets the tiles take their
+    /// Whether no byte is an E4M3 NaN, found by `upload` for F8E4M3 tensors (else on the first
+    /// use as F8E4M3 weights) and kept until the buffer is next written (every `&mut` accessor
+    /// and `copy` forget it). Lets the tiles take their
     /// short decode without scanning the weights on every call.
     nan_free: std::sync::OnceLock<bool>,
 }

@@ -42,7 +42,7 @@ pub fn is_nan(b: u8) -> bool {
 }
 
 /// Whether any byte of `q` is NaN. Folds whole chunks without an early exit inside one, so the
-/// compiler vectorises it: the CPU tiles run it over every block of weights they decode.
+/// compiler vectorises it: the CPU backend runs it over F8E4M3 weights as they are uploaded.
 pub fn any_nan(q: &[u8]) -> bool {
     q.chunks(512).any(|c| c.iter().fold(0u8, |a, &b| a | ((b | 0x80) == 0xFF) as u8) != 0)
 }

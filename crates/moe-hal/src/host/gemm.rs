@@ -214,8 +214,8 @@ fn rows_times_block(xs: &[&[f32]], w: &[f32], k: usize, out: &mut [f32]) {
 
 /// The same code compiled for AVX2 with FMA (8 lanes), chosen at run time; other CPUs run the
 /// portable build (SSE2 on x86-64). Measured on the 2-core EPYC of the project: wider builds of
-/// this generic code (16 partial sums, AVX-512) compiled to spills and ran 3x slower; the 4-row
-/// AVX-512 tile above is written with intrinsics instead.
+/// this generic code (16 partial sums, AVX-512) compiled to spills and ran 3x slower; the
+/// AVX-512 tiles in `x86.rs` are written with intrinsics instead.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_times_block_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {

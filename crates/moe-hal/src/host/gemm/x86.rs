@@ -45,10 +45,10 @@ pub(super) mod avx2 {
         _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan)
     }
 
-    /// [`e4m3x8`] for bytes known not to be NaN (see [`super::super::Direct::E4m3`]): four ops instead
-    /// of nine. Sign-extending puts the sign in bit 31 and, shifted by 20, exponent and mantissa
-    /// in bits 20..27, with copies of the sign in bits 27..31 that the mask clears; then 2^120
-    /// rebiases the exponent (exact, subnormals included). A NaN byte would read as ±480.
+    /// [`e4m3x8`] for bytes known not to be NaN (see [`super::super::Direct::E4m3`]): four ops
+    /// instead of nine. Sign-extending puts the sign in bit 31 and, shifted by 20, exponent and
+    /// mantissa in bits 20..27, with copies of the sign in bits 27..31 that the mask clears; then
+    /// 2^120 rebiases the exponent (exact, subnormals included). A NaN byte would read as ±480.
     ///
     /// # Safety
     /// `p` points at 8 readable bytes.
@@ -211,8 +211,8 @@ pub(super) mod avx512 {
 
 /// The `R` x 4 register tile of [`rows_times_block_avx512`] and [`rows_times_bf16_avx512`]: as
 /// [`rows4_tile_avx2`], with 16-lane vectors and 32 registers, so four weight rows per pass and
-/// up to [`super::AVX512_ROWS`] activation rows (`4 R` accumulators, four weight vectors, one activation
-/// vector): each activation load feeds four products, each weight load `R`. `R` below the most
+/// up to [`super::AVX512_ROWS`] activation rows (`4 R` accumulators, four weight vectors, one
+/// activation vector): each activation load feeds four products, each weight load `R`. `R` below the most
 /// takes an expert's last rows, so no row falls back to the one-row kernel.
 macro_rules! rows_tile_avx512 {
     ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
@@ -307,8 +307,8 @@ rows_tile_avx512!(
     |v: half::f16| v.to_f32()
 );
 
-/// Calls the AVX-512 tile `$f` for `$xs.len()` rows (1 to [`super::AVX512_ROWS`]); unsafe: the CPU must
-/// have AVX-512F.
+/// Calls the AVX-512 tile `$f` for `$xs.len()` rows (1 to [`super::AVX512_ROWS`]); unsafe: the
+/// CPU must have AVX-512F.
 macro_rules! avx512_rows {
     ($f:ident, $xs:expr, $($arg:expr),*) => {
         match $xs.len() {
