@@ -7,7 +7,7 @@
 // The host prepends these constants to this file:
 //   const DT: u32   storage dtype of w: 0 f32, 1 f16, 2 bf16, 3 f8_e4m3 (read from u32 words; f16
 //                   with unpack2x16float, bf16 as the high half of an f32, f8_e4m3 decoded by
-//                   e4m3() and multiplied by its block's scale from sc). Accumulation is f32.
+//                   e4m3x4() and multiplied by its block's scale from sc). Accumulation is f32.
 //   const SBN: u32, SBK: u32
 //                   f8_e4m3: rows and columns of one scale block (1 for the other dtypes). Weight
 //                   element [g, n, k] is e4m3(q) * sc[(g * ceil(N / SBN) + n / SBN) * ceil(K / SBK)
@@ -135,6 +135,24 @@ fn bytes4(word: u32) -> vec4<u32> {
     return (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
 }
 
+// The four float8_e4m3fn bytes of a word (lowest first) times 2^-8, exactly: the callers put the
+// 2^8 back (w4 on each value, gemv on each finished sum). e4m3() costs ~19 operations per byte,
+// which at decode would bound the f8 gemv well below memory bandwidth on a GPU; this ~4 (13
+// integer operations and two unpacks per word).
+// Each byte's 7 magnitude bits become bits 7..13 of an f16 and its sign bit 15: E4M3's exponent
+// and mantissa under f16's bias 15 instead of 7, so the value is 2^-8 of the byte's (exponent 0
+// becomes an f16 subnormal, which unpack2x16float widens exactly to a normal f32). Bytes 0 and 2
+// share one f16 pair, 1 and 3 the other. A word holding a NaN byte (low 7 bits all set: adding 1
+// to each byte carries into its bit 7) takes e4m3(), since the f16 route would read it as 480.
+fn e4m3x4(word: u32) -> vec4<f32> {
+    let even = unpack2x16float(((word << 7u) & 0x3f803f80u) | ((word << 8u) & 0x80008000u));
+    let odd = unpack2x16float(((word >> 1u) & 0x3f803f80u) | (word & 0x80008000u));
+    if ((((word & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u) != 0u) {
+        return e4m3(bytes4(word)) * 0.00390625;
+    }
+    return vec4<f32>(even.x, odd.x, even.y, odd.y);
+}
+
 // f8_e4m3: the scale of weight element (row, col), row local to this part.
 fn wscale(row: u32, col: u32) -> f32 {
     let rg = row + p.row0; // row of the [G * N, K] view
@@ -176,7 +194,7 @@ fn w4(row: u32, col: u32) -> vec4<f32> {
         return bitcast<vec4<f32>>(w[i >> 2u]);
     }
     if (DT == 3u) {
-        return e4m3(bytes4(w[i >> 4u][(i >> 2u) & 3u])) * wscale(row, col);
+        return e4m3x4(w[i >> 4u][(i >> 2u) & 3u]) * 256.0 * wscale(row, col);
     }
     let v = w[i >> 3u];
     let pair = select(v.xy, v.zw, (i & 4u) != 0u);
@@ -376,6 +394,10 @@ const NR: u32 = 2u;     // weight rows per team
 const RB: u32 = 4u;     // token rows per pass
 const COLS: u32 = 16u;  // weight rows per workgroup: 256 / TEAM * NR
 var<workgroup> red: array<f32, 2048>; // [NR * RB][256]
+// What undoes w8's 2^-8 on f8_e4m3 (the vector path only: w1 returns whole values). Applied to a
+// finished sum rather than each weight, it costs nothing in the loop; the sum is bit for bit the
+// unscaled one unless a product falls below f32's normal range (|x * w| < 2^-118).
+const W8_POST: f32 = select(1.0, 256.0, DT == 3u && VEC);
 
 struct V8 {
     a: vec4<f32>,
@@ -413,7 +435,7 @@ fn dot8(a: V8, b: V8) -> f32 {
 }
 
 // Eight weight elements from (row, col), (row * K + col) % 8 == 0 (f8_e4m3: two scales unless
-// SBK % 8 == 0).
+// SBK % 8 == 0, and 2^-8 of the weights' values: gemv multiplies each finished sum by W8_POST).
 fn w8(row: u32, col: u32) -> V8 {
     let i = row * p.k + col;
     if (DT == 0u) {
@@ -427,7 +449,7 @@ fn w8(row: u32, col: u32) -> V8 {
         if (SBK % 8u != 0u) {
             s1 = wscale(row, col + 4u);
         }
-        return V8(e4m3(bytes4(pair.x)) * s0, e4m3(bytes4(pair.y)) * s1);
+        return V8(e4m3x4(pair.x) * s0, e4m3x4(pair.y) * s1);
     }
     let v = w[i >> 3u];
     return V8(vec4<f32>(unpack2(v.x), unpack2(v.y)), vec4<f32>(unpack2(v.z), unpack2(v.w)));
@@ -524,7 +546,7 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 let r = rb + q;
                 let n = nb + t * NR;
                 if (r < r_hi && n >= c.x && n < c.y) {
-                    y[r * ny() + n / 2u] = silu(sg) * su;
+                    y[r * ny() + n / 2u] = silu(sg * W8_POST) * (su * W8_POST);
                 }
             }
         } else if (lid < COLS * RB) {
@@ -539,7 +561,7 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
             let r = rb + q;
             let n = nb + col;
             if (r < r_hi && n >= c.x && n < c.y) {
-                y[r * p.n + n] = s;
+                y[r * p.n + n] = s * W8_POST;
             }
         }
         workgroupBarrier();

@@ -17,7 +17,7 @@
 // Numbers: weights become f16 (exact for f16 storage; bf16 keeps all its bits within f16's range,
 // 6e-8 .. 65504; smaller magnitudes round toward zero, larger ones clamp; f8_e4m3 is scaled in f32
 // first, then rounded to f16 the same way), x is rounded to f16
-// (clamped to +-65504) unless SPLIT, and every sum accumulates in f32.
+// (clamped to +-65504) unless SPLIT, NaN stays NaN, and every sum accumulates in f32.
 //
 // Subgroups: the 128 invocations form num_subgroups subgroups; the (64 / CS)^2 coop tiles of the
 // workgroup tile are dealt to them round-robin, at most 4 each (the host uses this kernel only when
@@ -33,8 +33,13 @@ var<workgroup> cl: array<f16, 2048>; // SPLIT: the lo parts of x
 var<workgroup> cb: array<f16, 2048>; // weight slice [CN][CK]: B (K x N) column-major
 var<workgroup> cc: array<f32, 4096>; // the tile of y [CM][CN], row-major
 
-// f32 -> f16 without overflow to infinity.
+// f32 -> f16 without overflow to infinity, NaN kept: clamp() would turn NaN into a number
+// (lavapipe: -65504), so a NaN weight or activation would vanish. The test is on the bits, which
+// no compiler folds away as it may `v != v`.
 fn to_f16(v: f32) -> f16 {
+    if ((bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u) {
+        return f16(v);
+    }
     return f16(clamp(v, -65504.0, 65504.0));
 }
 

@@ -100,15 +100,19 @@
 //! | `grouped_gemm` | `prep`: validates offsets and gather indices, zeros rows past `expert_offsets[G]` | with offsets or a gather index |
 //! | | `gemv`: a workgroup streams 16 weight rows of one expert once (vec4 loads), up to 4 token rows per pass; one grid slot per expert, or per row of `y` when `M < G` so idle experts launch nothing | `M <= 4 G` (decode; `G = 1` without offsets) |
 //! | | `tiled`: 64x64 output tile, 16-deep K slices of x and w in workgroup memory, 4x4 outputs per invocation, groups found by binary search in `expert_offsets` | `M > 4 G` (prefill), f32 weights or no tensor cores |
-//! | | `tiled_coop` (`grouped_gemm_coop.wgsl`): the same tiles and group search, K slices of 32 staged as f16 (x rounded, clamped to ±65504; weights f16, bf16 and scaled f8_e4m3 converted), products on `CS`x`CS` cooperative matrices with f32 accumulators, 128 invocations dealing the coop tiles to their subgroups; dense GEMMs (router, shared expert) stage x as hi + lo f16 parts and multiply both, so their outputs stay f32-accurate | `M > 4 G`, f16/bf16/f8_e4m3 weights, tensor cores |
+//! | | `tiled_coop` (`grouped_gemm_coop.wgsl`): the same tiles and group search, K slices of 32 staged as f16 (x rounded, clamped to ±65504, NaN kept; weights f16, bf16 and scaled f8_e4m3 converted), products on `CS`x`CS` cooperative matrices with f32 accumulators, 128 invocations dealing the coop tiles to their subgroups; dense GEMMs (router, shared expert) stage x as hi + lo f16 parts and multiply both, so their outputs stay f32-accurate | `M > 4 G`, f16/bf16/f8_e4m3 weights, tensor cores |
 //! | `grouped_gemm_swiglu` | `prep`, `gemv`, `tiled`/`tiled_coop` with `swiglu = 1`: tile columns walk the `2I` weight rows interleaved (column `2j` = gate row `j`, `2j + 1` = up row `I + j`), so an invocation holds each gate accumulator beside its up partner and writes only `silu(gate) * up` | every weight part holds whole experts (else `grouped_gemm` + `activation`) |
 //! | `activation` | grid-stride SwiGLU (vec4 when `I % 4 == 0`) | all |
 //! | `combine` | grid-stride weighted sum in slot order (vec4 when `H % 4 == 0`) | all |
 //!
 //! Weights are read from u32 words in the shader: f16 with `unpack2x16float` (core WGSL, no
 //! `SHADER_F16` needed; f16 subnormals decode exactly on lavapipe, which the tests check), bf16 as
-//! the high half of an f32; F8E4M3 bytes (four per word) decoded exactly with integer arithmetic
-//! (no f32 denormal involved) and multiplied by their block's f32 scale, read from one more binding
+//! the high half of an f32; F8E4M3 bytes (four per word) moved into the bits of two f16 pairs
+//! (E4M3 under f16's exponent bias, so 2^-8 of the value, exact, subnormals included) and widened
+//! with `unpack2x16float`: about 4 operations per byte where integer arithmetic took ~19, which a
+//! GPU's integer lanes could not sustain at decode bandwidth. A word with a NaN byte takes the
+//! integer decode instead. The 2^8 goes on each finished sum (`gemv`) or value (`tiled`), and
+//! each block's f32 scale is read from one more binding
 //! (the block size is a shader constant, so DeepSeek's 128x128 index is two shifts). Every product
 //! accumulates in f32; `tiled_coop` converts the scaled F8E4M3 weights to f16 like bf16 ones. The
 //! vector paths need `K % 4 == 0` (tiled) or `K % 8 == 0` (gemv), which every real model has

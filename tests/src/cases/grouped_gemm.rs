@@ -1,7 +1,10 @@
 //! `grouped_gemm` for weights in f32, f16, bf16 and F8E4M3 (block scales of
 //! [`crate::check::fp8_test_block`]): the dense router GEMM, grouped expert GEMMs
 //! with and without the gather index, empty experts, rows past the last offset (written as zero),
-//! M = 0 and 1, sizes one off every tile boundary (15/16/17 .. 127/128/129), K = 7168.
+//! M = 0 and 1, sizes one off every tile boundary (15/16/17 .. 127/128/129), K = 7168, NaN in
+//! the activations (which must come out NaN, on every path). F8E4M3 also has [`every_byte`]: each
+//! of the 256 bytes, NaN and subnormals included, decoded bit for bit on the decode path and the
+//! prefill path.
 //!
 //! `grouped_gemm_swiglu` (the gate/up projection with SwiGLU fused) runs the same layouts, checked
 //! against the oracle's `swiglu(grouped_gemm(..))`: dense (the shared expert), decode (one row per
@@ -11,7 +14,7 @@ use crate::check::*;
 use crate::oracle;
 use crate::rng::Rng;
 use crate::runner::Case;
-use moe_hal::{Backend, DType, Op, ops};
+use moe_hal::{Backend, BlockScales, DType, HostTensor, Op, Tensor, ops};
 
 /// How the rows of `y` map onto groups of weights.
 #[derive(Debug, Clone)]
@@ -41,6 +44,9 @@ pub enum Layout {
         /// Experts per token.
         top_k: usize,
     },
+    /// The inner layout with a NaN in rows 0 and `Mx / 2` of `x`: every row of `y` reading one
+    /// must come out NaN throughout (a kernel that clamps or converts activations may lose it).
+    NanInX(Box<Layout>),
 }
 
 /// Group name of the grouped_gemm cases for `dtype`.
@@ -68,6 +74,10 @@ pub fn swiglu_group(dtype: DType) -> &'static str {
 /// and checks rows past the last offset are exactly zero.
 pub fn check_gemm<B: Backend>(b: &B, op: Op, dtype: DType, layout: &Layout, n: usize, k: usize, seed: &str) -> CaseResult {
     let mut rng = Rng::from_name(seed);
+    let (layout, nan_in_x) = match layout {
+        Layout::NanInX(inner) => (inner.as_ref(), true),
+        l => (l, false),
+    };
     // (rows of x, rows of y, groups, offsets, gather index)
     let (mx, m, g, offsets, gather): (usize, usize, usize, Option<Vec<u32>>, Option<Vec<u32>>) = match layout {
         Layout::Dense { m } => (*m, *m, 1, None, None),
@@ -86,8 +96,13 @@ pub fn check_gemm<B: Backend>(b: &B, op: Op, dtype: DType, layout: &Layout, n: u
             let plan = oracle::permute(&ids, *top_k, *experts).map_err(Fail::Wrong)?;
             (*tokens, tokens * top_k, *experts, Some(plan.expert_offsets), Some(plan.token_index))
         }
+        Layout::NanInX(_) => return wrong!("NanInX wraps another layout, not itself"),
     };
-    let x = rng.vec_f32(mx * k, 1.0);
+    let mut x = rng.vec_f32(mx * k, 1.0);
+    if nan_in_x && mx > 0 {
+        x[k / 2] = f32::NAN;
+        x[mx / 2 * k + k / 3] = f32::NAN;
+    }
     let wv = rng.vec_f32(g * n * k, 1.0 / (k as f64).sqrt());
     let w_shape: Vec<usize> = if offsets.is_some() { vec![g, n, k] } else { vec![n, k] };
 
@@ -128,7 +143,13 @@ fn case<B: Backend>(dtype: DType, name: &str, layout: Layout, n: usize, k: usize
 
 fn op_case<B: Backend>(op: Op, dtype: DType, name: &str, layout: Layout, n: usize, k: usize) -> Case<B> {
     let group = if op == Op::GroupedGemmSwiglu { swiglu_group(dtype) } else { group(dtype) };
-    let shape = match &layout {
+    let shape = shape_of(&layout, n, k);
+    let seed = format!("{group}/{name}");
+    Case::new(group, name, op, Some(dtype), shape, move |b: &B| check_gemm(b, op, dtype, &layout, n, k, &seed))
+}
+
+fn shape_of(layout: &Layout, n: usize, k: usize) -> String {
+    match layout {
         Layout::Dense { m } => format!("M={m} N={n} K={k} dense"),
         Layout::Grouped { sizes, tail, gather } => {
             let g = if sizes.len() <= 8 { format!("{sizes:?}") } else { format!("{} groups", sizes.len()) };
@@ -140,9 +161,12 @@ fn op_case<B: Backend>(op: Op, dtype: DType, name: &str, layout: Layout, n: usiz
             )
         }
         Layout::Planned { tokens, experts, top_k } => format!("T={tokens} E={experts} k={top_k} N={n} K={k} gather"),
-    };
-    let seed = format!("{group}/{name}");
-    Case::new(group, name, op, Some(dtype), shape, move |b: &B| check_gemm(b, op, dtype, &layout, n, k, &seed))
+        Layout::NanInX(inner) => format!("{}, NaN in x", shape_of(inner, n, k)),
+    }
+}
+
+fn nan_in_x(inner: Layout) -> Layout {
+    Layout::NanInX(Box::new(inner))
 }
 
 /// The grouped_gemm cases for one weight dtype.
@@ -172,7 +196,77 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         case(dtype, "gather_t2_e16_n33_k64", Layout::Planned { tokens: 2, experts: 16, top_k: 4 }, 33, 64),
         case(dtype, "gather_repeated_rows_past_end", grouped(&[3, 0, 4], 2, Some(5)), 17, 33),
         case(dtype, "gather_k7168", grouped(&[2, 0, 3], 0, Some(4)), 17, 7168),
+        // NaN activations stay NaN on every path: dense (split on tensor cores), decode, prefill.
+        case(dtype, "nan_in_x_dense_m70", nan_in_x(Layout::Dense { m: 70 }), 33, 64),
+        case(dtype, "nan_in_x_decode", nan_in_x(Layout::Planned { tokens: 3, experts: 16, top_k: 4 }), 32, 64),
+        case(dtype, "nan_in_x_prefill", nan_in_x(grouped(&[40, 0, 30], 0, None)), 33, 64),
     ]
+    .into_iter()
+    .chain((dtype == DType::F8E4M3).then(|| [every_byte_case(1, 64), every_byte_case(64, 4)]).into_iter().flatten())
+    .collect()
+}
+
+/// Rows and columns of each expert's weight in [`every_byte`]: rows 0..4 hold the 254 numbers,
+/// row 4 the NaNs.
+const BYTES_N: usize = 5;
+const BYTES_K: usize = 64;
+
+/// Byte `(row, col)` of expert `g` in [`every_byte`]. In rows 0..4 each expert holds every
+/// number (position `4 * ((col + 2g) % 64) + row`, wrapping past 254), and the diagonal `col = g`
+/// of experts 0..64 holds every number too. Row 4 is a NaN (0x7F or 0xFF by `g`'s parity) at
+/// `col = g % 64` and numbers elsewhere.
+fn every_byte_at(g: usize, row: usize, col: usize) -> u8 {
+    let numbers: Vec<u8> = (0..=255u8).filter(|&b| !moe_hal::fp8::is_nan(b)).collect();
+    if row == BYTES_N - 1 {
+        return if col == g % BYTES_K { [0x7F, 0xFF][g % 2] } else { numbers[(col * 7 + g) % numbers.len()] };
+    }
+    numbers[(4 * ((col + 2 * g) % BYTES_K) + row) % numbers.len()]
+}
+
+/// Every F8E4M3 byte through `grouped_gemm`, compared bit for bit: `experts` experts of
+/// `[5, 64]` bytes ([`every_byte_at`]) in 2x16 blocks scaled by powers of two (2^-3 .. 2^3, so
+/// every product is exact in f32, f16 and bf16), `rows` rows per expert, row `j` of expert `g`
+/// one-hot at column `(g + j) % 64`. So `y[row, n]` is one weight, times its scale: with one row
+/// per expert (the decode path) over 64 experts, the diagonal; with 64 rows per expert (the
+/// prefill path), every byte of each expert. Row 4 of each expert holds a NaN, so its column of
+/// `y` is NaN throughout (NaN * 0 is NaN), as the oracle's is.
+pub fn every_byte<B: Backend>(b: &B, rows: usize, experts: usize) -> CaseResult {
+    let (n, k) = (BYTES_N, BYTES_K);
+    let block = [2, 16];
+    let q: Vec<u8> = (0..experts * n * k).map(|i| every_byte_at(i / (n * k), i / k % n, i % k)).collect();
+    let grid = moe_hal::fp8::scale_shape(&[experts, n, k], block);
+    let scales: Vec<f32> = (0..grid.iter().product()).map(|i| 2f32.powi((i % 7) as i32 - 3)).collect();
+    // A struct literal: HostTensor::fp8 refuses NaN bytes, and NaN weights must still propagate.
+    let host = HostTensor {
+        dtype: DType::F8E4M3,
+        shape: vec![experts, n, k],
+        data: q,
+        scales: Some(Box::new(BlockScales {
+            block,
+            tensor: HostTensor::new(DType::F32, &grid, scales.iter().flat_map(|v| v.to_le_bytes()).collect()).ctx("scales")?,
+        })),
+    };
+    let m = rows * experts;
+    let mut x = vec![0.0f32; m * k];
+    for r in 0..m {
+        x[r * k + (r / rows + r % rows) % k] = 1.0;
+    }
+    let offsets: Vec<u32> = (0..=experts).map(|g| (g * rows) as u32).collect();
+    let want =
+        oracle::grouped_gemm(&oracle::widen(&x), k, None, &oracle::decode_tensor(&host), n, Some(&offsets), m).map_err(Fail::Wrong)?;
+    let wt = Tensor::from_host(b, &host).ctx("uploading weights")?;
+    let mut y = poisoned_f32(b, &[m, n])?;
+    ops::grouped_gemm(b, &f32_tensor(b, &[m, k], &x)?, None, &wt, Some(&u32_tensor(b, &[experts + 1], &offsets)?), &mut y)
+        .ctx("grouped_gemm")?;
+    close("y", &read_f32(b, &y)?, &want, 0.0)
+}
+
+fn every_byte_case<B: Backend>(rows: usize, experts: usize) -> Case<B> {
+    let path = if rows == 1 { "decode" } else { "prefill" };
+    let shape = format!("M={} N={BYTES_N} K={BYTES_K} rows/group {rows} x {experts} groups, exact", rows * experts);
+    Case::new(group(DType::F8E4M3), &format!("every_byte_{path}"), Op::GroupedGemm, Some(DType::F8E4M3), shape, move |b: &B| {
+        every_byte(b, rows, experts)
+    })
 }
 
 /// The grouped_gemm_swiglu cases for one weight dtype (`N` below is `2I`, the weight rows per
@@ -192,6 +286,8 @@ pub fn swiglu_cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         c("gather_rows_past_end", grouped(&[3, 0, 9], 2, Some(5)), 2 * 9, 33),
         c("grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),
         c("i1_k7168", grouped(&[2, 0, 7], 0, Some(4)), 2, 7168),
+        c("nan_in_x_decode", nan_in_x(Layout::Planned { tokens: 3, experts: 16, top_k: 4 }), 2 * 24, 64),
+        c("nan_in_x_prefill", nan_in_x(Layout::Planned { tokens: 40, experts: 8, top_k: 2 }), 2 * 40, 128),
     ]
 }
 
