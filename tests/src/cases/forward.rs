@@ -1,7 +1,7 @@
 //! `forward` (the whole layer, [`moe_hal::ops::forward`] on a [`moe_hal::Layer::upload`]ed
 //! [`HostLayer`]) per weight dtype (F8E4M3 with a bf16 router): softmax with and without renormalisation, DeepSeek-V3 and
 //! Kimi K2 grouped sigmoid routing, with and without a shared expert; T = 0 and 1, k = E, experts
-//! with no tokens, E = 256 and 384, hidden 7168.
+//! with no tokens, E = 256 and 384, hidden 7168, a token with a NaN among good ones.
 
 use super::{DEEPSEEK, KIMI, MIXTRAL, SOFTMAX_RAW, margin_threshold, routing_name};
 use crate::check::*;
@@ -23,6 +23,9 @@ pub struct LayerSpec {
     pub router_f32: bool,
     /// Tokens in the batch.
     pub tokens: usize,
+    /// A token whose activations hold a NaN: its routing weights and output row must come out
+    /// NaN, and every other token exactly as without it.
+    pub nan_token: Option<usize>,
 }
 
 impl LayerSpec {
@@ -43,7 +46,14 @@ impl LayerSpec {
             bias,
             router_f32: false,
             tokens,
+            nan_token: None,
         }
+    }
+
+    /// The same layer with a NaN in token `t`'s activations.
+    pub fn with_nan_token(mut self, t: usize) -> Self {
+        self.nan_token = Some(t);
+        self
     }
 
     /// The same layer with its router stored in f32 whatever the experts' dtype.
@@ -56,7 +66,7 @@ impl LayerSpec {
     pub fn describe(&self) -> String {
         let c = &self.config;
         format!(
-            "T={} H={} I={} E={} k={} {}{}{}{}",
+            "T={} H={} I={} E={} k={} {}{}{}{}{}",
             self.tokens,
             c.hidden,
             c.intermediate,
@@ -65,7 +75,8 @@ impl LayerSpec {
             routing_name(&c.routing),
             if self.bias { " +bias" } else { "" },
             if c.shared_intermediate > 0 { format!(" shared={}", c.shared_intermediate) } else { String::new() },
-            if self.router_f32 { " router=f32" } else { "" }
+            if self.router_f32 { " router=f32" } else { "" },
+            self.nan_token.map_or(String::new(), |t| format!(" NaN in token {t}"))
         )
     }
 }
@@ -95,7 +106,8 @@ pub fn random_layer(config: &MoeConfig, bias: bool, dtype: DType, router_dtype: 
 
 /// A random layer and `x [T, H]` whose routing decisions all have a safe margin
 /// ([`super::margin_threshold`]), so a backend computing logits in f32 must route exactly as the
-/// oracle does. Deterministic in `seed`.
+/// oracle does. Deterministic in `seed`. With [`LayerSpec::nan_token`], that token's row then gets
+/// a NaN (its routing has no margin to keep: NaN logits rank last, ties to the lower id).
 pub fn random_problem(spec: &LayerSpec, dtype: DType, seed: &str) -> (HostLayer, Vec<f32>) {
     let mut rng = Rng::from_name(seed);
     let c = &spec.config;
@@ -125,6 +137,9 @@ pub fn random_problem(spec: &LayerSpec, dtype: DType, seed: &str) -> (HostLayer,
                     continue 'layer;
                 }
             }
+        }
+        if let Some(t) = spec.nan_token {
+            x[t * c.hidden + c.hidden / 2] = f32::NAN;
         }
         return (layer, x);
     }
@@ -191,6 +206,9 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         case(dtype, "hidden7168", LayerSpec::new(2, 7168, 16, 8, 2, grouped(2, 1, true, 2.5), true, 16)),
         case(dtype, "deepseek_e256_router_f32", LayerSpec::new(4, 64, 16, 256, 8, DEEPSEEK, true, 32).with_f32_router()),
         case(dtype, "softmax_router_f32", LayerSpec::new(7, 33, 17, 16, 4, MIXTRAL, false, 0).with_f32_router()),
+        // One bad token must not poison its batch (prefill: tiles shared with other tokens).
+        case(dtype, "nan_token_prefill", LayerSpec::new(70, 64, 32, 8, 2, MIXTRAL, false, 16).with_nan_token(33)),
+        case(dtype, "nan_token_decode_sigmoid", LayerSpec::new(3, 64, 16, 256, 8, DEEPSEEK, true, 32).with_nan_token(1)),
     ]
 }
 
