@@ -7,7 +7,7 @@ use std::fmt;
 
 use moe_hal::DType;
 
-pub use moe_hal::fp8::{DEFAULT_BLOCK, E4M3, for_each_block, is_nan, scale_shape};
+pub use moe_hal::fp8::{DEFAULT_BLOCK, E4M3, first_nan, for_each_block, scale_shape};
 
 /// How a checkpoint stores a weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -402,7 +402,7 @@ fn gather_fp8(files: &SafetensorsDir, what: &str, shape: &[usize], parts: &[&Par
             )));
         }
         let bytes = files.bytes(t);
-        if let Some(i) = bytes.par_iter().position_first(|&q| fp8::is_nan(q)) {
+        if let Some(i) = fp8::first_nan(bytes) {
             return Err(Error::Checkpoint(format!(
                 "tensor {} in {} holds a NaN (F8_E4M3 byte {:#04x}) at element {i}",
                 t.name, t.file, bytes[i]
@@ -448,7 +448,7 @@ struct Grid<'a> {
 /// Dequantizes E4M3 rows into `dst` as `to` (rounding to nearest even when narrowing), or
 /// returns the index of the first NaN byte.
 fn dequantize_into(src: &[u8], g: &Grid<'_>, to: DType, dst: &mut [MaybeUninit<u8>]) -> std::result::Result<(), usize> {
-    if let Some(i) = src.iter().position(|&b| fp8::is_nan(b)) {
+    if let Some(i) = fp8::first_nan(src) {
         return Err(i);
     }
     fn write<const D: usize>(src: &[u8], g: &Grid<'_>, dst: &mut [MaybeUninit<u8>], enc: impl Fn(f32) -> [u8; D]) {

@@ -2,7 +2,6 @@
 //! device.
 
 use crate::{Backend, BlockScales, DType, Error, Result, Tensor, fp8, invalid};
-use rayon::prelude::*;
 
 /// How the router turns logits into the top-k experts and their weights.
 ///
@@ -201,7 +200,7 @@ impl HostTensor {
             scales: Some(Box::new(BlockScales { block, tensor: scales })),
         };
         t.check()?;
-        if let Some(i) = t.data.par_iter().position_first(|&b| fp8::is_nan(b)) {
+        if let Some(i) = fp8::first_nan(&t.data) {
             return invalid!("element {i} of an f8_e4m3 tensor of shape {shape:?} is NaN (byte {:#04x})", t.data[i]);
         }
         let s = t.scales.as_ref().map(|s| s.tensor.to_f32()).unwrap_or_default();
