@@ -222,9 +222,9 @@ unsafe fn row_times_block_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) 
     row_times_block_generic::<8, true>(x, w, k, out)
 }
 
-/// The instruction set the host GEMM uses: `avx512` (AVX-512F with AVX2 and FMA: tiles of up to
-/// six activation rows in 16 lanes, single rows as `avx2`), `avx2` (with FMA: tiles of four
-/// rows), else `portable`. `MOE_CPU_ISA=avx2` or `portable` caps it, to compare or to reproduce
+/// The instruction set the host GEMM uses: `avx512` (AVX-512F with AVX2, FMA and F16C: tiles of
+/// up to six activation rows in 16 lanes, single rows as `avx2`), `avx2` (with FMA and F16C, which
+/// every AVX2 CPU has: tiles of four rows), else `portable`. `MOE_CPU_ISA=avx2` or `portable` caps it, to compare or to reproduce
 /// a result bit for bit on another machine (the tiles sum in different orders).
 pub fn isa() -> &'static str {
     static ISA: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
@@ -234,7 +234,10 @@ pub fn isa() -> &'static str {
             return "portable";
         }
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             return if cap != "avx2" && std::arch::is_x86_feature_detected!("avx512f") { "avx512" } else { "avx2" };
         }
         "portable"

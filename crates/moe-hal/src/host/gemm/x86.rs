@@ -49,6 +49,7 @@ pub(super) mod avx2 {
     /// instead of nine. Sign-extending puts the sign in bit 31 and, shifted by 20, exponent and
     /// mantissa in bits 20..27, with copies of the sign in bits 27..31 that the mask clears; then
     /// 2^120 rebiases the exponent (exact, subnormals included). A NaN byte would read as ±480.
+    /// The one-row kernel's decode; the 4-row tile takes [`e4m3x8_nan_free_f16`].
     ///
     /// # Safety
     /// `p` points at 8 readable bytes.
@@ -60,6 +61,27 @@ pub(super) mod avx2 {
         let bits = _mm256_and_si256(_mm256_slli_epi32::<20>(s), _mm256_set1_epi32(0x87F0_0000u32 as i32));
         _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((120 + 127) << 23)))
     }
+
+    /// [`e4m3x8_nan_free`] as f32 times 2^-8, through f16 (F16C), for the 4-row tile:
+    /// sign-extending each byte to 16 bits puts its sign in bits 7..15; shifted by 7, exponent and
+    /// mantissa sit in bits 7..13 with the sign in 15 and a copy in 14, which the mask clears. That
+    /// is an f16 with E4M3's exponent and mantissa under f16's bias 15 instead of 7 (exact,
+    /// subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps` widens it; the tile puts
+    /// the 2^8 on each finished dot product. No multiply, so the tile's FMA ports do only FMAs
+    /// (the 2^120 of [`e4m3x8_nan_free`] cannot wait for the sum: products of 2^-120 would lose
+    /// bits as f32 denormals). With `MOE_CPU_ISA=avx2`, Qwen3-30B-A3B f8_e4m3 at 128 tokens ran
+    /// 103–105 ms against 122–125 (back to back, two pairs); the one-row kernel stays on the f32
+    /// form, which was faster there (1.6–1.9 against 2.0–2.1 ms at one token).
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn e4m3x8_nan_free_f16(p: *const u8) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable bytes.
+        let s = _mm_cvtepi8_epi16(unsafe { _mm_loadl_epi64(p as *const __m128i) });
+        _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16::<7>(s), _mm_set1_epi16(0xBFFFu16 as i16)))
+    }
 }
 
 /// The 4 x 3 register tile of [`rows4_times_block_avx2`] and [`rows4_times_bf16_avx2`], written
@@ -67,8 +89,11 @@ pub(super) mod avx2 {
 /// `$get` one of them into an f32 (for the tail past the last multiple of 8).
 macro_rules! rows4_tile_avx2 {
     ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
+        rows4_tile_avx2!($(#[$doc])* $name, $w, $load, $get, 1.0);
+    };
+    ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr, $post:expr) => {
         $(#[$doc])*
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) unsafe fn $name(xs: [&[f32]; 4], w: &[$w], k: usize, out: &mut [f32]) {
             use avx2::hsum;
             use std::arch::x86_64::*;
@@ -105,12 +130,12 @@ macro_rules! rows4_tile_avx2 {
                     }
                 }
                 for r in 0..4 {
-                    out[r * nb + j] = hsum(acc[3 * r]) + tail(xs[r], w0);
+                    out[r * nb + j] = hsum(acc[3 * r]) * $post + tail(xs[r], w0);
                     if j1 != j {
-                        out[r * nb + j1] = hsum(acc[3 * r + 1]) + tail(xs[r], w1);
+                        out[r * nb + j1] = hsum(acc[3 * r + 1]) * $post + tail(xs[r], w1);
                     }
                     if j2 != j1 {
-                        out[r * nb + j2] = hsum(acc[3 * r + 2]) + tail(xs[r], w2);
+                        out[r * nb + j2] = hsum(acc[3 * r + 2]) * $post + tail(xs[r], w2);
                     }
                 }
             }
@@ -141,11 +166,14 @@ rows4_tile_avx2!(
 );
 
 rows4_tile_avx2!(
-    /// [`rows4_times_e4m3_avx2`] on bytes known not to be NaN (see [`super::Direct::E4m3`]).
+    /// [`rows4_times_e4m3_avx2`] on bytes known not to be NaN (see [`super::Direct::E4m3`]): the
+    /// vectors decode to 2^-8 times the weights, so each dot product's vector part is scaled by
+    /// 2^8 at the end.
     rows4_times_e4m3_nan_free_avx2,
     u8,
-    |p: *const u8| avx2::e4m3x8_nan_free(p),
-    |v: u8| crate::fp8::E4M3[v as usize]
+    |p: *const u8| avx2::e4m3x8_nan_free_f16(p),
+    |v: u8| crate::fp8::E4M3[v as usize],
+    256.0
 );
 
 rows4_tile_avx2!(
@@ -190,10 +218,9 @@ pub(super) mod avx512 {
     }
 
     /// 16 E4M3 bytes known not to be NaN, as f32 times 2^-8, through f16: the 256-bit ops of
-    /// [`super::avx2::e4m3x8_nan_free`]'s trick (sign-extend, shift by 7, clear the copy of the
-    /// sign in bit 14) make an f16 with E4M3's exponent and mantissa under f16's bias 15
-    /// instead of 7 (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps`
-    /// widens it. Three of its four ops are 256-bit, half the cost of 512-bit ones on Zen 4:
+    /// [`super::avx2::e4m3x8_nan_free_f16`] (sign-extend, shift by 7, clear the copy of the sign in
+    /// bit 14) make an f16 with E4M3's exponent and mantissa under f16's bias 15 instead of 7
+    /// (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps` widens it. Three of its four ops are 256-bit, half the cost of 512-bit ones on Zen 4:
     /// Qwen3-30B-A3B at 128 tokens (8 rows per expert) ran 66.5–71.3 ms against 73.4–75.8 with
     /// the 512-bit f32 form, and the same at one token (back to back, three pairs).
     ///
@@ -341,8 +368,11 @@ pub(super) const PREFETCH_AHEAD: usize = 8192;
 /// [`rows4_tile_avx2`].
 macro_rules! row_avx2 {
     ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
+        row_avx2!($(#[$doc])* $name, $w, $load, $get, 1.0);
+    };
+    ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr, $post:expr) => {
         $(#[$doc])*
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) unsafe fn $name(x: &[f32], w: &[$w], k: usize, out: &mut [f32]) {
             use avx2::hsum;
             use std::arch::x86_64::*;
@@ -372,7 +402,7 @@ macro_rules! row_avx2 {
                     }
                 }
                 for q in 0..rows {
-                    out[j + q] = hsum(acc[q]) + tail(j + q);
+                    out[j + q] = hsum(acc[q]) * $post + tail(j + q);
                 }
                 j += rows;
             }
@@ -410,11 +440,17 @@ mod tests {
     use super::*;
     use half::bf16;
 
+    /// What the AVX2 kernels need (`isa` without the `MOE_CPU_ISA` cap).
+    fn has_avx2() -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx2") && has!("fma") && has!("f16c")
+    }
+
     /// Every register tile this CPU can run, against f64 dot products: row counts and K around
     /// the tiles' widths (the repeated last weight row, the scalar tail past the last vector).
     #[test]
     fn tiles_match_f64_dot_products() {
-        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let avx2 = has_avx2();
         let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move || {
@@ -497,19 +533,20 @@ mod tests {
     /// 2^-8 times the value).
     #[test]
     fn e4m3_decodes_match_the_table() {
-        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+        if !has_avx2() {
             return;
         }
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let bytes: Vec<u8> = (0..=255u8).collect();
         for chunk in bytes.chunks(16) {
-            let mut got = [[0f32; 16]; 4];
+            let mut got = [[0f32; 16]; 5];
             // SAFETY: AVX2 (and AVX-512F for the 16-lane decodes) detected above; 16 bytes each.
             unsafe {
                 use std::arch::x86_64::*;
                 for h in 0..2 {
                     _mm256_storeu_ps(got[0][8 * h..].as_mut_ptr(), avx2::e4m3x8(chunk[8 * h..].as_ptr()));
                     _mm256_storeu_ps(got[1][8 * h..].as_mut_ptr(), avx2::e4m3x8_nan_free(chunk[8 * h..].as_ptr()));
+                    _mm256_storeu_ps(got[4][8 * h..].as_mut_ptr(), avx2::e4m3x8_nan_free_f16(chunk[8 * h..].as_ptr()));
                 }
                 if avx512 {
                     _mm512_storeu_ps(got[2].as_mut_ptr(), avx512::e4m3x16(chunk.as_ptr()));
@@ -521,6 +558,7 @@ mod tests {
                 let same = |v: f32| v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan());
                 assert!(same(got[0][i]), "e4m3x8 {b:#04x}: {}", got[0][i]);
                 assert!(crate::fp8::is_nan(b) || same(got[1][i]), "e4m3x8_nan_free {b:#04x}: {}", got[1][i]);
+                assert!(crate::fp8::is_nan(b) || same(got[4][i] * 256.0), "e4m3x8_nan_free_f16 {b:#04x}: {}", got[4][i]);
                 if avx512 {
                     assert!(same(got[2][i]), "e4m3x16 {b:#04x}: {}", got[2][i]);
                     assert!(crate::fp8::is_nan(b) || same(got[3][i] * 256.0), "e4m3x16_nan_free {b:#04x}: {}", got[3][i]);
@@ -534,7 +572,7 @@ mod tests {
     /// weight row makes exactly that row's dot products NaN in the full decodes.
     #[test]
     fn e4m3_tiles_match_f64_dot_products() {
-        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+        if !has_avx2() {
             return;
         }
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
