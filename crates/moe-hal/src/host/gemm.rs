@@ -136,6 +136,16 @@ fn direct(w: Weights<'_>, start: usize, len: usize, rows: usize) -> Option<Direc
     }
 }
 
+/// Weight rows handled together by the widest tile this CPU has (a block of another multiple
+/// computes the last pass partly for nothing).
+fn tile_cols() -> usize {
+    match isa() {
+        "avx512" => 4,
+        "avx2" => 3,
+        _ => 1,
+    }
+}
+
 /// Activation rows handled together by the widest tile this CPU has.
 fn tile_rows() -> usize {
     if isa() == "avx512" { AVX512_ROWS } else { 4 }
@@ -301,7 +311,12 @@ pub fn grouped_gemm(
     // size) 64 KiB would be two, and the tile would compute each of them twice (bf16, back to
     // back on the 2-core VM, DeepSeek-V3 shape with 16 experts: 108 -> 72 ms at 16 tokens and
     // 825 -> 529 ms at 128; Qwen3-30B-A3B, K <= 2048, unchanged).
-    let mut block = (16384 / k.max(1)).max(4).clamp(1, n.max(1));
+    // Rounded up to whole passes of the tile's weight rows: Qwen3-30B-A3B's down projection (K =
+    // 768) made 21-row blocks, whose last 4-row pass computed three repeated rows (back to back,
+    // bf16 at 512 tokens, three pairs: down 101–105 -> 94–99 ms; with MOE_CPU_ISA=avx2, 3-row
+    // passes, gate/up 8 -> 9 rows: 210–212 -> 175–190 ms).
+    let step = tile_cols();
+    let mut block = ((16384 / k.max(1)).max(4).div_ceil(step) * step).clamp(1, n.max(1));
     if let Weights::F8E4M3 { block: [bn, _], .. } = w {
         // E4M3: 256 KiB of bytes (the direct tiles read them as they are), so the activation
         // rows scaled per task (Direct::E4m3: K floats a row, each tile) are reused by more
