@@ -343,6 +343,18 @@ fn grouped_gemm_matches_host() {
     assert_eq!(f32s(&split, DType::F32, &[129, 130], &vec![0.0; 129 * 130]).buf.parts(), 1);
 }
 
+/// The vector paths are taken wherever rows are whole vectors: without scales at every
+/// multiple of the width (f32, f16 and bf16 never took them while no block was read as a block
+/// of one column), and with F8E4M3 blocks of whole 4-element vectors only.
+#[test]
+fn vector_paths_are_chosen_by_alignment() {
+    use crate::ops::vector_path;
+    assert!(vector_path(64, 8, None) && vector_path(2048, 4, None) && vector_path(7168, 8, None));
+    assert!(!vector_path(60, 8, None) && vector_path(60, 4, None) && !vector_path(63, 4, None));
+    assert!(vector_path(7168, 8, Some([128, 128])) && vector_path(64, 8, Some([5, 12])));
+    assert!(!vector_path(64, 8, Some([16, 6])) && !vector_path(64, 4, Some([1, 1])));
+}
+
 #[test]
 fn f16_and_bf16_decode_exactly() {
     // Subnormal, tiny, huge, negative and signed-zero weights; x = one-hot picks each one. (On
