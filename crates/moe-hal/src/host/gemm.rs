@@ -234,8 +234,9 @@ unsafe fn row_times_block_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) 
 
 /// The instruction set the host GEMM uses: `avx512` (AVX-512F with AVX2, FMA and F16C: tiles of
 /// up to six activation rows in 16 lanes, single rows as `avx2`), `avx2` (with FMA and F16C, which
-/// every AVX2 CPU has: tiles of four rows), else `portable`. `MOE_CPU_ISA=avx2` or `portable` caps it, to compare or to reproduce
-/// a result bit for bit on another machine (the tiles sum in different orders).
+/// every AVX2 CPU has: tiles of four rows), else `portable`. `MOE_CPU_ISA=avx2` or `portable`
+/// caps it, to compare or to reproduce a result bit for bit on another machine (the tiles sum in
+/// different orders).
 pub fn isa() -> &'static str {
     static ISA: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
     ISA.get_or_init(|| {
@@ -244,14 +245,19 @@ pub fn isa() -> &'static str {
             return "portable";
         }
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if has_avx2_kernels() {
             return if cap != "avx2" && std::arch::is_x86_feature_detected!("avx512f") { "avx512" } else { "avx2" };
         }
         "portable"
     })
+}
+
+/// Whether this CPU has what the AVX2 kernels are compiled for: AVX2, FMA and F16C (whatever
+/// `MOE_CPU_ISA` says).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_kernels() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma") && has!("f16c")
 }
 
 fn row_times_block(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {

@@ -220,8 +220,8 @@ pub(super) mod avx512 {
     /// 16 E4M3 bytes known not to be NaN, as f32 times 2^-8, through f16: the 256-bit ops of
     /// [`super::avx2::e4m3x8_nan_free_f16`] (sign-extend, shift by 7, clear the copy of the sign in
     /// bit 14) make an f16 with E4M3's exponent and mantissa under f16's bias 15 instead of 7
-    /// (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps` widens it. Three of its four ops are 256-bit, half the cost of 512-bit ones on Zen 4:
-    /// Qwen3-30B-A3B at 128 tokens (8 rows per expert) ran 66.5–71.3 ms against 73.4–75.8 with
+    /// (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps` widens it. Three
+    /// of its four ops are 256-bit, half the cost of 512-bit ones on Zen 4: Qwen3-30B-A3B at 128 tokens (8 rows per expert) ran 66.5–71.3 ms against 73.4–75.8 with
     /// the 512-bit f32 form, and the same at one token (back to back, three pairs).
     ///
     /// # Safety
@@ -440,17 +440,11 @@ mod tests {
     use super::*;
     use half::bf16;
 
-    /// What the AVX2 kernels need (`isa` without the `MOE_CPU_ISA` cap).
-    fn has_avx2() -> bool {
-        use std::arch::is_x86_feature_detected as has;
-        has!("avx2") && has!("fma") && has!("f16c")
-    }
-
     /// Every register tile this CPU can run, against f64 dot products: row counts and K around
     /// the tiles' widths (the repeated last weight row, the scalar tail past the last vector).
     #[test]
     fn tiles_match_f64_dot_products() {
-        let avx2 = has_avx2();
+        let avx2 = super::super::has_avx2_kernels();
         let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move || {
@@ -533,7 +527,7 @@ mod tests {
     /// 2^-8 times the value).
     #[test]
     fn e4m3_decodes_match_the_table() {
-        if !has_avx2() {
+        if !super::super::has_avx2_kernels() {
             return;
         }
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
@@ -572,7 +566,7 @@ mod tests {
     /// weight row makes exactly that row's dot products NaN in the full decodes.
     #[test]
     fn e4m3_tiles_match_f64_dot_products() {
-        if !has_avx2() {
+        if !super::super::has_avx2_kernels() {
             return;
         }
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
