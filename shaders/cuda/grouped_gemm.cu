@@ -42,7 +42,7 @@
 //               f16/bf16/F8E4M3 on GPUs older than sm_80.
 //   gemv_*      decode: few rows per group. A block owns 8 * NR weight rows of one expert and
 //               streams them once with 16-byte loads (a warp reads 512 contiguous bytes of a row per
-//               step), applying them to up to 4 token rows at a time; warps reduce with shuffles.
+//               step), applying them to up to 8 token rows at a time; warps reduce with shuffles.
 //               Blocks of idle experts exit at once. Slots are groups, or (when M < G: most
 //               experts idle) rows of y, where only a group's first row does the work.
 // Block order (mma_*, simt_*): super-columns of 8 column tiles, row tiles inside, so the blocks
@@ -915,10 +915,19 @@ SIMT_KERNEL(simt_f8_e4m3_any, 3, false)
 
 // ---- gemv: decode, each touched expert's weights streamed once ----
 
-#define GEMV_RB 4 // token rows per pass
+// A pass takes up to GEMV_RB token rows of its group against the block's weight rows, so an expert
+// with at most 8 rows (DeepSeek-V3 at T = 128 averages 4 and often has 5 to 8) reads its weights
+// once: a second pass rereads them from memory, not L2 (the blocks in flight between the two
+// reads stream far more than L2 holds). The rows a pass lacks cost nothing: `nq` is the same for
+// the whole block, so each `q < nq` test is a uniform branch that skips the row's loads, FMAs and
+// reduction (decode, one row per expert, does one row of work, not 8).
+#define GEMV_RB 8
 
 // NR: weight rows per warp (a block owns 8 * NR rows); even for SwiGLU. VEC: 16-byte loads, a lane
-// taking 8 elements of a row per step (K % 8 == 0), or 16 for F8E4M3 (K % 16 == 0).
+// taking 8 elements of a row per step (K % 8 == 0), or 16 for F8E4M3 (K % 16 == 0). Each step
+// decodes the NR rows' weights once, then each token row of the pass loads its x and accumulates:
+// only one token row's x is live at a time, which holds r4 under 128 registers (2 blocks per
+// multiprocessor) without spilling.
 template <int DT, int NR, bool VEC>
 __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __restrict__ x,
                                           const u32* __restrict__ ti, const void* __restrict__ w,
@@ -967,18 +976,14 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
     const bool one_scale = p.sb_cols % 16u == 0u;
 
     for (u32 rb = r_lo; rb < r_hi; rb += GEMV_RB) {
-        u64 xrow[GEMV_RB];
-        bool xok[GEMV_RB];
+        const u32 nq = r_hi - rb < GEMV_RB ? r_hi - rb : GEMV_RB; // the pass's rows: uniform in the block
+        // Each token row's x row: p.mx (read as zeros) for a row the pass lacks or a bad token
+        // index (prep flags those). 32-bit row numbers, not 64-bit element offsets: the 8 rows'
+        // addresses would take 16 registers through the loop; a multiply per load is cheaper.
+        u32 src[GEMV_RB];
 #pragma unroll
         for (int q = 0; q < GEMV_RB; q++) {
-            const u32 r = rb + q;
-            xok[q] = r < r_hi;
-            u32 src = 0u;
-            if (xok[q]) {
-                src = source_row(p, ti, r);
-                xok[q] = src < p.mx;
-            }
-            xrow[q] = (u64)(xok[q] ? src : 0u) * K;
+            src[q] = (u32)q < nq ? source_row(p, ti, rb + q) : p.mx;
         }
         float acc[NR][GEMV_RB];
 #pragma unroll
@@ -990,9 +995,7 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
 #pragma unroll 2
             for (u32 kk = lane * 16u; kk < K; kk += 512u) {
                 // The NR rows' 16 bytes first (the loads in flight together), then four words of 4
-                // elements against x, in a loop kept rolled: only 4 x values per token row are
-                // live at a time, which holds r4 under 128 registers (2 blocks per multiprocessor)
-                // without spilling.
+                // elements, in a loop kept rolled so only 4 decoded weights per row are live.
                 uint4 raw[NR];
                 float s[NR];
                 const u32 c = one_scale ? kk / p.sb_cols : 0u;
@@ -1008,97 +1011,107 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
 #pragma unroll 1
                 for (u32 h = 0; h < 4u; h++) {
                     const u32 k4 = kk + 4u * h;
-                    float xv[GEMV_RB][4];
-#pragma unroll
-                    for (int q = 0; q < GEMV_RB; q++) {
-                        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                        if (xok[q]) {
-                            a = __ldg((const float4*)(x + xrow[q] + k4));
-                        }
-                        xv[q][0] = a.x; xv[q][1] = a.y; xv[q][2] = a.z; xv[q][3] = a.w;
-                    }
+                    float wv[NR][4];
 #pragma unroll
                     for (int i = 0; i < NR; i++) {
-                        if (!wok[i]) {
-                            continue;
-                        }
                         const u32 q4 = h == 0u ? raw[i].x : h == 1u ? raw[i].y : h == 2u ? raw[i].z : raw[i].w;
-                        float wv[4];
-                        if (one_scale) {
-                            f8_scaled<4>(&q4, s[i], wv);
+                        if (!wok[i]) {
+#pragma unroll
+                            for (int j = 0; j < 4; j++) wv[i][j] = 0.0f;
+                        } else if (one_scale) {
+                            f8_scaled<4>(&q4, s[i], wv[i]);
                         } else {
-                            f8_walk<4>(p, &q4, srow[i], k4, wv);
+                            f8_walk<4>(p, &q4, srow[i], k4, wv[i]);
                         }
+                    }
 #pragma unroll
-                        for (int q = 0; q < GEMV_RB; q++)
+                    for (int q = 0; q < GEMV_RB; q++) {
+                        if ((u32)q < nq) {
+                            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                            if (src[q] < p.mx) {
+                                a = __ldg((const float4*)(x + (u64)src[q] * K + k4));
+                            }
+                            const float xv[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-                            for (int j = 0; j < 4; j++) acc[i][q] = fmaf(xv[q][j], wv[j], acc[i][q]);
+                            for (int i = 0; i < NR; i++)
+#pragma unroll
+                                for (int j = 0; j < 4; j++) acc[i][q] = fmaf(xv[j], wv[i][j], acc[i][q]);
+                        }
                     }
                 }
             }
         } else if (VEC) {
 #pragma unroll 2
             for (u32 kk = lane * 8u; kk < K; kk += 256u) {
-                float xv[GEMV_RB][8];
+                float wv[NR][8];
 #pragma unroll
-                for (int q = 0; q < GEMV_RB; q++) {
-                    if (xok[q]) {
-                        const float4* x4 = (const float4*)(x + xrow[q] + kk);
-                        float4 a = __ldg(x4);
-                        float4 b = __ldg(x4 + 1);
-                        xv[q][0] = a.x; xv[q][1] = a.y; xv[q][2] = a.z; xv[q][3] = a.w;
-                        xv[q][4] = b.x; xv[q][5] = b.y; xv[q][6] = b.z; xv[q][7] = b.w;
+                for (int i = 0; i < NR; i++) {
+                    if (wok[i]) {
+                        w_load8<DT>(w, wrow[i] + kk, wv[i]);
                     } else {
 #pragma unroll
-                        for (int j = 0; j < 8; j++) xv[q][j] = 0.0f;
+                        for (int j = 0; j < 8; j++) wv[i][j] = 0.0f;
                     }
                 }
 #pragma unroll
-                for (int i = 0; i < NR; i++) {
-                    if (!wok[i]) {
-                        continue;
+                for (int q = 0; q < GEMV_RB; q++) {
+                    if ((u32)q < nq) {
+                        float xv[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+                        if (src[q] < p.mx) {
+                            const float4* x4 = (const float4*)(x + (u64)src[q] * K + kk);
+                            float4 a = __ldg(x4);
+                            float4 b = __ldg(x4 + 1);
+                            xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+                            xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+                        }
+#pragma unroll
+                        for (int i = 0; i < NR; i++)
+#pragma unroll
+                            for (int j = 0; j < 8; j++) acc[i][q] = fmaf(xv[j], wv[i][j], acc[i][q]);
                     }
-                    float wv[8];
-                    w_load8<DT>(w, wrow[i] + kk, wv);
-#pragma unroll
-                    for (int q = 0; q < GEMV_RB; q++)
-#pragma unroll
-                        for (int j = 0; j < 8; j++) acc[i][q] = fmaf(xv[q][j], wv[j], acc[i][q]);
                 }
             }
         } else {
             for (u32 kk = lane; kk < K; kk += 32u) {
-                float xv[GEMV_RB];
-#pragma unroll
-                for (int q = 0; q < GEMV_RB; q++) xv[q] = xok[q] ? x[xrow[q] + kk] : 0.0f;
                 const u32 c = DT == 3 ? kk / p.sb_cols : 0u; // the scale column, shared by the rows
+                float wv[NR];
 #pragma unroll
                 for (int i = 0; i < NR; i++) {
-                    if (!wok[i]) {
-                        continue;
+                    wv[i] = 0.0f;
+                    if (wok[i]) {
+                        wv[i] = DT == 3 ? w_at<DT>(w, wrow[i] + kk) * srow[i][c] : w_at<DT>(w, wrow[i] + kk);
                     }
-                    const float wv = DT == 3 ? w_at<DT>(w, wrow[i] + kk) * srow[i][c] : w_at<DT>(w, wrow[i] + kk);
+                }
 #pragma unroll
-                    for (int q = 0; q < GEMV_RB; q++) acc[i][q] = fmaf(xv[q], wv, acc[i][q]);
+                for (int q = 0; q < GEMV_RB; q++) {
+                    if ((u32)q < nq) {
+                        const float xv = src[q] < p.mx ? x[(u64)src[q] * K + kk] : 0.0f;
+#pragma unroll
+                        for (int i = 0; i < NR; i++) acc[i][q] = fmaf(xv, wv[i], acc[i][q]);
+                    }
                 }
             }
         }
 #pragma unroll
-        for (int i = 0; i < NR; i++)
+        for (int q = 0; q < GEMV_RB; q++) {
+            if ((u32)q >= nq) {
+                continue;
+            }
 #pragma unroll
-            for (int q = 0; q < GEMV_RB; q++) {
+            for (int i = 0; i < NR; i++) {
                 float v = acc[i][q];
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
                 acc[i][q] = v;
             }
+        }
         if (lane == 0 && p.swiglu) { // rows n_base + i, i even, are (gate, up) pairs (NR even)
 #pragma unroll
             for (int q = 0; q < GEMV_RB; q++) {
-                const u32 r = rb + q;
-                if (r >= r_hi) {
+                if ((u32)q >= nq) {
                     continue;
                 }
+                const u32 r = rb + q;
 #pragma unroll
                 for (int i = 0; i + 1 < NR; i += 2) {
                     if (wok[i]) {
@@ -1109,10 +1122,10 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
         } else if (lane == 0) {
 #pragma unroll
             for (int q = 0; q < GEMV_RB; q++) {
-                const u32 r = rb + q;
-                if (r >= r_hi) {
+                if ((u32)q >= nq) {
                     continue;
                 }
+                const u32 r = rb + q;
 #pragma unroll
                 for (int i = 0; i < NR; i++) {
                     if (wok[i]) {

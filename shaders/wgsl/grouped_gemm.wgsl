@@ -391,9 +391,9 @@ fn tiled(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: v
 
 const TEAM: u32 = 32u;  // invocations per weight row
 const NR: u32 = 2u;     // weight rows per team
-const RB: u32 = 4u;     // token rows per pass
+const RB: u32 = 8u;     // token rows per pass, at most
 const COLS: u32 = 16u;  // weight rows per workgroup: 256 / TEAM * NR
-var<workgroup> red: array<f32, 2048>; // [NR * RB][256]
+var<workgroup> red: array<f32, 4096>; // [NR * RB][256]: a pass's partial sums (16 KiB)
 // What undoes w8's 2^-8 on f8_e4m3 (the vector path only: w1 returns whole values). Applied to a
 // finished sum rather than each weight, it costs nothing in the loop; the sum is bit for bit the
 // unscaled one unless a product falls below f32's normal range (|x * w| < 2^-118).
@@ -434,6 +434,43 @@ fn dot8(a: V8, b: V8) -> f32 {
     return dot(a.a, b.a) + dot(a.b, b.b);
 }
 
+// One token row's eight x elements against the team's two weight rows: (row a, row b).
+fn dots(xq: V8, wa: V8, wb: V8) -> vec2<f32> {
+    return vec2<f32>(dot8(xq, wa), dot8(xq, wb));
+}
+
+// One step of up to 4 token rows (sources s, the first n of them present; n uniform, so the
+// tests skip absent rows' loads and FMAs) against the team's two weight rows' 8 elements:
+// acc_a.y += x row s.y . wa, and so on.
+fn gemv_step4(acc_a: ptr<function, vec4<f32>>, acc_b: ptr<function, vec4<f32>>, s: vec4<u32>, n: u32, kk: u32, wa: V8, wb: V8) {
+    var d = dots(x8(s.x, kk), wa, wb);
+    (*acc_a).x += d.x;
+    (*acc_b).x += d.y;
+    if (n > 1u) {
+        d = dots(x8(s.y, kk), wa, wb);
+        (*acc_a).y += d.x;
+        (*acc_b).y += d.y;
+    }
+    if (n > 2u) {
+        d = dots(x8(s.z, kk), wa, wb);
+        (*acc_a).z += d.x;
+        (*acc_b).z += d.y;
+    }
+    if (n > 3u) {
+        d = dots(x8(s.w, kk), wa, wb);
+        (*acc_a).w += d.x;
+        (*acc_b).w += d.y;
+    }
+}
+
+// w8, or zeros for a weight row outside the workgroup's columns (ok false).
+fn w8z(ok: bool, row: u32, col: u32) -> V8 {
+    if (!ok) {
+        return V8(vec4<f32>(0.0), vec4<f32>(0.0));
+    }
+    return w8(row, col);
+}
+
 // Eight weight elements from (row, col), (row * K + col) % 8 == 0 (f8_e4m3: two scales unless
 // SBK % 8 == 0, and 2^-8 of the weights' values: gemv multiplies each finished sum by W8_POST).
 fn w8(row: u32, col: u32) -> V8 {
@@ -455,6 +492,12 @@ fn w8(row: u32, col: u32) -> V8 {
     return V8(vec4<f32>(unpack2(v.x), unpack2(v.y)), vec4<f32>(unpack2(v.z), unpack2(v.w)));
 }
 
+// A pass takes up to RB = 8 token rows of its group, so an expert of at most 8 rows (DeepSeek-V3
+// at T = 128 averages 4 and often has 5 to 8) reads its weights once: a second pass would reread
+// them from memory, since the workgroups in flight between the two reads stream more than a
+// GPU's L2 holds. `nq`, the pass's rows, is the same for the whole workgroup, so the tests on it
+// are uniform branches that skip absent rows' x loads and FMAs: a pass of 5 rows does 5 rows of
+// work, not 8, and decode (one row per expert) has a loop of its own.
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -491,91 +534,109 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let row_b = g * p.n + wcol(n_a + 1u) - p.row0;
 
     for (var rb = r_lo; rb < r_hi; rb += RB) {
-        // The pass's RB = 4 token rows are the 4 lanes of each accumulator: acc_a.y is weight row
-        // a times token row rb + 1. A row past the group (or with a bad index) reads zeros.
-        let src4 = vec4<u32>(gemv_src(rb, r_hi), gemv_src(rb + 1u, r_hi), gemv_src(rb + 2u, r_hi), gemv_src(rb + 3u, r_hi));
-        var acc_a = vec4<f32>(0.0);
-        var acc_b = vec4<f32>(0.0);
-        if (VEC && r_hi - rb == 1u) {
-            // The pass's only row (decode: one token per expert, the common case): one lane of
-            // the accumulators, so no FMAs on the three rows of zeros. Uniform in the workgroup.
-            // (Counted, not measured: f8_e4m3 at an H200's bandwidth would issue ~9 operations a
-            // byte with four lanes, more than its SMs issue; ~6 with one.)
+        let nq = min(r_hi - rb, RB);
+        // Token rows rb..rb + 3 are the lanes of the _lo accumulators, rb + 4.. those of _hi:
+        // a_lo.y is weight row a times token row rb + 1. A row past the group (or with a bad
+        // index) reads zeros.
+        let s_lo = vec4<u32>(gemv_src(rb, r_hi), gemv_src(rb + 1u, r_hi), gemv_src(rb + 2u, r_hi), gemv_src(rb + 3u, r_hi));
+        let s_hi = vec4<u32>(gemv_src(rb + 4u, r_hi), gemv_src(rb + 5u, r_hi), gemv_src(rb + 6u, r_hi), gemv_src(rb + 7u, r_hi));
+        var a_lo = vec4<f32>(0.0);
+        var a_hi = vec4<f32>(0.0);
+        var b_lo = vec4<f32>(0.0);
+        var b_hi = vec4<f32>(0.0);
+        if (VEC && nq == 1u) {
+            // The pass's only row (decode: one token per expert, the common case), in a loop of
+            // its own: some implementations (llvmpipe) run both sides of every branch under a
+            // mask, so the general loops below would cost them 4 or 8 rows of work.
             for (var kk = lane * 8u; kk < p.k; kk += TEAM * 8u) {
-                let xq0 = x8(src4.x, kk);
+                let xq0 = x8(s_lo.x, kk);
                 if (ok_a) {
-                    acc_a.x += dot8(xq0, w8(row_a, kk));
+                    a_lo.x += dot8(xq0, w8(row_a, kk));
                 }
                 if (ok_b) {
-                    acc_b.x += dot8(xq0, w8(row_b, kk));
+                    b_lo.x += dot8(xq0, w8(row_b, kk));
                 }
             }
         } else if (VEC) {
             for (var kk = lane * 8u; kk < p.k; kk += TEAM * 8u) {
-                let xq0 = x8(src4.x, kk);
-                let xq1 = x8(src4.y, kk);
-                let xq2 = x8(src4.z, kk);
-                let xq3 = x8(src4.w, kk);
-                if (ok_a) {
-                    let wv = w8(row_a, kk);
-                    acc_a += vec4<f32>(dot8(xq0, wv), dot8(xq1, wv), dot8(xq2, wv), dot8(xq3, wv));
-                }
-                if (ok_b) {
-                    let wv = w8(row_b, kk);
-                    acc_b += vec4<f32>(dot8(xq0, wv), dot8(xq1, wv), dot8(xq2, wv), dot8(xq3, wv));
+                let wa = w8z(ok_a, row_a, kk);
+                let wb = w8z(ok_b, row_b, kk);
+                gemv_step4(&a_lo, &b_lo, s_lo, nq, kk, wa, wb);
+                if (nq > 4u) {
+                    gemv_step4(&a_hi, &b_hi, s_hi, nq - 4u, kk, wa, wb);
                 }
             }
         } else {
             for (var kk = lane; kk < p.k; kk += TEAM) {
-                let xv = vec4<f32>(x1z(src4.x, kk), x1z(src4.y, kk), x1z(src4.z, kk), x1z(src4.w, kk));
+                var wa = 0.0;
+                var wb = 0.0;
                 if (ok_a) {
-                    acc_a += xv * w1(row_a, kk);
+                    wa = w1(row_a, kk);
                 }
                 if (ok_b) {
-                    acc_b += xv * w1(row_b, kk);
+                    wb = w1(row_b, kk);
+                }
+                let xl = vec4<f32>(x1z(s_lo.x, kk), x1z(s_lo.y, kk), x1z(s_lo.z, kk), x1z(s_lo.w, kk));
+                a_lo += xl * wa;
+                b_lo += xl * wb;
+                if (nq > 4u) {
+                    let xh = vec4<f32>(x1z(s_hi.x, kk), x1z(s_hi.y, kk), x1z(s_hi.z, kk), x1z(s_hi.w, kk));
+                    a_hi += xh * wa;
+                    b_hi += xh * wb;
                 }
             }
         }
-        // red[(i * RB + q) * 256 + lid]: weight row i of the team, token row q.
-        red[lid] = acc_a.x;
-        red[256u + lid] = acc_a.y;
-        red[512u + lid] = acc_a.z;
-        red[768u + lid] = acc_a.w;
-        red[1024u + lid] = acc_b.x;
-        red[1280u + lid] = acc_b.y;
-        red[1536u + lid] = acc_b.z;
-        red[1792u + lid] = acc_b.w;
+        // red[(i * RB + q) * 256 + lid]: weight row i of the team, token row rb + q. The _hi
+        // half only where the pass has it (uniform).
+        red[lid] = a_lo.x;
+        red[256u + lid] = a_lo.y;
+        red[512u + lid] = a_lo.z;
+        red[768u + lid] = a_lo.w;
+        red[2048u + lid] = b_lo.x;
+        red[2304u + lid] = b_lo.y;
+        red[2560u + lid] = b_lo.z;
+        red[2816u + lid] = b_lo.w;
+        if (nq > 4u) {
+            red[1024u + lid] = a_hi.x;
+            red[1280u + lid] = a_hi.y;
+            red[1536u + lid] = a_hi.z;
+            red[1792u + lid] = a_hi.w;
+            red[3072u + lid] = b_hi.x;
+            red[3328u + lid] = b_hi.y;
+            red[3584u + lid] = b_hi.z;
+            red[3840u + lid] = b_hi.w;
+        }
         workgroupBarrier();
+        // One invocation per output, column fastest, so only the first nq * COLS invocations
+        // (nq * COLS / NR with SwiGLU) work. Each walks its team's 32 partial sums starting at
+        // its own lane (lid % 32): the 32 invocations of a subgroup read 32 different banks.
         if (p.swiglu != 0u) {
             // A team's two rows are (gate, up) of output column (nb + team * NR) / 2.
-            if (lid < (COLS / NR) * RB) {
-                let t = lid / RB;
-                let q = lid % RB;
+            let t = lid % (COLS / NR);
+            let q = lid / (COLS / NR);
+            let n = nb + t * NR;
+            if (q < nq && n >= c.x && n < c.y) {
                 var sg = 0.0;
                 var su = 0.0;
                 for (var l = 0u; l < TEAM; l++) {
-                    sg += red[q * 256u + t * TEAM + l];
-                    su += red[(RB + q) * 256u + t * TEAM + l];
+                    let j = t * TEAM + (l + lid) % TEAM;
+                    sg += red[q * 256u + j];
+                    su += red[(RB + q) * 256u + j];
                 }
-                let r = rb + q;
-                let n = nb + t * NR;
-                if (r < r_hi && n >= c.x && n < c.y) {
-                    y[r * ny() + n / 2u] = silu(sg * W8_POST) * (su * W8_POST);
-                }
+                y[(rb + q) * ny() + n / 2u] = silu(sg * W8_POST) * (su * W8_POST);
             }
-        } else if (lid < COLS * RB) {
-            let col = lid / RB;
-            let q = lid % RB;
+        } else {
+            let col = lid % COLS;
+            let q = lid / COLS;
             let t = col / NR;
             let i = col % NR;
-            var s = 0.0;
-            for (var l = 0u; l < TEAM; l++) {
-                s += red[(i * RB + q) * 256u + t * TEAM + l];
-            }
-            let r = rb + q;
             let n = nb + col;
-            if (r < r_hi && n >= c.x && n < c.y) {
-                y[r * p.n + n] = s * W8_POST;
+            if (q < nq && n >= c.x && n < c.y) {
+                var s = 0.0;
+                for (var l = 0u; l < TEAM; l++) {
+                    s += red[(i * RB + q) * 256u + t * TEAM + (l + lid) % TEAM];
+                }
+                y[(rb + q) * p.n + n] = s * W8_POST;
             }
         }
         workgroupBarrier();

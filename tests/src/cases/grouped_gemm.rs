@@ -169,6 +169,10 @@ fn nan_in_x(inner: Layout) -> Layout {
     Layout::NanInX(Box::new(inner))
 }
 
+/// Rows per expert averaging under 4 (43 rows over 16 experts, so backends take their decode
+/// path), with experts of 5, 6, 8, 9 and 12 rows among ones of 0 to 2.
+const DECODE_ROWS_1_TO_12: [usize; 16] = [1, 5, 8, 9, 0, 12, 0, 0, 0, 2, 0, 0, 6, 0, 0, 0];
+
 /// The grouped_gemm cases for one weight dtype.
 pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
     let grouped = |sizes: &[usize], tail: usize, gather: Option<usize>| Layout::Grouped { sizes: sizes.to_vec(), tail, gather };
@@ -196,6 +200,9 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         case(dtype, "gather_t2_e16_n33_k64", Layout::Planned { tokens: 2, experts: 16, top_k: 4 }, 33, 64),
         case(dtype, "gather_repeated_rows_past_end", grouped(&[3, 0, 4], 2, Some(5)), 17, 33),
         case(dtype, "gather_k7168", grouped(&[2, 0, 3], 0, Some(4)), 17, 7168),
+        // Few rows per expert on average (the decode path), but experts of 5 to 12 rows: more
+        // than one pass of a decode kernel's token rows, and partial passes.
+        case(dtype, "gather_decode_rows_1_to_12", grouped(&DECODE_ROWS_1_TO_12, 0, Some(40)), 33, 64),
         // NaN activations stay NaN on every path: dense (split on tensor cores), decode, prefill.
         case(dtype, "nan_in_x_dense_m70", nan_in_x(Layout::Dense { m: 70 }), 33, 64),
         case(dtype, "nan_in_x_decode", nan_in_x(Layout::Planned { tokens: 3, experts: 16, top_k: 4 }), 32, 64),
@@ -286,6 +293,7 @@ pub fn swiglu_cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         c("gather_rows_past_end", grouped(&[3, 0, 9], 2, Some(5)), 2 * 9, 33),
         c("grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),
         c("i1_k7168", grouped(&[2, 0, 7], 0, Some(4)), 2, 7168),
+        c("decode_rows_1_to_12_odd_k", grouped(&DECODE_ROWS_1_TO_12, 0, Some(40)), 2 * 33, 71),
         c("nan_in_x_decode", nan_in_x(Layout::Planned { tokens: 3, experts: 16, top_k: 4 }), 2 * 24, 64),
         c("nan_in_x_prefill", nan_in_x(Layout::Planned { tokens: 40, experts: 8, top_k: 2 }), 2 * 40, 128),
     ]
