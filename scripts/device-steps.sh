@@ -36,6 +36,14 @@ for cvt in 1 0; do
   MOE_CUDA_F8_CVT=$cvt timeout 40 .device/bin/moe bench --backend cuda --preset qwen3-30b-a3b --dtype f8_e4m3 \
     --tokens 1,16,128 --iters 20 --warmup 3 2>&1 | tail -3
 done
+echo "== decode kernels: 8 token rows per pass (default) against 4, Qwen3-30B-A3B at 1 and 64 tokens"
+# At 64 tokens Qwen3 has 4 rows per expert on average (the decode path) and 5 to 8 in about a third
+# of its experts: with 4-row passes those read their weights twice (1.40x the bytes, counted).
+for rows in 8 4; do
+  echo "MOE_GEMV_PASS_ROWS=$rows"
+  MOE_GEMV_PASS_ROWS=$rows timeout 45 .device/bin/moe bench --backend cuda,wgpu --preset qwen3-30b-a3b \
+    --tokens 1,64 --iters 20 --warmup 3 2>&1 | grep " tok "
+done
 echo "== where the time goes: each stage alone, cuda and wgpu, Qwen3-30B-A3B"
 timeout 60 .device/bin/moe bench --backend cuda,wgpu --preset qwen3-30b-a3b --tokens 1,16,1024 \
   --iters 10 --warmup 2 --breakdown > "$OUT/breakdown.log" 2>&1

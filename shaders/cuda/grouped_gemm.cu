@@ -921,7 +921,9 @@ SIMT_KERNEL(simt_f8_e4m3_any, 3, false)
 // reads stream far more than L2 holds). The rows a pass lacks cost nothing: `nq` is the same for
 // the whole block, so each `q < nq` test is a uniform branch that skips the row's loads, FMAs and
 // reduction (decode, one row per expert, does one row of work, not 8).
-#define GEMV_RB 8
+#ifndef GEMV_RB
+#define GEMV_RB 8 // MOE_GEMV_PASS_ROWS=4 compiles with -DGEMV_RB=4, the old pass, to compare
+#endif
 
 // NR: weight rows per warp (a block owns 8 * NR rows); even for SwiGLU. VEC: 16-byte loads, a lane
 // taking 8 elements of a row per step (K % 8 == 0), or 16 for F8E4M3 (K % 16 == 0). Each step

@@ -15,6 +15,8 @@
 //   const VEC: bool the aligned path: K % 4 == 0 (tiled) or K % 8 == 0 (gemv), so rows start on
 //                   whole vectors and loads are vec4; otherwise element loads with bounds checks.
 //                   f8_e4m3 also needs SBK % 4 == 0, so four aligned elements share one scale.
+//   const GEMV_RB: u32
+//                   gemv's token rows per pass: 8 (4 under MOE_GEMV_PASS_ROWS=4, to compare).
 //
 // Entry points (the host picks one from shapes only, never from device data):
 //   prep   validates expert_offsets and token_index (flags in errs, no out-of-bounds access) and
@@ -23,7 +25,7 @@
 //          staged in workgroup memory, a 4x4 block of outputs per invocation. A tile finds the
 //          groups its rows belong to by binary search in expert_offsets and loops over them.
 //   gemv   few rows per expert (decode): a workgroup owns 16 weight rows of one expert and streams
-//          them once (coalesced vec4 loads, 32 invocations per row), for up to 4 of the expert's
+//          them once (coalesced vec4 loads, 32 invocations per row), for up to 8 of the expert's
 //          token rows at a time; partial sums are reduced in workgroup memory. The grid has one
 //          slot per group, or, when M < G (decode: most experts idle), one slot per row of y where
 //          only the first row of each group works, so idle experts cost no launch at all.
@@ -391,9 +393,9 @@ fn tiled(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: v
 
 const TEAM: u32 = 32u;  // invocations per weight row
 const NR: u32 = 2u;     // weight rows per team
-const RB: u32 = 8u;     // token rows per pass, at most
+const RB: u32 = GEMV_RB; // token rows per pass, at most: 8 (4 under MOE_GEMV_PASS_ROWS=4)
 const COLS: u32 = 16u;  // weight rows per workgroup: 256 / TEAM * NR
-var<workgroup> red: array<f32, 4096>; // [NR * RB][256]: a pass's partial sums (16 KiB)
+var<workgroup> red: array<f32, NR * RB * 256u>; // [NR * RB][256]: a pass's partial sums (16 KiB)
 // What undoes w8's 2^-8 on f8_e4m3 (the vector path only: w1 returns whole values). Applied to a
 // finished sum rather than each weight, it costs nothing in the loop; the sum is bit for bit the
 // unscaled one unless a product falls below f32's normal range (|x * w| < 2^-118).
@@ -562,7 +564,7 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 let wa = w8z(ok_a, row_a, kk);
                 let wb = w8z(ok_b, row_b, kk);
                 gemv_step4(&a_lo, &b_lo, s_lo, nq, kk, wa, wb);
-                if (nq > 4u) {
+                if (RB > 4u && nq > 4u) {
                     gemv_step4(&a_hi, &b_hi, s_hi, nq - 4u, kk, wa, wb);
                 }
             }
@@ -579,7 +581,7 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 let xl = vec4<f32>(x1z(s_lo.x, kk), x1z(s_lo.y, kk), x1z(s_lo.z, kk), x1z(s_lo.w, kk));
                 a_lo += xl * wa;
                 b_lo += xl * wb;
-                if (nq > 4u) {
+                if (RB > 4u && nq > 4u) {
                     let xh = vec4<f32>(x1z(s_hi.x, kk), x1z(s_hi.y, kk), x1z(s_hi.z, kk), x1z(s_hi.w, kk));
                     a_hi += xh * wa;
                     b_hi += xh * wb;
@@ -592,19 +594,19 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
         red[256u + lid] = a_lo.y;
         red[512u + lid] = a_lo.z;
         red[768u + lid] = a_lo.w;
-        red[2048u + lid] = b_lo.x;
-        red[2304u + lid] = b_lo.y;
-        red[2560u + lid] = b_lo.z;
-        red[2816u + lid] = b_lo.w;
-        if (nq > 4u) {
+        red[RB * 256u + lid] = b_lo.x;
+        red[(RB + 1u) * 256u + lid] = b_lo.y;
+        red[(RB + 2u) * 256u + lid] = b_lo.z;
+        red[(RB + 3u) * 256u + lid] = b_lo.w;
+        if (RB > 4u && nq > 4u) {
             red[1024u + lid] = a_hi.x;
             red[1280u + lid] = a_hi.y;
             red[1536u + lid] = a_hi.z;
             red[1792u + lid] = a_hi.w;
-            red[3072u + lid] = b_hi.x;
-            red[3328u + lid] = b_hi.y;
-            red[3584u + lid] = b_hi.z;
-            red[3840u + lid] = b_hi.w;
+            red[(RB + 4u) * 256u + lid] = b_hi.x;
+            red[(RB + 5u) * 256u + lid] = b_hi.y;
+            red[(RB + 6u) * 256u + lid] = b_hi.z;
+            red[(RB + 7u) * 256u + lid] = b_hi.w;
         }
         workgroupBarrier();
         // One invocation per output, column fastest, so only the first nq * COLS invocations

@@ -211,12 +211,17 @@ pub(crate) struct Compiled {
 
 /// The options every kernel is compiled with. `MOE_CUDA_F8_CVT=0` makes sm_89+ decode F8E4M3
 /// arithmetically, as older GPUs do, instead of with the hardware conversion (to compare the two,
-/// or to step around the conversion path should it misbehave on a driver).
+/// or to step around the conversion path should it misbehave on a driver); `MOE_GEMV_PASS_ROWS=4`
+/// gives `gemv_*` passes of 4 token rows instead of 8 (to compare).
 pub(crate) fn options(target: Target) -> Vec<String> {
     // No fast math: expf, division and square roots stay IEEE-accurate (the f32 tolerance is 1e-5).
     let mut opts = vec![target.option(), "-std=c++17".into(), "-lineinfo".into()];
     if std::env::var("MOE_CUDA_F8_CVT").is_ok_and(|v| v == "0") {
         opts.push("-DMOE_F8_NO_CVT".into());
+    }
+    // gemv_* passes of 4 token rows instead of 8, to measure what the 8 save.
+    if std::env::var("MOE_GEMV_PASS_ROWS").is_ok_and(|v| v.trim() == "4") {
+        opts.push("-DGEMV_RB=4".into());
     }
     opts
 }

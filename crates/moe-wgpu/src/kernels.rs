@@ -151,14 +151,30 @@ pub(crate) struct Pipelines {
     /// bounds-checked by the driver where it is robust (Vulkan's robustBufferAccess2), as with
     /// the checks on.
     checked: bool,
+    /// Token rows per `gemv` pass, the shaders' `GEMV_RB`: 8, or 4 under `MOE_GEMV_PASS_ROWS=4`
+    /// (what the kernel did before, kept to measure the difference on a device).
+    gemv_rows: u32,
+}
+
+/// `gemv`'s token rows per pass: `MOE_GEMV_PASS_ROWS=4` for 4 (to compare), else 8.
+pub(crate) fn gemv_pass_rows() -> u32 {
+    match std::env::var("MOE_GEMV_PASS_ROWS").as_deref().map(str::trim) {
+        Ok("4") => 4,
+        _ => 8,
+    }
 }
 
 impl Pipelines {
     /// Pipelines whose parameters are immediates (`true`: the device has `IMMEDIATES` with at
     /// least [`PARAMS_BYTES`]) or a uniform buffer at binding 0, compiled with wgpu's shader
-    /// runtime checks or without them (`checked`).
-    pub fn new(immediates: bool, checked: bool) -> Self {
-        Pipelines { map: Default::default(), immediates, checked }
+    /// runtime checks or without them (`checked`), with `gemv_rows` token rows per `gemv` pass.
+    pub fn new(immediates: bool, checked: bool, gemv_rows: u32) -> Self {
+        Pipelines { map: Default::default(), immediates, checked, gemv_rows }
+    }
+
+    /// Token rows per `gemv` pass.
+    pub fn gemv_rows(&self) -> u32 {
+        self.gemv_rows
     }
 
     /// Whether dispatches set their parameters with `set_immediates` (else: binding 0).
@@ -172,7 +188,7 @@ impl Pipelines {
         map.entry((kernel, variant))
             .or_insert_with(|| {
                 let label = format!("moe-wgpu {kernel:?} {variant:?}");
-                let mut source = format!("{}{}", variant.prelude(), kernel.source());
+                let mut source = format!("{}const GEMV_RB: u32 = {}u;\n{}", variant.prelude(), self.gemv_rows, kernel.source());
                 if self.immediates {
                     // The same struct, read from the dispatch's immediates: no buffer per dispatch.
                     assert!(source.contains(UNIFORM_PARAMS), "{kernel:?} declares its parameters differently");

@@ -312,7 +312,7 @@ impl WgpuBackend {
             expert_chunk: chunk,
             pass_limit: chunk,
             coop,
-            pipelines: kernels::Pipelines::new(immediates, checked),
+            pipelines: kernels::Pipelines::new(immediates, checked, kernels::gemv_pass_rows()),
             faults,
             errs,
             dummy,
@@ -375,7 +375,7 @@ impl WgpuBackend {
     /// accesses are bounds-checked by the driver either way where it is robust (Vulkan). Call it
     /// before the first op (kernels compile on first use).
     pub fn with_shader_checks(mut self, on: bool) -> Self {
-        self.pipelines = kernels::Pipelines::new(self.pipelines.immediates(), on);
+        self.pipelines = kernels::Pipelines::new(self.pipelines.immediates(), on, self.pipelines.gemv_rows());
         self.info.features.retain(|f| f != SHADER_CHECKS);
         if on {
             self.info.features.push(SHADER_CHECKS.into());
