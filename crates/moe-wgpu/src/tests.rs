@@ -714,8 +714,9 @@ fn forward_recycles_its_scratch() {
 fn shader_runtime_checks_change_no_bit() {
     // Kernels compile without wgpu's runtime checks by default (index clamps, division guards,
     // loop counters). They only form in-bounds indices, so the checks must change nothing: the
-    // same bits with and without them, for decode (gemv) and prefill (tiled) shapes, split
-    // weights, every dtype, and the same error for bad data.
+    // same bits with and without them, for decode (gemv: t 1 and 3, and t 12, whose 48 rows over
+    // 16 experts give some experts more than 4, the second half of a pass) and prefill (tiled)
+    // shapes, split weights, every dtype, and the same error for bad data.
     let (plain, checked) = (gpu(), gpu().with_shader_checks(true));
     let (plain_split, checked_split) = (gpu().with_binding_limit(4096), gpu().with_shader_checks(true).with_binding_limit(4096));
     assert!(checked.info().features.iter().any(|f| f == "shader runtime checks"));
@@ -725,7 +726,7 @@ fn shader_runtime_checks_change_no_bit() {
     let config = MoeConfig { hidden: 72, intermediate: 40, experts: 16, top_k: 4, routing: deepseek, shared_intermediate: 24 };
     for dtype in DType::WEIGHTS {
         let layer = random_layer(&mut r, config.clone(), dtype);
-        for t in [1, 3, 90] {
+        for t in [1, 3, 12, 90] {
             let x = r.vec(t * 72, 1.0);
             assert!(forward_on(&plain, &layer, &x, t) == forward_on(&checked, &layer, &x, t), "{dtype} t {t}");
             assert!(forward_on(&plain_split, &layer, &x, t) == forward_on(&checked_split, &layer, &x, t), "{dtype} t {t} split");
