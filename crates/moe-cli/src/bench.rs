@@ -179,7 +179,7 @@ pub struct Report {
 /// |---|---|---|---|
 /// | NVIDIA H200 | 791 TFLOP/s | 67 TFLOP/s | bf16: measured dense matmul on the project's H200; f32: NVIDIA spec (no tensor cores) |
 /// | NVIDIA H100 SXM | 989 TFLOP/s | 67 TFLOP/s | NVIDIA spec, dense |
-/// | host CPU | threads x 2.5 GHz x 32 FLOP/cycle (64 with AVX-512) | same | estimate: two FMA units of 8 (AVX2) or 16 (AVX-512) f32 lanes per core |
+/// | host CPU | 2x the f32 rate with AVX512_BF16 (its dot products multiply pairs), else the f32 rate | threads x 2.5 GHz x 2 FMA units x 2 x lanes: 16 lanes with 512-bit units (AVX-512 on Intel, AMD from Zen 5), 8 with 256-bit ones (AVX2; Zen 4 runs AVX-512 on 256-bit units) | estimate |
 pub fn peak_flops(info: &BackendInfo, dtype: DType) -> Option<(f64, String)> {
     let d = info.device.to_ascii_uppercase();
     let half = dtype != DType::F32;
@@ -191,19 +191,44 @@ pub fn peak_flops(info: &BackendInfo, dtype: DType) -> Option<(f64, String)> {
     }
     if info.name == "cpu" {
         let threads = rayon::current_num_threads() as f64;
-        let per_cycle = cpu_flops_per_cycle();
-        return Some((threads * 2.5e9 * per_cycle, format!("CPU estimate: {threads} threads x 2.5 GHz x {per_cycle} FLOP/cycle")));
+        let (per_cycle, why) = cpu_flops_per_cycle(half);
+        return Some((threads * 2.5e9 * per_cycle, format!("CPU estimate: {threads} threads x 2.5 GHz x {per_cycle} FLOP/cycle ({why})")));
     }
     None
 }
 
-/// f32 FLOPs per cycle per core: two FMA units, 16 lanes each with AVX-512, else 8.
-fn cpu_flops_per_cycle() -> f64 {
+/// FLOPs per cycle per core, and why: two FMA units of 16 f32 lanes where AVX-512 runs on
+/// 512-bit units, else of 8 (2 FLOPs a lane); twice that for f16/bf16 weights where AVX512_BF16's
+/// dot products (two products per f32 lane) are there for a bf16 engine to use, as PyTorch does.
+fn cpu_flops_per_cycle(half: bool) -> (f64, String) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        return 64.0;
+        let (lanes, units) = if avx512_on_256_bit_units() { (8.0, "AVX-512 on 256-bit units") } else { (16.0, "512-bit units") };
+        if half && std::arch::is_x86_feature_detected!("avx512bf16") {
+            return (2.0 * 2.0 * 2.0 * lanes, format!("bf16 dot products, {units}"));
+        }
+        return (2.0 * 2.0 * lanes, format!("f32 FMA, {units}"));
     }
-    32.0
+    let _ = half;
+    (32.0, "f32 FMA, two units of 8 lanes".into())
+}
+
+/// AMD before Zen 5 (family 0x19: Zen 4) executes AVX-512 on 256-bit units, two cycles or two
+/// units per instruction, so its peak is AVX2's.
+#[cfg(target_arch = "x86_64")]
+fn avx512_on_256_bit_units() -> bool {
+    let (vendor, version) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
+    halves_avx512([vendor.ebx, vendor.edx, vendor.ecx], version.eax)
+}
+
+/// [`avx512_on_256_bit_units`] from cpuid leaf 0's vendor registers (ebx, edx, ecx) and leaf 1's
+/// eax (the family: base, plus the extended family where the base is 0xf).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn halves_avx512(vendor: [u32; 3], eax: u32) -> bool {
+    let amd = vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // "Auth" "enti" "cAMD"
+    let base = (eax >> 8) & 0xf;
+    let family = base + if base == 0xf { (eax >> 20) & 0xff } else { 0 };
+    amd && family <= 0x19
 }
 
 fn shape_name(c: &MoeConfig) -> String {
@@ -665,5 +690,27 @@ fn print_ratios(ours: &Report, peers: &Report) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zen4_runs_avx512_on_256_bit_units_and_zen5_and_intel_do_not() {
+        let amd = [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+        let intel = [0x756e_6547, 0x4965_6e69, 0x6c65_746e]; // "Genu" "ineI" "ntel"
+        assert!(halves_avx512(amd, 0x00A1_0F11)); // Zen 4 (EPYC 9004): family 0x19
+        assert!(!halves_avx512(amd, 0x00B0_0F00)); // Zen 5: family 0x1a
+        assert!(!halves_avx512(intel, 0x0008_06F8)); // Sapphire Rapids: family 6
+    }
+
+    #[test]
+    fn cpu_peak_for_half_weights_is_the_f32_rate_or_twice_it() {
+        let (f32_rate, why) = cpu_flops_per_cycle(false);
+        assert!([32.0, 64.0].contains(&f32_rate), "{f32_rate} ({why})");
+        let (half_rate, why) = cpu_flops_per_cycle(true);
+        assert!(half_rate == f32_rate || half_rate == 2.0 * f32_rate, "{half_rate} ({why})");
     }
 }
