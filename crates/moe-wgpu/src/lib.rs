@@ -293,6 +293,10 @@ impl WgpuBackend {
         if checked {
             info.features.push(SHADER_CHECKS.into());
         }
+        let gemv_rows = kernels::gemv_pass_rows();
+        if gemv_rows != 8 {
+            info.features.push(format!("gemv: {gemv_rows} token rows per pass (MOE_GEMV_PASS_ROWS)"));
+        }
         let chunk = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(u32::MAX as u64) / 16 * 16;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let errs = device.create_buffer(&wgpu::BufferDescriptor {
@@ -312,7 +316,7 @@ impl WgpuBackend {
             expert_chunk: chunk,
             pass_limit: chunk,
             coop,
-            pipelines: kernels::Pipelines::new(immediates, checked, kernels::gemv_pass_rows()),
+            pipelines: kernels::Pipelines::new(immediates, checked, gemv_rows),
             faults,
             errs,
             dummy,
