@@ -548,16 +548,11 @@ fn gemv(@builtin(workgroup_id) wid3: vec3<u32>, @builtin(num_workgroups) nwg: ve
         var b_hi = vec4<f32>(0.0);
         if (VEC && nq == 1u) {
             // The pass's only row (decode: one token per expert, the common case), in a loop of
-            // its own: some implementations (llvmpipe) run both sides of every branch under a
-            // mask, so the general loops below would cost them 4 or 8 rows of work.
+            // its own where the row count is a constant: some implementations (llvmpipe) run
+            // both sides of every branch under a mask, so the general loop below would cost them
+            // 4 or 8 rows of work.
             for (var kk = lane * 8u; kk < p.k; kk += TEAM * 8u) {
-                let xq0 = x8(s_lo.x, kk);
-                if (ok_a) {
-                    a_lo.x += dot8(xq0, w8(row_a, kk));
-                }
-                if (ok_b) {
-                    b_lo.x += dot8(xq0, w8(row_b, kk));
-                }
+                gemv_step4(&a_lo, &b_lo, s_lo, 1u, kk, w8z(ok_a, row_a, kk), w8z(ok_b, row_b, kk));
             }
         } else if (VEC) {
             for (var kk = lane * 8u; kk < p.k; kk += TEAM * 8u) {
