@@ -221,8 +221,9 @@ pub(super) mod avx512 {
     /// [`super::avx2::e4m3x8_nan_free_f16`] (sign-extend, shift by 7, clear the copy of the sign in
     /// bit 14) make an f16 with E4M3's exponent and mantissa under f16's bias 15 instead of 7
     /// (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps` widens it. Three
-    /// of its four ops are 256-bit, half the cost of 512-bit ones on Zen 4: Qwen3-30B-A3B at 128 tokens (8 rows per expert) ran 66.5–71.3 ms against 73.4–75.8 with
-    /// the 512-bit f32 form, and the same at one token (back to back, three pairs).
+    /// of its four ops are 256-bit, half the cost of 512-bit ones on Zen 4: Qwen3-30B-A3B at 128
+    /// tokens (8 rows per expert) ran 66.5–71.3 ms against 73.4–75.8 with the 512-bit f32 form,
+    /// and the same at one token (back to back, three pairs).
     ///
     /// # Safety
     /// `p` points at 16 readable bytes.
@@ -239,8 +240,8 @@ pub(super) mod avx512 {
 /// The `R` x 4 register tile of [`rows_times_block_avx512`] and [`rows_times_bf16_avx512`]: as
 /// [`rows4_tile_avx2`], with 16-lane vectors and 32 registers, so four weight rows per pass and
 /// up to [`super::AVX512_ROWS`] activation rows (`4 R` accumulators, four weight vectors, one
-/// activation vector): each activation load feeds four products, each weight load `R`. `R` below the most
-/// takes an expert's last rows, so no row falls back to the one-row kernel.
+/// activation vector): each activation load feeds four products, each weight load `R`. `R` below
+/// the most takes an expert's last rows, so no row falls back to the one-row kernel.
 macro_rules! rows_tile_avx512 {
     ($(#[$doc:meta])* $name:ident, $w:ty, $load:expr, $get:expr) => {
         rows_tile_avx512!($(#[$doc])* $name, $w, $load, $get, 1.0);
