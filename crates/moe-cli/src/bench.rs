@@ -118,6 +118,12 @@ pub struct BenchArgs {
     /// includes a synchronize per stage.
     #[arg(long)]
     pub breakdown: bool,
+    /// Also time the CUDA backend with each token count's layer captured once as a CUDA graph
+    /// and replayed (a second run, `cuda+cudagraph`, as `bench/peers/gpu_peers.py --cuda-graphs`
+    /// names its peers' graph runs): the layer without the host's per-launch work, as inference
+    /// engines run decode. Other backends ignore it.
+    #[arg(long)]
+    pub cuda_graphs: bool,
 }
 
 /// One token count's measurement.
@@ -289,8 +295,9 @@ fn copy_bandwidth<B: Backend>(b: &B) -> Result<f64> {
 }
 
 impl Job for Measure<'_> {
-    type Output = Run;
-    fn run<B: Backend>(self, b: &B) -> Result<Run> {
+    /// The backend's run, then its graph run with `--cuda-graphs` on the CUDA backend.
+    type Output = Vec<Run>;
+    fn run<B: Backend>(self, b: &B) -> Result<Vec<Run>> {
         let (args, c) = (self.args, self.config);
         let info = b.info().clone();
         let mut run = Run {
@@ -314,7 +321,7 @@ impl Job for Measure<'_> {
             );
             self.progress.println(format!("{}: {msg}", info.name));
             run.skipped.push(msg);
-            return Ok(run);
+            return Ok(vec![run]);
         }
         let bw = match args.bandwidth_gbs {
             Some(g) => g * 1e9,
@@ -341,21 +348,39 @@ impl Job for Measure<'_> {
                 Layer::upload(b, self.host.get_or_init(|| made))?
             }
         };
+        // With --cuda-graphs on the CUDA backend: the same rows again, timed as graph replays.
+        let graphs = args.cuda_graphs && crate::graphs::can_capture(b);
+        let mut graph_run = Run { backend: crate::graphs::run_name(&info.name), ..run.clone() };
+        if args.cuda_graphs && !graphs {
+            // The progress bar counted graph iterations for a backend that turned out not CUDA.
+            self.progress.inc((args.tokens.len() * (args.warmup + args.iters)) as u64);
+        }
         for &t in &args.tokens {
             let rows = t * c.top_k;
-            let scratch = 4 * (t * c.experts + rows * (3 * c.intermediate + c.hidden + 4) + t * (3 * c.hidden + 3 * c.shared_intermediate));
+            let mut scratch =
+                4 * (t * c.experts + rows * (3 * c.intermediate + c.hidden + 4) + t * (3 * c.hidden + 3 * c.shared_intermediate));
+            if graphs {
+                // A graph holds its own scratch beside what the pool keeps from the eager rows.
+                scratch *= 2;
+            }
             if (weight_bytes as usize + scratch) as f64 > 0.9 * info.memory_bytes as f64 {
                 let msg = format!(
                     "{t} tokens skipped: weights and scratch need {:.1} GiB",
                     (weight_bytes as usize + scratch) as f64 / 1073741824.0
                 );
                 self.progress.println(format!("{}: {msg}", info.name));
-                run.skipped.push(msg);
                 self.progress.inc(iterations(args) as u64);
+                if graphs {
+                    graph_run.skipped.push(msg.clone());
+                    self.progress.inc((args.warmup + args.iters) as u64);
+                }
+                run.skipped.push(msg);
                 continue;
             }
             let mut done = 0;
-            match self.tokens(b, &layer, t, bw, peak.as_ref(), &mut done) {
+            let eager = self.tokens(b, &layer, t, bw, peak.as_ref(), &mut done, false);
+            let lost = matches!(eager, Err(Error::DeviceLost(_)));
+            match eager {
                 Ok(row) => {
                     self.progress.println(format_row(&info.name, &row));
                     if !row.stages.is_empty() {
@@ -370,19 +395,41 @@ impl Job for Measure<'_> {
                     self.progress.println(format!("{}: {msg}", info.name));
                     run.skipped.push(msg);
                     self.progress.inc((iterations(args) - done) as u64);
-                    if matches!(e, Error::DeviceLost(_)) {
-                        break;
+                }
+            }
+            if lost {
+                break;
+            }
+            if graphs {
+                // After the eager row: its warm-up loaded every kernel the capture needs.
+                let mut done = 0;
+                match self.tokens(b, &layer, t, bw, peak.as_ref(), &mut done, true) {
+                    Ok(row) => {
+                        self.progress.println(format_row(&graph_run.backend, &row));
+                        graph_run.rows.push(row);
+                    }
+                    Err(e) => {
+                        let msg = format!("{t} tokens failed: {e}");
+                        self.progress.println(format!("{}: {msg}", graph_run.backend));
+                        graph_run.skipped.push(msg);
+                        self.progress.inc((args.warmup + args.iters).saturating_sub(done) as u64);
+                        if matches!(e, Error::DeviceLost(_)) {
+                            break;
+                        }
                     }
                 }
             }
         }
-        Ok(run)
+        Ok(if graphs { vec![run, graph_run] } else { vec![run] })
     }
 }
 
 impl Measure<'_> {
     /// The median of `args.iters` forwards of `t` tokens, after the warm-up; `done` counts the
-    /// iterations run (for the progress bar when one fails).
+    /// iterations run (for the progress bar when one fails). `graph`: the layer captured once as
+    /// a CUDA graph and each iteration one launch of it ([`crate::graphs::Replay`]; no stage
+    /// breakdown).
+    #[allow(clippy::too_many_arguments)]
     fn tokens<B: Backend>(
         &self,
         b: &B,
@@ -391,6 +438,7 @@ impl Measure<'_> {
         bw: f64,
         peak: Option<&(f64, String)>,
         done: &mut usize,
+        graph: bool,
     ) -> Result<Row> {
         let (args, c) = (self.args, self.config);
         // A pool of distinct batches (at most 256 MiB of them) so the routing changes per iteration.
@@ -406,13 +454,19 @@ impl Measure<'_> {
         let mut w = Tensor::alloc(b, DType::F32, &[t, c.top_k])?;
         let (mut times, mut floors, mut bytes_v, mut touched_sum) = (vec![], vec![], vec![], 0usize);
         let mut flops = 0.0;
+        let mut replay = if graph { Some(crate::graphs::Replay::capture(b, layer, &xs[0], &mut out, &mut ids, &mut w)?) } else { None };
         for it in 0..args.warmup + args.iters {
             let x = &xs[it % pool];
-            b.synchronize()?;
-            let start = Instant::now();
-            ops::forward(b, layer, x, &mut out, &mut ids, &mut w)?;
-            b.synchronize()?;
-            let dt = start.elapsed().as_secs_f64();
+            let dt = match replay.as_mut() {
+                Some(r) => r.time(b, x)?,
+                None => {
+                    b.synchronize()?;
+                    let start = Instant::now();
+                    ops::forward(b, layer, x, &mut out, &mut ids, &mut w)?;
+                    b.synchronize()?;
+                    start.elapsed().as_secs_f64()
+                }
+            };
             self.progress.inc(1);
             *done += 1;
             if it < args.warmup {
@@ -448,7 +502,7 @@ impl Measure<'_> {
             gbs: bytes / time_s / 1e9,
             tflops: flops / time_s / 1e12,
             fraction: floor_s / time_s,
-            stages: if args.breakdown { self.stages(b, layer, &xs, &mut out, &mut ids, &mut w, done) } else { vec![] },
+            stages: if args.breakdown && !graph { self.stages(b, layer, &xs, &mut out, &mut ids, &mut w, done) } else { vec![] },
         })
     }
 
@@ -585,7 +639,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         args.warmup,
         args.iters
     );
-    let total = (args.backends.len() * args.tokens.len() * iterations(args)) as u64;
+    let graph_runs = if args.cuda_graphs { args.backends.iter().filter(|c| matches!(c, Choice::Cuda | Choice::Auto)).count() } else { 0 };
+    let total =
+        (args.backends.len() * args.tokens.len() * iterations(args) + graph_runs * args.tokens.len() * (args.warmup + args.iters)) as u64;
     let progress = indicatif::ProgressBar::new(total);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} iterations {elapsed}")
@@ -597,22 +653,24 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // results: they are printed and written, and the command then fails naming it.
     let mut failed = Vec::new();
     for &choice in &args.backends {
-        let run = match dispatch(choice, Measure { args, config: &c, progress: &progress, host: &host }) {
-            Ok(run) => run,
+        let runs = match dispatch(choice, Measure { args, config: &c, progress: &progress, host: &host }) {
+            Ok(runs) => runs,
             Err(e) => {
                 progress.println(format!("{}: {e}", backend_name(choice)));
                 failed.push((choice, e));
                 continue;
             }
         };
-        progress.println(format!(
-            "{}: {} copy bandwidth {:.1} GB/s (measured now), peak {}",
-            run.backend,
-            run.device,
-            run.copy_bandwidth_gbs,
-            run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s ({})", run.peak_source))
-        ));
-        report.runs.push(run);
+        if let Some(run) = runs.first() {
+            progress.println(format!(
+                "{}: {} copy bandwidth {:.1} GB/s (measured now), peak {}",
+                run.backend,
+                run.device,
+                run.copy_bandwidth_gbs,
+                run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s ({})", run.peak_source))
+            ));
+        }
+        report.runs.extend(runs);
     }
     progress.finish_and_clear();
     for run in &report.runs {
@@ -704,6 +762,61 @@ mod tests {
         assert!(halves_avx512(amd, 0x00A1_0F11)); // Zen 4 (EPYC 9004): family 0x19
         assert!(!halves_avx512(amd, 0x00B0_0F00)); // Zen 5: family 0x1a
         assert!(!halves_avx512(intel, 0x0008_06F8)); // Sapphire Rapids: family 6
+    }
+
+    /// `--cuda-graphs` on the CUDA backend's CPU emulator (which records a capture and replays
+    /// it): a second run named `cuda+cudagraph` with a row per token count, whose replays touched
+    /// the same experts as the eager rows on the same batches (the routing came from the graph's
+    /// own output each time). Skips where the emulator cannot be built (no g++ 12), unless
+    /// `MOE_REQUIRE_BACKENDS` names `cudaemu`.
+    #[test]
+    fn cuda_graph_rows_on_the_emulator() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let emu = match moe_cuda::CudaBackend::emulator() {
+            Ok(b) => b,
+            Err(e) if std::env::var("MOE_REQUIRE_BACKENDS").is_ok_and(|v| v.split(',').any(|n| n.trim() == "cudaemu")) => {
+                panic!("MOE_REQUIRE_BACKENDS names cudaemu: {e}")
+            }
+            Err(e) => return println!("skipping: {e}"),
+        };
+        let args = <Cli as clap::Parser>::try_parse_from([
+            "bench",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "16",
+            "--experts",
+            "16",
+            "--top-k",
+            "4",
+            "--tokens",
+            "1,9",
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--bandwidth-gbs",
+            "10",
+            "--cuda-graphs",
+        ])
+        .unwrap()
+        .args;
+        let c = config(&args).unwrap();
+        let (progress, host) = (indicatif::ProgressBar::hidden(), std::sync::OnceLock::new());
+        let runs = Measure { args: &args, config: &c, progress: &progress, host: &host }.run(&emu).unwrap();
+        assert_eq!(runs.iter().map(|r| r.backend.as_str()).collect::<Vec<_>>(), ["cuda", "cuda+cudagraph"]);
+        for run in &runs {
+            assert!(run.skipped.is_empty(), "{}: {:?}", run.backend, run.skipped);
+            assert_eq!(run.rows.iter().map(|r| r.tokens).collect::<Vec<_>>(), [1, 9]);
+            assert!(run.rows.iter().all(|r| r.time_s > 0.0 && r.touched >= 4.0), "{}", run.backend);
+        }
+        for (eager, graph) in runs[0].rows.iter().zip(&runs[1].rows) {
+            assert_eq!(eager.touched, graph.touched, "{} tokens", eager.tokens);
+        }
     }
 
     #[test]

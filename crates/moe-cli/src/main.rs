@@ -10,6 +10,7 @@ mod backends;
 mod bench;
 mod conform;
 mod demo;
+mod graphs;
 mod plot;
 mod run;
 mod synthetic;

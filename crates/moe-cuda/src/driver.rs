@@ -13,6 +13,7 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys::{self, CUresult};
 use moe_hal::{Error, Result};
 
+use crate::graph::{Capture, Free, GraphRefs, Step};
 use crate::kernels::{Module, Source, Target};
 
 // ---------------------------------------------------------------------------------------------
@@ -299,6 +300,13 @@ pub(crate) struct Device {
     pub(crate) modules: Mutex<HashMap<Source, Arc<Module>>>,
     /// The CPU emulator standing in for the GPU (tests only; see `emu/emu.h`).
     pub(crate) emu: Option<Emu>,
+    /// The graph capture in progress (`crate::graph`).
+    pub(crate) capture: Mutex<Option<Capture>>,
+    /// The buffers live graphs use.
+    pub(crate) graph_refs: Mutex<GraphRefs>,
+    /// Allocations made with `cuMemAlloc` on a device with a pool (inside graph captures), so
+    /// they are freed with `cuMemFree`, not into the pool.
+    plain: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// The CPU emulator of the kernels (`crates/moe-cuda/emu`): device pointers are host addresses of
@@ -345,6 +353,9 @@ impl Device {
             lost: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             emu: None,
+            capture: Mutex::new(None),
+            graph_refs: Mutex::new(GraphRefs::default()),
+            plain: Mutex::new(Default::default()),
         };
         device.bind()?;
         device.stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(|e| map_err("cuStreamCreate", e))?;
@@ -419,6 +430,9 @@ impl Device {
             lost: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             emu: Some(emu),
+            capture: Mutex::new(None),
+            graph_refs: Mutex::new(GraphRefs::default()),
+            plain: Mutex::new(Default::default()),
         };
         device.errs = device.alloc_raw(ERR_WORDS * 4)?;
         device.dummy = device.alloc_raw(16)?;
@@ -469,16 +483,26 @@ impl Device {
         if let Some(emu) = &self.emu {
             // SAFETY: the emulator's allocator.
             let p = unsafe { (emu.alloc)(size) };
-            return if p == 0 { Err(Error::OutOfMemory(format!("the emulator cannot allocate {size} bytes"))) } else { Ok(p) };
+            if p == 0 {
+                return Err(Error::OutOfMemory(format!("the emulator cannot allocate {size} bytes")));
+            }
+            self.note_alloc(p, size);
+            return Ok(p);
         }
+        let capturing = self.capturing();
         let attempt = || match self.pool {
+            // Inside a graph capture: plain memory (the capture is relaxed, see crate::graph),
+            // not a graph allocation node.
+            // SAFETY: plain allocation.
+            Some(_) if capturing => unsafe { result::malloc_sync(size) },
             // SAFETY: the stream is ours; the memory is only used on it.
             Some(_) => unsafe { result::malloc_async(self.stream, size) },
             // SAFETY: plain allocation.
             None => unsafe { result::malloc_sync(size) },
         };
         let ptr = match attempt() {
-            Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY && self.pool.is_some() => {
+            // (Not inside a graph capture, which cannot wait.)
+            Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY && self.pool.is_some() && !capturing => {
                 // Memory freed on the stream returns to the pool only once the stream reaches the
                 // free: wait for it, hand unused pool memory back to the driver, try again.
                 self.sync_stream()?;
@@ -490,7 +514,7 @@ impl Device {
             }
             r => r,
         };
-        ptr.map_err(|e| match self.fail("cuMemAllocAsync", e) {
+        let ptr = ptr.map_err(|e| match self.fail("cuMemAllocAsync", e) {
             Error::OutOfMemory(_) => {
                 let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
                 Error::OutOfMemory(format!(
@@ -502,18 +526,43 @@ impl Device {
                 ))
             }
             other => other,
-        })
+        })?;
+        if capturing && self.pool.is_some() {
+            self.plain.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr);
+        }
+        self.note_alloc(ptr, size);
+        Ok(ptr)
     }
 
     /// Frees an allocation in stream order (never synchronises when the device has a pool).
-    /// Errors are dropped: a lost context has freed everything already.
+    /// Errors are dropped: a lost context has freed everything already. Inside a graph capture,
+    /// and for a buffer a live graph uses, the free waits (see `crate::graph`).
     pub fn free_raw(&self, ptr: u64) {
+        if ptr == 0 || self.bind().is_err() {
+            return;
+        }
+        match self.free_plan(ptr) {
+            Free::Now => self.free_owned(ptr),
+            // Freed when the capture ends, or with the graph.
+            Free::InGraph | Free::Later => {}
+        }
+    }
+
+    /// Frees an allocation now, in stream order where it came from the pool (see [`Self::free_raw`],
+    /// which decides when).
+    pub fn free_owned(&self, ptr: u64) {
         if ptr == 0 || self.bind().is_err() {
             return;
         }
         if let Some(emu) = &self.emu {
             // SAFETY: `ptr` came from the emulator's allocator and is freed once.
             unsafe { (emu.free)(ptr) };
+            return;
+        }
+        if self.plain.lock().unwrap_or_else(|p| p.into_inner()).remove(&ptr) {
+            // SAFETY: `ptr` came from cuMemAlloc and is freed once, after the stream's work
+            // (cuMemFree is not stream-ordered).
+            let _ = unsafe { result::stream::synchronize(self.stream).and_then(|_| result::free_sync(ptr)) };
             return;
         }
         // SAFETY: `ptr` came from alloc_raw on this device and is freed once.
@@ -527,6 +576,9 @@ impl Device {
 
     /// Enqueues zeroing `bytes` at `ptr` (a multiple of 4).
     pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if self.note(&[ptr], || Some(Step::Zero { ptr, bytes })).is_some() && self.emu.is_some() {
+            return Ok(());
+        }
         if self.emu.is_some() {
             // SAFETY: an emulator allocation of at least `bytes` bytes.
             unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
@@ -540,6 +592,9 @@ impl Device {
     /// Enqueues a host-to-device copy. Pageable host memory is staged by the driver before the
     /// call returns, so `host` may be dropped right after.
     pub fn upload_raw(&self, ptr: u64, host: &[u8]) -> Result<()> {
+        if self.capturing() {
+            return Err(Device::not_in_capture("an upload from host memory"));
+        }
         if host.is_empty() {
             return Ok(());
         }
@@ -555,6 +610,9 @@ impl Device {
 
     /// Waits for the stream.
     pub fn sync_stream(&self) -> Result<()> {
+        if self.capturing() {
+            return Err(Device::not_in_capture("synchronize (or a download, which waits)"));
+        }
         if self.emu.is_some() {
             return Ok(());
         }
@@ -608,6 +666,9 @@ impl Device {
     pub fn copy_raw(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         self.ready()?;
         if bytes == 0 {
+            return Ok(());
+        }
+        if self.note(&[dst, src], || Some(Step::Copy { dst, src, bytes })).is_some() && self.emu.is_some() {
             return Ok(());
         }
         if self.emu.is_some() {

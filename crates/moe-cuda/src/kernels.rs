@@ -2,7 +2,7 @@
 //! first use for the device's own architecture, loaded as a module and cached per device, and the
 //! helper that launches one kernel.
 
-use std::ffi::{CString, c_char, c_void};
+use std::ffi::{CStr, CString, c_char, c_void};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result as dr;
@@ -50,8 +50,7 @@ impl Source {
     }
 
     /// The `extern "C"` kernels the file defines (the host launches nothing else); the NVRTC test
-    /// checks each is in the compiled image.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// checks each is in the compiled image, and a graph capture loads each first.
     pub fn entries(self) -> &'static [&'static str] {
         match self {
             Source::RouterTopk => &["router_topk"],
@@ -381,19 +380,18 @@ impl Device {
         params: &[u32; 16],
         ptrs: &[u64],
     ) -> Result<()> {
-        if let Some(emu) = &self.emu {
+        if self.emu.is_some() {
             self.ready()?;
             let name = CString::new(entry).unwrap_or_default();
-            // SAFETY: the emulator reads `params` (16 words) and `ptrs` (`ptrs.len()` words) during
-            // the call and runs the whole launch before returning.
-            let r = unsafe { (emu.launch)(name.as_ptr(), grid.max(1), block, smem, params.as_ptr(), ptrs.as_ptr(), ptrs.len() as i32) };
-            return if r == 0 {
-                Ok(())
-            } else {
-                Err(Error::Driver(format!("the emulator could not launch {entry} from {} (code {r})", source.file())))
-            };
+            let step = || Some(crate::graph::Step::Launch { entry: name.clone(), grid, block, smem, params: *params, ptrs: ptrs.to_vec() });
+            if self.note(ptrs, step).is_some() {
+                return Ok(());
+            }
+            return self.emu_launch(&name, grid, block, smem, params, ptrs);
         }
         let f = self.func(source, entry)?;
+        // In a capture, the driver records the launch; the graph keeps `ptrs` allocated.
+        self.note(ptrs, || None);
         self.ready()?;
         let mut p = *params;
         let mut ptrs = ptrs.to_vec();
@@ -406,5 +404,16 @@ impl Device {
         // conformance suite); cuLaunchKernel copies them before it returns.
         let r = unsafe { dr::launch_kernel(f.0, (grid.max(1), 1, 1), (block, 1, 1), smem, self.stream, &mut args) };
         self.check(&format!("cuLaunchKernel({entry}, {grid} x {block})"), r)
+    }
+
+    /// Runs one launch on the emulator, whole, before returning.
+    pub(crate) fn emu_launch(&self, entry: &CStr, grid: u32, block: u32, smem: u32, params: &[u32; 16], ptrs: &[u64]) -> Result<()> {
+        let Some(emu) = &self.emu else {
+            return Err(Error::Driver("emu_launch on a GPU".into()));
+        };
+        // SAFETY: the emulator reads `params` (16 words) and `ptrs` (`ptrs.len()` words) during
+        // the call and runs the whole launch before returning.
+        let r = unsafe { (emu.launch)(entry.as_ptr(), grid.max(1), block, smem, params.as_ptr(), ptrs.as_ptr(), ptrs.len() as i32) };
+        if r == 0 { Ok(()) } else { Err(Error::Driver(format!("the emulator could not launch {} (code {r})", entry.to_string_lossy()))) }
     }
 }

@@ -47,7 +47,20 @@
 //!
 //! No op reads device data on the host: launch sizes come from shapes (worst cases), scratch is
 //! allocated and freed in stream order, so the composed `forward` ([`moe_hal::forward::composed`])
-//! runs a whole layer without a host synchronisation.
+//! runs a whole layer without a host synchronisation, and can be captured as a CUDA graph.
+//!
+//! ## CUDA graphs
+//!
+//! [`CudaBackend::capture`] records the work a closure enqueues (a whole `forward`) as one CUDA
+//! graph without running it; [`CudaGraph::launch`] then enqueues all of it with one call, on the
+//! buffers it was captured with (copy new input into the same input buffer first). Scratch the
+//! capture allocates and drops belongs to the graph (plain allocations, freed with it); buffers
+//! from outside stay allocated while a graph uses them. A synchronize, a download, an upload or a
+//! capture inside a capture is refused with an error naming it, and the backend stays usable.
+//! One graph per token count is how inference engines run decode: at one token a small layer's
+//! kernels take less time than enqueuing them. `moe bench --cuda-graphs` times both. On the
+//! emulator a capture records the launches and a launch replays them (the graph's scratch
+//! filled with NaN bytes first), so the tests run there too.
 //!
 //! | op | kernel(s) | shape |
 //! |---|---|---|
@@ -124,10 +137,15 @@
 //!   for every dtype; streaming with one and four rows per warp; F8E4M3 in 16 x 32, 5 x 12, 3 x 7
 //!   and 128 x 128 blocks, so each family takes both the one-scale-per-run and the walking
 //!   lookup; the router's global-scratch path at E = 20000; permute over 24 tiles) and match
-//!   `moe-cpu` (these run in `cargo test` wherever g++ 12+ is installed).
+//!   `moe-cpu` (these run in `cargo test` wherever g++ 12+ is installed);
+//! * on the emulator: a captured layer (`tests::graph`) replays `forward` bit for bit on new
+//!   input in both kernel regimes, a capture refuses what a graph cannot hold and leaves the
+//!   backend usable, and a graph keeps the buffers it uses (freed early, the emulator's unmapped
+//!   memory would fault).
 //!
 //! **Nothing has run on a GPU yet**: the conformance suite on a real device, compute-sanitizer,
-//! `moe run --backend cuda`, the tensor cores' own arithmetic, and every timing remain for a device
+//! `moe run --backend cuda`, the tensor cores' own arithmetic, the driver's side of graph capture
+//! (a relaxed capture with `cuMemAlloc` inside it), and every timing remain for a device
 //! session (`crates/moe-cuda/DEVICE_CHECK.md` has the exact steps). In particular the **F8E4M3**
 //! kernels (`*_f8_e4m3_*`) were verified **only on the emulator and by NVRTC** (they compile for
 //! sm_90 and sm_80 with no warning and no spill), never on a GPU: neither their results on real
@@ -140,6 +158,7 @@
 
 mod buffer;
 mod driver;
+mod graph;
 mod kernels;
 mod ops;
 #[cfg(test)]
@@ -149,6 +168,7 @@ use std::sync::Arc;
 
 pub use buffer::CudaBuffer;
 use driver::Device;
+pub use graph::CudaGraph;
 use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 
 /// Probes for a CUDA device without creating a context: `Ok(description)` (e.g.

@@ -20,7 +20,7 @@ fn required() -> bool {
 }
 
 /// The backends to test: the GPU where there is one, and the emulator where it can be built.
-fn backends() -> Vec<(&'static str, CudaBackend)> {
+pub(super) fn backends() -> Vec<(&'static str, CudaBackend)> {
     let mut out = Vec::new();
     match CudaBackend::new() {
         Ok(b) => out.push(("gpu", b)),
@@ -38,14 +38,14 @@ fn backends() -> Vec<(&'static str, CudaBackend)> {
 }
 
 /// A small deterministic generator (no dependency): values in [-1, 1).
-struct Lcg(u64);
+pub(super) struct Lcg(pub(super) u64);
 
 impl Lcg {
     fn f32(&mut self) -> f32 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
+    pub(super) fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.f32()).collect()
     }
     fn below(&mut self, n: u32) -> u32 {
