@@ -20,8 +20,8 @@ echo "== peers (torch grouped_mm, Triton fused MoE) on deepseek-v3"
 timeout 170 python3 bench/peers/gpu_peers.py --preset deepseek-v3 --tokens 1,16,128,1024,4096,16384 \
   --iters 10 --warmup 2 --json "$OUT/gpu-peers.json" > "$OUT/peers.log" 2>&1
 echo "peers exit $?"; tail -12 "$OUT/peers.log"
-echo "== moe bench cuda,wgpu on deepseek-v3"
-timeout 200 .device/bin/moe bench --backend cuda,wgpu --preset deepseek-v3 \
+echo "== moe bench cuda (eager, and replaying a CUDA graph per token count), wgpu on deepseek-v3"
+timeout 200 .device/bin/moe bench --backend cuda,wgpu --cuda-graphs --preset deepseek-v3 \
   --tokens 1,16,128,1024,4096,16384 --iters 10 --warmup 2 \
   --compare "$OUT/gpu-peers.json" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -30 "$OUT/bench.log"
@@ -36,6 +36,9 @@ for cvt in 1 0; do
   MOE_CUDA_F8_CVT=$cvt timeout 40 .device/bin/moe bench --backend cuda --preset qwen3-30b-a3b --dtype f8_e4m3 \
     --tokens 1,16,128 --iters 20 --warmup 3 2>&1 | tail -3
 done
+echo "== cuda: eager forward against one CUDA graph launch per layer, Qwen3-30B-A3B decode (75 MB of experts at 1 token: launch-bound)"
+timeout 40 .device/bin/moe bench --backend cuda --cuda-graphs --preset qwen3-30b-a3b --tokens 1,16,64 \
+  --iters 20 --warmup 3 2>&1 | grep " tok "
 echo "== decode kernels: 8 token rows per pass (default) against 4, Qwen3-30B-A3B at 1 and 64 tokens"
 # At 64 tokens Qwen3 has 4 rows per expert on average (the decode path) and 5 to 8 in about a third
 # of its experts: with 4-row passes those read their weights twice (1.40x the bytes, counted).
