@@ -12,19 +12,23 @@ ls /usr/local/cuda/lib64/libnvrtc.so* /opt/torch/.venv/lib/python3*/site-package
 # one that lists cuda:: cases.
 conf=$(for b in .device/bin/test-conformance-*; do "$b" --list 2>/dev/null | grep -q '^cuda::' && echo "$b"; done | head -1)
 echo "suite binary: $conf"
-echo "== compute-sanitizer memcheck: the cuda instance of the conformance suite"
-timeout 200 compute-sanitizer --tool memcheck --leak-check no --print-limit 20 \
-  "$conf" cuda:: --test-threads=1 > "$OUT/sanitizer.log" 2>&1
-echo "sanitizer exit $?"; grep -E "ERROR SUMMARY|test result|Invalid|out of bounds" "$OUT/sanitizer.log" | head -20
 echo "== peers (torch grouped_mm, Triton fused MoE) on deepseek-v3"
 timeout 170 python3 bench/peers/gpu_peers.py --preset deepseek-v3 --tokens 1,16,128,1024,4096,16384 \
   --iters 10 --warmup 2 --json "$OUT/gpu-peers.json" > "$OUT/peers.log" 2>&1
 echo "peers exit $?"; tail -12 "$OUT/peers.log"
 echo "== moe bench cuda (eager, and replaying a CUDA graph per token count), wgpu on deepseek-v3"
+# The ratio table only where the peers wrote their JSON: a missing file would stop the bench.
+cmp=(); [ -s "$OUT/gpu-peers.json" ] && cmp=(--compare "$OUT/gpu-peers.json")
 timeout 200 .device/bin/moe bench --backend cuda,wgpu --cuda-graphs --preset deepseek-v3 \
   --tokens 1,16,128,1024,4096,16384 --iters 10 --warmup 2 \
-  --compare "$OUT/gpu-peers.json" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  "${cmp[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -30 "$OUT/bench.log"
+# The sanitizer after the peers and the bench: those two are what the WGSL and bench issues need
+# besides the test step, so a call cut short by a slow memcheck still brings them back.
+echo "== compute-sanitizer memcheck: the cuda instance of the conformance suite"
+timeout 200 compute-sanitizer --tool memcheck --leak-check no --print-limit 20 \
+  "$conf" cuda:: --test-threads=1 > "$OUT/sanitizer.log" 2>&1
+echo "sanitizer exit $?"; grep -E "ERROR SUMMARY|test result|Invalid|out of bounds" "$OUT/sanitizer.log" | head -20
 echo "== moe bench cuda,wgpu on deepseek-v3, f8_e4m3 weights (DeepSeek's format: half the bytes of bf16)"
 timeout 120 .device/bin/moe bench --backend cuda,wgpu --preset deepseek-v3 --dtype f8_e4m3 \
   --tokens 1,16,128,1024,4096 --iters 10 --warmup 2 > "$OUT/bench-f8.log" 2>&1

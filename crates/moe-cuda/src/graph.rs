@@ -200,6 +200,31 @@ impl CudaBackend {
     /// Errors: [`Error::InvalidArgument`] naming the call when the work synchronizes, downloads,
     /// uploads from host memory or captures; the work's own error as it returned it; a driver
     /// error when the driver refuses the graph. The backend stays usable after any of them.
+    ///
+    /// ```no_run
+    /// # fn main() -> moe_hal::Result<()> {
+    /// use moe_hal::{DType, Layer, Tensor, ops};
+    /// # let host: moe_hal::HostLayer = unimplemented!();
+    /// # let next_batches: Vec<Vec<f32>> = vec![];
+    /// let b = moe_cuda::CudaBackend::new()?;
+    /// let layer = Layer::upload(&b, &host)?;
+    /// let (t, h, k) = (1, host.config.hidden, host.config.top_k);
+    /// let mut x = Tensor::alloc(&b, DType::F32, &[t, h])?;
+    /// let mut out = Tensor::alloc(&b, DType::F32, &[t, h])?;
+    /// let mut ids = Tensor::alloc(&b, DType::U32, &[t, k])?;
+    /// let mut w = Tensor::alloc(&b, DType::F32, &[t, k])?;
+    /// ops::forward(&b, &layer, &x, &mut out, &mut ids, &mut w)?; // loads every kernel it needs
+    /// let graph = b.capture(|| ops::forward(&b, &layer, &x, &mut out, &mut ids, &mut w))?;
+    /// for batch in next_batches {
+    ///     let staged = Tensor::from_f32(&b, DType::F32, &[t, h], &batch)?;
+    ///     moe_hal::Backend::copy(&b, &staged.buf, &mut x.buf)?; // the graph reads x
+    ///     graph.launch()?;
+    ///     let y = out.to_f32(&b)?; // waits for the launch
+    /// #   let _ = y;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
         let dev = &self.dev;
         dev.ready()?;
