@@ -69,6 +69,8 @@ pub(crate) struct Capture {
     /// Buffers allocated before the capture and dropped during it: freed when it ends (or kept
     /// for the graph, when it uses them).
     pub deferred: Vec<u64>,
+    /// Graphs dropped during the capture, taken apart when it ends.
+    pub orphans: Vec<Parts>,
 }
 
 /// Which buffers live graphs use: a buffer dropped while a graph uses it is parked, and freed
@@ -269,9 +271,12 @@ impl CudaBackend {
         &self,
         result: Result<()>,
         graph: Option<std::result::Result<sys::CUgraph, dr::DriverError>>,
-        cap: Capture,
+        mut cap: Capture,
     ) -> Result<CudaGraph> {
         let dev = &self.dev;
+        // Graphs dropped during the capture: taken apart on the way out, after the new graph
+        // (if any) counts the buffers it uses, so none of those is freed under it.
+        let _orphans = Orphans(dev, std::mem::take(&mut cap.orphans));
         // The graph's scratch: allocated and dropped inside the capture.
         let owned: Vec<u64> = cap.allocs.iter().filter(|(_, alive)| !**alive).map(|(p, _)| *p).collect();
         // Every other buffer it uses (the caller's, kept allocated while the graph lives).
@@ -367,10 +372,22 @@ impl Ending<'_> {
     }
 }
 
+/// Graphs dropped during a capture, taken apart when this is dropped.
+struct Orphans<'a>(&'a Device, Vec<Parts>);
+
+impl Drop for Orphans<'_> {
+    fn drop(&mut self) {
+        for parts in self.1.drain(..) {
+            self.0.take_apart(parts);
+        }
+    }
+}
+
 impl Drop for Ending<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let (graph, cap) = self.end();
+            let (graph, mut cap) = self.end();
+            let _orphans = Orphans(self.dev, std::mem::take(&mut cap.orphans));
             if let Some(Ok(g)) = graph {
                 // SAFETY: the graph came from cuStreamEndCapture and is destroyed once.
                 let _ = unsafe { dr::graph::destroy(g) };
@@ -422,26 +439,46 @@ impl CudaGraph {
 }
 
 /// Dropping a graph waits for its launches to finish (its scratch is freed then), so it is not
-/// a thing to do in a decode loop.
+/// a thing to do in a decode loop. Dropped while another capture is in progress (which cannot
+/// wait), it is taken apart when that capture ends.
 impl Drop for CudaGraph {
     fn drop(&mut self) {
-        let dev = &self.dev;
-        if !self.exec.is_null() && dev.ready().is_ok() {
-            // SAFETY: the stream is the device's; `exec` came from instantiate and is destroyed
-            // once, after its launches finished.
+        let parts = Parts { exec: self.exec, owned: std::mem::take(&mut self.owned), uses: std::mem::take(&mut self.uses) };
+        let mut parts = Some(parts);
+        if self.dev.with_capture(|c| c.orphans.extend(parts.take())).is_none()
+            && let Some(p) = parts
+        {
+            self.dev.take_apart(p);
+        }
+    }
+}
+
+/// What a dropped graph leaves to free.
+pub(crate) struct Parts {
+    exec: sys::CUgraphExec,
+    owned: Vec<u64>,
+    uses: Vec<u64>,
+}
+
+impl Device {
+    /// Frees a dropped graph: waits for its launches, destroys it, frees its scratch, and frees
+    /// the buffers it kept once no live graph uses them.
+    fn take_apart(&self, parts: Parts) {
+        if !parts.exec.is_null() && self.ready().is_ok() {
+            // SAFETY: the stream is the device's (not capturing: see CudaGraph's Drop); `exec`
+            // came from instantiate and is destroyed once, after its launches finished.
             unsafe {
-                let _ = dr::stream::synchronize(dev.stream);
-                let _ = dr::graph::exec_destroy(self.exec);
+                let _ = dr::stream::synchronize(self.stream);
+                let _ = dr::graph::exec_destroy(parts.exec);
             }
         }
-        for p in &self.owned {
-            dev.free_owned(*p);
+        for p in &parts.owned {
+            self.free_owned(*p);
         }
-        // The buffers this graph kept: freed once no live graph uses them.
         let mut free = Vec::new();
         {
-            let mut refs = dev.graph_refs.lock().unwrap_or_else(|p| p.into_inner());
-            for p in &self.uses {
+            let mut refs = self.graph_refs.lock().unwrap_or_else(|p| p.into_inner());
+            for p in &parts.uses {
                 if let Some(n) = refs.count.get_mut(p) {
                     *n -= 1;
                     if *n == 0 {
@@ -454,7 +491,7 @@ impl Drop for CudaGraph {
             }
         }
         for p in free {
-            dev.free_raw(p);
+            self.free_raw(p);
         }
     }
 }

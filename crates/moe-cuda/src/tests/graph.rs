@@ -203,5 +203,22 @@ fn a_graph_keeps_the_buffers_it_uses() {
         assert_eq!(kept.read(&b), want, "{name}: outputs allocated inside the capture");
         drop(graph);
         assert_eq!(kept.read(&b), want, "{name}: outputs allocated inside the capture, after the graph");
+
+        // A graph dropped inside another capture (which cannot wait for it) is taken apart when
+        // that capture ends; the buffers both use stay for the second.
+        let mut first = Outputs::new(&b, t);
+        let graph = b.capture(|| first.forward(&b, &l, &x)).unwrap();
+        graph.launch().unwrap();
+        let mut second = Outputs::new(&b, t);
+        let graph = b
+            .capture(|| {
+                drop(graph);
+                second.forward(&b, &l, &x)
+            })
+            .unwrap();
+        drop((l, x));
+        graph.launch().unwrap();
+        assert_eq!(second.read(&b), want, "{name}: a graph captured while another was dropped");
+        assert_eq!(first.read(&b), want, "{name}: the dropped graph's launch");
     }
 }
