@@ -144,7 +144,8 @@ macro_rules! suite {
     ($name:ident, $ctor:expr $(,)?) => {
         $crate::__suite_groups!(
             $name,
-            $ctor;
+            $ctor,
+            true;
             router_topk_f32,
             router_topk_f32_invalid,
             permute_u32,
@@ -172,10 +173,23 @@ macro_rules! suite {
     };
 }
 
+/// [`suite!`] with the `forward_*` groups only: for an instance that differs from another only
+/// in how its `forward` runs (the CUDA backend's graph mode), so the ops' groups are not run twice.
+///
+/// ```ignore
+/// moe_conformance::suite_forward!(cuda_graphs, moe_cuda::CudaBackend::new().map(|b| b.with_forward_graphs(true)));
+/// ```
+#[macro_export]
+macro_rules! suite_forward {
+    ($name:ident, $ctor:expr $(,)?) => {
+        $crate::__suite_groups!($name, $ctor, false; forward_f32, forward_f16, forward_bf16, forward_f8_e4m3, forward_f32_invalid);
+    };
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __suite_groups {
-    ($name:ident, $ctor:expr; $($group:ident),+) => {
+    ($name:ident, $ctor:expr, $every:expr; $($group:ident),+) => {
         #[allow(unused_imports)]
         mod $name {
             use super::*;
@@ -196,7 +210,7 @@ macro_rules! __suite_groups {
             #[test]
             fn suite_lists_every_group() {
                 fn check<B: $crate::moe_hal::Backend>(_: fn() -> $crate::moe_hal::Result<B>) {
-                    $crate::check_groups::<B>(&[$(stringify!($group)),+]);
+                    $crate::check_groups::<B>(&[$(stringify!($group)),+], $every);
                 }
                 check(ctor);
             }

@@ -20,6 +20,10 @@ moe_conformance::suite!(cuda, moe_cuda::CudaBackend::new());
 // `cudaemu`, not `cuda_...`, so that requiring `cuda` on a GPU machine does not require the
 // emulator too (it needs g++ and this checkout's sources); CI requires it by name.
 moe_conformance::suite!(cudaemu, moe_cuda::CudaBackend::emulator());
+// Graph mode: every forward case captured as a CUDA graph and replayed (on the emulator, a
+// recorded capture replayed), which must give exactly what the composed layer gives.
+moe_conformance::suite_forward!(cuda_graphs, moe_cuda::CudaBackend::new().map(|b| b.with_forward_graphs(true)));
+moe_conformance::suite_forward!(cudaemu_graphs, moe_cuda::CudaBackend::emulator().map(|b| b.with_forward_graphs(true)));
 
 /// Random small layers: `ops::forward` on the CPU backend against the oracle.
 mod properties {

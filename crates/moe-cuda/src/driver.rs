@@ -300,8 +300,10 @@ pub(crate) struct Device {
     pub(crate) modules: Mutex<HashMap<Source, Arc<Module>>>,
     /// The CPU emulator standing in for the GPU (tests only; see `emu/emu.h`).
     pub(crate) emu: Option<Emu>,
-    /// The graph capture in progress (`crate::graph`).
+    /// The graph capture in progress (`crate::graph`), and its end signalled to the threads
+    /// waiting for it.
     pub(crate) capture: Mutex<Option<Capture>>,
+    pub(crate) capture_ended: std::sync::Condvar,
     /// The buffers live graphs use.
     pub(crate) graph_refs: Mutex<GraphRefs>,
     /// Allocations made with `cuMemAlloc` on a device with a pool (inside graph captures), so
@@ -354,6 +356,7 @@ impl Device {
             modules: Mutex::new(HashMap::new()),
             emu: None,
             capture: Mutex::new(None),
+            capture_ended: std::sync::Condvar::new(),
             graph_refs: Mutex::new(GraphRefs::default()),
             plain: Mutex::new(Default::default()),
         };
@@ -431,6 +434,7 @@ impl Device {
             modules: Mutex::new(HashMap::new()),
             emu: Some(emu),
             capture: Mutex::new(None),
+            capture_ended: std::sync::Condvar::new(),
             graph_refs: Mutex::new(GraphRefs::default()),
             plain: Mutex::new(Default::default()),
         };
@@ -449,8 +453,10 @@ impl Device {
         unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| map_err("cuCtxSetCurrent", e))
     }
 
-    /// Makes the context current on this thread and fails fast once the device is lost.
+    /// Makes the context current on this thread and fails fast once the device is lost; waits
+    /// while another thread captures a graph ([`Device::gate`]).
     pub fn ready(&self) -> Result<()> {
+        self.gate();
         if let Some(msg) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Err(Error::DeviceLost(msg.clone()));
         }
@@ -576,6 +582,7 @@ impl Device {
 
     /// Enqueues zeroing `bytes` at `ptr` (a multiple of 4).
     pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        self.gate();
         if self.note(&[ptr], || Some(Step::Zero { ptr, bytes })).is_some() && self.emu.is_some() {
             return Ok(());
         }
@@ -592,6 +599,7 @@ impl Device {
     /// Enqueues a host-to-device copy. Pageable host memory is staged by the driver before the
     /// call returns, so `host` may be dropped right after.
     pub fn upload_raw(&self, ptr: u64, host: &[u8]) -> Result<()> {
+        self.gate();
         if self.capturing() {
             return Err(Device::not_in_capture("an upload from host memory"));
         }
@@ -610,6 +618,7 @@ impl Device {
 
     /// Waits for the stream.
     pub fn sync_stream(&self) -> Result<()> {
+        self.gate();
         if self.capturing() {
             return Err(Device::not_in_capture("synchronize (or a download, which waits)"));
         }

@@ -31,11 +31,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
-use std::sync::Arc;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use cudarc::driver::result as dr;
 use cudarc::driver::sys;
-use moe_hal::{Error, Result};
+use moe_hal::{Error, Layer, Result, Tensor};
 
 use crate::CudaBackend;
 use crate::driver::Device;
@@ -55,8 +57,10 @@ pub(crate) enum Step {
 }
 
 /// The state of a capture in progress on a device.
-#[derive(Default)]
 pub(crate) struct Capture {
+    /// The thread capturing: the device's stream is its own until the capture ends, and other
+    /// threads' work on the backend waits ([`Device::gate`]).
+    pub owner: ThreadId,
     /// What the emulator recorded (empty on a GPU, where the driver records).
     pub steps: Vec<Step>,
     /// Every device address the captured work reads or writes.
@@ -92,8 +96,35 @@ pub(crate) enum Free {
     Later,
 }
 
+impl Capture {
+    fn new() -> Capture {
+        Capture {
+            owner: std::thread::current().id(),
+            steps: vec![],
+            used: HashSet::new(),
+            enqueued: 0,
+            allocs: HashMap::new(),
+            deferred: vec![],
+            orphans: vec![],
+        }
+    }
+}
+
 impl Device {
-    /// Runs `f` on the capture in progress: `None` when there is none.
+    /// Waits while another thread is capturing: everything enqueued on the device's one stream
+    /// during a capture would become part of that graph, so another thread's work (an op, a
+    /// copy, a synchronize, a capture) waits for it to end. The capturing thread passes.
+    pub(crate) fn gate(&self) {
+        let me = std::thread::current().id();
+        let mut c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        while c.as_ref().is_some_and(|c| c.owner != me) {
+            c = self.capture_ended.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs `f` on the capture in progress: `None` when there is none. Whichever thread calls,
+    /// as the stream would take its work into the graph: [`Device::gate`] keeps other threads
+    /// out before they get here.
     pub(crate) fn with_capture<R>(&self, f: impl FnOnce(&mut Capture) -> R) -> Option<R> {
         self.capture.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(f)
     }
@@ -128,7 +159,8 @@ impl Device {
         });
     }
 
-    /// Decides what freeing `ptr` means now (see [`Free`]).
+    /// Decides what freeing `ptr` means now (see [`Free`]). A free never waits: during any
+    /// thread's capture it is put off until the capture ends.
     pub(crate) fn free_plan(&self, ptr: u64) -> Free {
         let in_capture = self.with_capture(|c| match c.allocs.get_mut(&ptr) {
             Some(alive) => {
@@ -242,11 +274,15 @@ impl CudaBackend {
             }
         }
         {
+            let me = std::thread::current().id();
             let mut c = dev.capture.lock().unwrap_or_else(|p| p.into_inner());
+            while c.as_ref().is_some_and(|c| c.owner != me) {
+                c = dev.capture_ended.wait(c).unwrap_or_else(|p| p.into_inner());
+            }
             if c.is_some() {
                 return Err(Device::not_in_capture("another capture"));
             }
-            *c = Some(Capture::default());
+            *c = Some(Capture::new());
         }
         if dev.emu.is_none() {
             // Relaxed: this thread may call cuMemAlloc while capturing (see the module docs), and
@@ -256,6 +292,7 @@ impl CudaBackend {
             let r = unsafe { dr::stream::begin_capture(dev.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) };
             if let Err(e) = r {
                 *dev.capture.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                dev.capture_ended.notify_all();
                 return Err(dev.fail("cuStreamBeginCapture", e));
             }
         }
@@ -367,7 +404,8 @@ impl Ending<'_> {
         } else {
             None
         };
-        let cap = self.dev.capture.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        let cap = self.dev.capture.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_else(Capture::new);
+        self.dev.capture_ended.notify_all();
         (graph, cap)
     }
 }
@@ -493,5 +531,76 @@ impl Device {
         for p in free {
             self.free_raw(p);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graph mode: `forward` as replays
+// ---------------------------------------------------------------------------------------------
+
+/// The graphs `forward` keeps in graph mode ([`CudaBackend::with_forward_graphs`]), the most
+/// recently used first, each under the key of the call it was captured for ([`forward_key`]).
+pub(crate) type ForwardGraphs = Mutex<Vec<(String, CudaGraph)>>;
+
+/// Graphs graph mode keeps: a decode loop needs one per batch size it runs. A call unlike all
+/// of them is captured anew, and the least recently used graph dropped (which waits for the
+/// device).
+pub(crate) const FORWARD_GRAPHS: usize = 16;
+
+/// What a captured `forward` depends on besides the contents of its buffers: the layer's
+/// config and dtype (kernel parameters are baked into the graph), and the address, dtype and
+/// shape of every tensor it reads or writes. A graph keeps the buffers it uses allocated, so an
+/// address in a live graph's key always means the same buffer.
+fn forward_key(layer: &Layer<CudaBackend>, tensors: [&Tensor<CudaBackend>; 4]) -> String {
+    fn add(key: &mut String, t: &Tensor<CudaBackend>) {
+        let _ = write!(key, "{:x} {} {:?};", t.buf.ptr, t.dtype, t.shape);
+        if let Some(s) = &t.scales {
+            let _ = write!(key, "scales {:?} ", s.block);
+            add(key, &s.tensor);
+        }
+    }
+    let mut key = format!("{:?} {};", layer.config, layer.dtype);
+    let weights = [
+        Some(&layer.router),
+        layer.bias.as_ref(),
+        Some(&layer.gate_up),
+        Some(&layer.down),
+        layer.shared_gate_up.as_ref(),
+        layer.shared_down.as_ref(),
+    ];
+    for t in weights.into_iter().chain(tensors.map(Some)) {
+        match t {
+            Some(t) => add(&mut key, t),
+            None => key.push_str("-;"),
+        }
+    }
+    key
+}
+
+impl CudaBackend {
+    /// `forward` in graph mode: one launch of the graph captured for a call with the same
+    /// buffers and shapes, or (the first time) a capture of the composed layer and its launch.
+    pub(crate) fn forward_graphed(
+        &self,
+        graphs: &ForwardGraphs,
+        layer: &Layer<CudaBackend>,
+        x: &Tensor<CudaBackend>,
+        out: &mut Tensor<CudaBackend>,
+        topk_ids: &mut Tensor<CudaBackend>,
+        topk_weights: &mut Tensor<CudaBackend>,
+    ) -> Result<()> {
+        let key = forward_key(layer, [x, out, topk_ids, topk_weights]);
+        let mut graphs = graphs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = graphs.iter().position(|(k, _)| *k == key) {
+            let hit = graphs.remove(i);
+            let r = hit.1.launch();
+            graphs.insert(0, hit);
+            return r;
+        }
+        let graph = self.capture(|| moe_hal::forward::composed(self, layer, x, out, topk_ids, topk_weights))?;
+        graph.launch()?;
+        graphs.insert(0, (key, graph));
+        graphs.truncate(FORWARD_GRAPHS);
+        Ok(())
     }
 }

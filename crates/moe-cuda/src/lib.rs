@@ -58,9 +58,14 @@
 //! from outside stay allocated while a graph uses them. A synchronize, a download, an upload or a
 //! capture inside a capture is refused with an error naming it, and the backend stays usable.
 //! One graph per token count is how inference engines run decode: at one token a small layer's
-//! kernels take less time than enqueuing them. `moe bench --cuda-graphs` times both. On the
-//! emulator a capture records the launches and a launch replays them (the graph's scratch
-//! filled with NaN bytes first), so the tests run there too.
+//! kernels take less time than enqueuing them. `moe bench --cuda-graphs` times both.
+//! [`CudaBackend::with_forward_graphs`] is the same behind the trait: `forward` captures a call
+//! the first time and replays it when called with the same buffers and shapes again. The device
+//! has one stream, which a capture holds: another thread's work on the backend waits until the
+//! capture ends (it would otherwise become part of the graph). On the emulator a capture records
+//! the launches and a launch replays them (the graph's scratch filled with NaN bytes first), so
+//! the tests run there too: the `tests::graph` unit tests, and the conformance suite's forward
+//! groups in graph mode (`cudaemu_graphs`; `cuda_graphs` on a GPU).
 //!
 //! | op | kernel(s) | shape |
 //! |---|---|---|
@@ -218,6 +223,8 @@ pub struct CudaBackend {
     info: BackendInfo,
     dev: Arc<Device>,
     gemm_path: GemmPath,
+    /// Graph mode ([`CudaBackend::with_forward_graphs`]): the graphs `forward` replays.
+    forward_graphs: Option<graph::ForwardGraphs>,
 }
 
 impl CudaBackend {
@@ -264,7 +271,7 @@ impl CudaBackend {
             subgroup_size: Some(32),
             features,
         };
-        CudaBackend { info, dev: Arc::new(dev), gemm_path: GemmPath::Auto }
+        CudaBackend { info, dev: Arc::new(dev), gemm_path: GemmPath::Auto, forward_graphs: None }
     }
 
     /// The same backend on the **CPU emulator** of its kernels instead of a GPU: the `.cu` files
@@ -301,6 +308,19 @@ impl CudaBackend {
             }
         });
         Self::emulated(lib.clone().map_err(|why| Error::Unavailable(format!("no CUDA emulator: {why}")))?)
+    }
+
+    /// Graph mode: [`moe_hal::Backend::forward`] captures the layer as a CUDA graph the first
+    /// time it is called with a set of buffers and shapes, and replays that graph (one launch)
+    /// when called with the same ones again, as a decode loop with persistent buffers does. The
+    /// last few graphs are kept (each keeps its scratch and the buffers it uses allocated); a
+    /// call unlike all of them captures anew, which costs more than running the layer eagerly,
+    /// so this is for loops that reuse their buffers. The results are those of `forward`, bit
+    /// for bit. Off by default; [`CudaBackend::capture`] is the explicit form (several layers
+    /// in one graph, say).
+    pub fn with_forward_graphs(mut self, on: bool) -> Self {
+        self.forward_graphs = on.then(Default::default);
+        self
     }
 
     /// Forces one kernel family for `grouped_gemm` (see [`GemmPath`]).
@@ -431,5 +451,22 @@ impl Backend for CudaBackend {
         out: &mut Tensor<Self>,
     ) -> Result<()> {
         self.op_combine(y, row_index, topk_weights, shared, out)
+    }
+
+    /// The composed layer ([`moe_hal::forward::composed`]); in graph mode
+    /// ([`CudaBackend::with_forward_graphs`]) one launch of a captured graph of it.
+    fn forward(
+        &self,
+        layer: &moe_hal::Layer<Self>,
+        x: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+        topk_ids: &mut Tensor<Self>,
+        topk_weights: &mut Tensor<Self>,
+    ) -> Result<()> {
+        match &self.forward_graphs {
+            // (Inside a capture of the caller's, the layer is captured as it is.)
+            Some(graphs) if !self.dev.capturing() => self.forward_graphed(graphs, layer, x, out, topk_ids, topk_weights),
+            _ => moe_hal::forward::composed(self, layer, x, out, topk_ids, topk_weights),
+        }
     }
 }

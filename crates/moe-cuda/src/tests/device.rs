@@ -172,7 +172,7 @@ fn grouped_gemm_every_kernel_family_matches_the_cpu() {
     let mut failures = Vec::new();
     for (where_, b) in backends() {
         for (pi, path) in [GemmPath::Auto, GemmPath::Gemv, GemmPath::Tiled, GemmPath::Simt].into_iter().enumerate() {
-            let b = CudaBackend { gemm_path: path, info: b.info.clone(), dev: b.dev.clone() };
+            let b = CudaBackend { gemm_path: path, info: b.info.clone(), dev: b.dev.clone(), forward_graphs: None };
             for (dtype, swiglu) in DType::WEIGHTS.into_iter().flat_map(|d| [(d, false), (d, true)]) {
                 for (i, case) in gemm_cases().iter().enumerate() {
                     // Each path sees every F8E4M3 block over the cases.

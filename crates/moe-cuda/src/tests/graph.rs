@@ -222,3 +222,42 @@ fn a_graph_keeps_the_buffers_it_uses() {
         assert_eq!(first.read(&b), want, "{name}: the dropped graph's launch");
     }
 }
+
+/// Another thread's work on the same backend during a capture waits for the capture to end:
+/// it is neither refused nor recorded into the graph (the device has one stream, which the
+/// capture holds).
+#[test]
+fn another_threads_work_waits_for_a_capture() {
+    for (name, b) in backends() {
+        let mut rng = Lcg(0x5EED_0004);
+        let l = Layer::upload(&b, &layer(&mut rng)).unwrap();
+        let t = 4;
+        let x = Tensor::from_f32(&b, DType::F32, &[t, H], &rng.vec(t * H)).unwrap();
+        let mut o = Outputs::new(&b, t);
+        o.forward(&b, &l, &x).unwrap();
+        let want = o.read(&b);
+        let alone = b.capture(|| o.forward(&b, &l, &x)).unwrap().nodes();
+
+        let started = std::sync::Barrier::new(2);
+        let mut g = Outputs::new(&b, t);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                started.wait();
+                let mut mine = Outputs::new(&b, t);
+                mine.forward(&b, &l, &x).unwrap();
+                mine.read(&b)
+            });
+            let graph = b
+                .capture(|| {
+                    started.wait();
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    g.forward(&b, &l, &x)
+                })
+                .unwrap();
+            assert_eq!(other.join().unwrap(), want, "{name}: the other thread's layer");
+            assert_eq!(graph.nodes(), alone, "{name}: the other thread's work went into the graph");
+            graph.launch().unwrap();
+        });
+        assert_eq!(g.read(&b), want, "{name}: the graph");
+    }
+}
