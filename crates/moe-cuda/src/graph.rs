@@ -23,6 +23,11 @@
 //! allocated while the graph lives, even when their [`crate::CudaBuffer`] is dropped (their free
 //! waits for the graph's drop), so a launch never touches freed memory.
 //!
+//! The device has one stream, and everything enqueued on it during a capture goes into the
+//! graph, whichever thread enqueues it: so while one thread captures, every other thread's work
+//! on the backend (an op, a copy, a synchronize, a capture) waits for the capture to end
+//! ([`Device::gate`]); frees never wait (they are put off until it ends).
+//!
 //! On the CPU emulator a capture records the same work (each launch's arguments, the copies, the
 //! zeroing, the allocations) without running it, and a launch replays the record. The graph's
 //! own allocations are filled with `0xFF` bytes (f32 NaN) at each replay, at the point where
