@@ -63,11 +63,26 @@ impl Outputs {
     }
 
     /// The bits of all three.
-    fn read(&self, b: &CudaBackend) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    fn read(&self, b: &CudaBackend) -> Bits {
         let bits = |t: &Tensor<CudaBackend>| t.to_f32(b).unwrap().iter().map(|v| v.to_bits()).collect();
         (bits(&self.out), self.ids.to_u32(b).unwrap(), bits(&self.w))
     }
 }
+
+/// A random layer and input of `t` tokens on `b` (seeded), and the bits `forward` computes on
+/// them, in a fresh [`Outputs`] (returned: it is also the graph's outputs in some tests).
+fn layer_input_and_forward(b: &CudaBackend, seed: u64, t: usize) -> (Layer<CudaBackend>, Tensor<CudaBackend>, Outputs, Bits) {
+    let mut rng = Lcg(seed);
+    let l = Layer::upload(b, &layer(&mut rng)).unwrap();
+    let x = Tensor::from_f32(b, DType::F32, &[t, H], &rng.vec(t * H)).unwrap();
+    let mut o = Outputs::new(b, t);
+    o.forward(b, &l, &x).unwrap();
+    let want = o.read(b);
+    (l, x, o, want)
+}
+
+/// The bits of a layer's `out`, `topk_ids` and `topk_weights`.
+type Bits = (Vec<u32>, Vec<u32>, Vec<u32>);
 
 /// At 5 tokens (20 rows over 16 experts: the decode kernels) and 40 (160 rows: the tiles), a
 /// captured layer launched twice on two inputs (the second copied into the captured input
@@ -115,13 +130,8 @@ fn a_captured_layer_replays_forward_on_new_input() {
 #[test]
 fn a_capture_refuses_what_a_graph_cannot_hold_and_the_backend_goes_on() {
     for (name, b) in backends() {
-        let mut rng = Lcg(0x5EED_0002);
-        let l = Layer::upload(&b, &layer(&mut rng)).unwrap();
         let t = 3;
-        let x = Tensor::from_f32(&b, DType::F32, &[t, H], &rng.vec(t * H)).unwrap();
-        let mut o = Outputs::new(&b, t);
-        o.forward(&b, &l, &x).unwrap();
-        let want = o.read(&b);
+        let (l, x, o, want) = layer_input_and_forward(&b, 0x5EED_0002, t);
 
         let refused = |what: &str, r: moe_hal::Result<crate::CudaGraph>, needle: &str| match r {
             Err(Error::InvalidArgument(m)) => assert!(m.contains(needle), "{name} {what}: {m}"),
@@ -229,13 +239,8 @@ fn a_graph_keeps_the_buffers_it_uses() {
 #[test]
 fn another_threads_work_waits_for_a_capture() {
     for (name, b) in backends() {
-        let mut rng = Lcg(0x5EED_0004);
-        let l = Layer::upload(&b, &layer(&mut rng)).unwrap();
         let t = 4;
-        let x = Tensor::from_f32(&b, DType::F32, &[t, H], &rng.vec(t * H)).unwrap();
-        let mut o = Outputs::new(&b, t);
-        o.forward(&b, &l, &x).unwrap();
-        let want = o.read(&b);
+        let (l, x, mut o, want) = layer_input_and_forward(&b, 0x5EED_0004, t);
         let alone = b.capture(|| o.forward(&b, &l, &x)).unwrap().nodes();
 
         let started = std::sync::Barrier::new(2);
