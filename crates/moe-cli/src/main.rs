@@ -42,6 +42,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A reader that stops early (`moe devices | head -1`, `grep -q`) closes the pipe: end the
+    // way Unix tools do, by SIGPIPE, not with a panic in `println!` reported as a bug (Rust
+    // starts programs with SIGPIPE ignored).
+    #[cfg(unix)]
+    // SAFETY: sets one signal's disposition back to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // A bug must still end in one sentence, not a backtrace. A panic a backend catches and
     // reports as an error (a driver's bindings panicking while it opens: moe_hal::catch_panic) is
     // no bug of moe's and prints nothing here.
