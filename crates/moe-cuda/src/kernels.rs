@@ -390,9 +390,10 @@ impl Device {
             return self.emu_launch(&name, grid, block, smem, params, ptrs);
         }
         let f = self.func(source, entry)?;
+        // (After waiting out another thread's capture: the note belongs to this thread's.)
+        self.ready()?;
         // In a capture, the driver records the launch; the graph keeps `ptrs` allocated.
         self.note(ptrs, || None);
-        self.ready()?;
         let mut p = *params;
         let mut ptrs = ptrs.to_vec();
         let mut args: Vec<*mut c_void> = Vec::with_capacity(1 + ptrs.len());
