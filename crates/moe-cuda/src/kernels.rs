@@ -218,18 +218,10 @@ pub(crate) fn options(target: Target) -> Vec<String> {
     if std::env::var("MOE_CUDA_F8_CVT").is_ok_and(|v| v == "0") {
         opts.push("-DMOE_F8_NO_CVT".into());
     }
-    if gemv_pass_rows() == 4 {
+    if moe_hal::gemv::pass_rows() == 4 {
         opts.push("-DGEMV_RB=4".into());
     }
     opts
-}
-
-/// `gemv_*`'s token rows per pass: `MOE_GEMV_PASS_ROWS=4` for 4 (to measure what 8 save), else 8.
-pub(crate) fn gemv_pass_rows() -> u32 {
-    match std::env::var("MOE_GEMV_PASS_ROWS").as_deref().map(str::trim) {
-        Ok("4") => 4,
-        _ => 8,
-    }
 }
 
 /// Compiles one source for `target` with [`options`] plus `extra`. A compile error is

@@ -253,9 +253,7 @@ impl CudaBackend {
         }
         features.push(format!("{} ({})", dev.nvrtc, dev.target));
         features.push(format!("L2 {} MiB", f.l2_bytes >> 20));
-        if kernels::gemv_pass_rows() != 8 {
-            features.push(format!("gemv: {} token rows per pass (MOE_GEMV_PASS_ROWS)", kernels::gemv_pass_rows()));
-        }
+        features.extend(moe_hal::gemv::feature());
         let info = BackendInfo {
             name: "cuda".into(),
             device: format!(

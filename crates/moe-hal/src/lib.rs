@@ -35,6 +35,7 @@ pub mod fallback;
 pub mod flags;
 pub mod forward;
 pub mod fp8;
+pub mod gemv;
 pub mod host;
 mod layer;
 pub mod ops;

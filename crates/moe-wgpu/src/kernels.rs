@@ -156,14 +156,6 @@ pub(crate) struct Pipelines {
     gemv_rows: u32,
 }
 
-/// `gemv`'s token rows per pass: `MOE_GEMV_PASS_ROWS=4` for 4 (to compare), else 8.
-pub(crate) fn gemv_pass_rows() -> u32 {
-    match std::env::var("MOE_GEMV_PASS_ROWS").as_deref().map(str::trim) {
-        Ok("4") => 4,
-        _ => 8,
-    }
-}
-
 impl Pipelines {
     /// Pipelines whose parameters are immediates (`true`: the device has `IMMEDIATES` with at
     /// least [`PARAMS_BYTES`]) or a uniform buffer at binding 0, compiled with wgpu's shader

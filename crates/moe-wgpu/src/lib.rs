@@ -293,10 +293,8 @@ impl WgpuBackend {
         if checked {
             info.features.push(SHADER_CHECKS.into());
         }
-        let gemv_rows = kernels::gemv_pass_rows();
-        if gemv_rows != 8 {
-            info.features.push(format!("gemv: {gemv_rows} token rows per pass (MOE_GEMV_PASS_ROWS)"));
-        }
+        let gemv_rows = moe_hal::gemv::pass_rows();
+        info.features.extend(moe_hal::gemv::feature());
         let chunk = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(u32::MAX as u64) / 16 * 16;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let errs = device.create_buffer(&wgpu::BufferDescriptor {
