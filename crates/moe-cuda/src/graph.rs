@@ -37,7 +37,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
 use cudarc::driver::result as dr;
@@ -120,11 +120,18 @@ impl Device {
     /// during a capture would become part of that graph, so another thread's work (an op, a
     /// copy, a synchronize, a capture) waits for it to end. The capturing thread passes.
     pub(crate) fn gate(&self) {
+        drop(self.gate_locked());
+    }
+
+    /// [`Device::gate`], returning the capture state still locked: no capture, or this thread's
+    /// (so a capture can begin with no other slipping in between).
+    fn gate_locked(&self) -> MutexGuard<'_, Option<Capture>> {
         let me = std::thread::current().id();
         let mut c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
         while c.as_ref().is_some_and(|c| c.owner != me) {
             c = self.capture_ended.wait(c).unwrap_or_else(|p| p.into_inner());
         }
+        c
     }
 
     /// Runs `f` on the capture in progress: `None` when there is none. Whichever thread calls,
@@ -241,28 +248,28 @@ impl CudaBackend {
     /// error when the driver refuses the graph. The backend stays usable after any of them.
     ///
     /// ```no_run
-    /// # fn main() -> moe_hal::Result<()> {
-    /// use moe_hal::{DType, Layer, Tensor, ops};
-    /// # let host: moe_hal::HostLayer = unimplemented!();
-    /// # let next_batches: Vec<Vec<f32>> = vec![];
-    /// let b = moe_cuda::CudaBackend::new()?;
-    /// let layer = Layer::upload(&b, &host)?;
-    /// let (t, h, k) = (1, host.config.hidden, host.config.top_k);
-    /// let mut x = Tensor::alloc(&b, DType::F32, &[t, h])?;
-    /// let mut out = Tensor::alloc(&b, DType::F32, &[t, h])?;
-    /// let mut ids = Tensor::alloc(&b, DType::U32, &[t, k])?;
-    /// let mut w = Tensor::alloc(&b, DType::F32, &[t, k])?;
-    /// ops::forward(&b, &layer, &x, &mut out, &mut ids, &mut w)?; // loads every kernel it needs
-    /// let graph = b.capture(|| ops::forward(&b, &layer, &x, &mut out, &mut ids, &mut w))?;
-    /// for batch in next_batches {
-    ///     let staged = Tensor::from_f32(&b, DType::F32, &[t, h], &batch)?;
-    ///     moe_hal::Backend::copy(&b, &staged.buf, &mut x.buf)?; // the graph reads x
-    ///     graph.launch()?;
-    ///     let y = out.to_f32(&b)?; // waits for the launch
-    /// #   let _ = y;
+    /// use moe_hal::{DType, HostLayer, Layer, Tensor, ops};
+    ///
+    /// /// One token at a time through a layer: captured once, replayed for every batch.
+    /// fn decode(host: &HostLayer, next_batches: Vec<Vec<f32>>) -> moe_hal::Result<()> {
+    ///     let b = moe_cuda::CudaBackend::new()?;
+    ///     let layer = Layer::upload(&b, host)?;
+    ///     let (t, h, k) = (1, host.config.hidden, host.config.top_k);
+    ///     let mut x = Tensor::alloc(&b, DType::F32, &[t, h])?;
+    ///     let mut out = Tensor::alloc(&b, DType::F32, &[t, h])?;
+    ///     let mut ids = Tensor::alloc(&b, DType::U32, &[t, k])?;
+    ///     let mut w = Tensor::alloc(&b, DType::F32, &[t, k])?;
+    ///     ops::forward(&b, &layer, &x, &mut out, &mut ids, &mut w)?; // loads every kernel it needs
+    ///     let graph = b.capture(|| ops::forward(&b, &layer, &x, &mut out, &mut ids, &mut w))?;
+    ///     for batch in next_batches {
+    ///         let staged = Tensor::from_f32(&b, DType::F32, &[t, h], &batch)?;
+    ///         moe_hal::Backend::copy(&b, &staged.buf, &mut x.buf)?; // the graph reads x
+    ///         graph.launch()?;
+    ///         let y = out.to_f32(&b)?; // waits for the launch
+    /// #       let _ = y;
+    ///     }
+    ///     Ok(())
     /// }
-    /// # Ok(())
-    /// # }
     /// ```
     pub fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
         let dev = &self.dev;
@@ -279,11 +286,7 @@ impl CudaBackend {
             }
         }
         {
-            let me = std::thread::current().id();
-            let mut c = dev.capture.lock().unwrap_or_else(|p| p.into_inner());
-            while c.as_ref().is_some_and(|c| c.owner != me) {
-                c = dev.capture_ended.wait(c).unwrap_or_else(|p| p.into_inner());
-            }
+            let mut c = dev.gate_locked();
             if c.is_some() {
                 return Err(Device::not_in_capture("another capture"));
             }
