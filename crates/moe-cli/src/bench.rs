@@ -356,18 +356,14 @@ impl Job for Measure<'_> {
             self.progress.inc((args.tokens.len() * (args.warmup + args.iters)) as u64);
         }
         for &t in &args.tokens {
-            let rows = t * c.top_k;
-            let mut scratch =
-                4 * (t * c.experts + rows * (3 * c.intermediate + c.hidden + 4) + t * (3 * c.hidden + 3 * c.shared_intermediate));
+            let mut scratch = c.forward_scratch_bytes(t) as f64;
             if graphs {
                 // A graph holds its own scratch beside what the pool keeps from the eager rows.
-                scratch *= 2;
+                scratch *= 2.0;
             }
-            if (weight_bytes as usize + scratch) as f64 > 0.9 * info.memory_bytes as f64 {
-                let msg = format!(
-                    "{t} tokens skipped: weights and scratch need {:.1} GiB",
-                    (weight_bytes as usize + scratch) as f64 / 1073741824.0
-                );
+            let need = weight_bytes as f64 + scratch;
+            if need > 0.9 * info.memory_bytes as f64 {
+                let msg = format!("{t} tokens skipped: weights and scratch need {:.1} GiB", need / 1073741824.0);
                 self.progress.println(format!("{}: {msg}", info.name));
                 self.progress.inc(iterations(args) as u64);
                 if graphs {
@@ -598,7 +594,9 @@ pub fn config(args: &BenchArgs) -> Result<MoeConfig> {
     c.intermediate = args.intermediate.unwrap_or(c.intermediate);
     c.top_k = args.top_k.unwrap_or(c.top_k);
     if let Some(s) = args.shared {
-        c.shared_intermediate = s * c.intermediate;
+        c.shared_intermediate = s
+            .checked_mul(c.intermediate)
+            .ok_or_else(|| Error::InvalidArgument(format!("--shared {s} experts of {} is too large", c.intermediate)))?;
     } else if c.shared_intermediate > 0 {
         c.shared_intermediate = c.intermediate;
     }
@@ -624,8 +622,13 @@ pub fn config(args: &BenchArgs) -> Result<MoeConfig> {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let c = config(args)?;
-    if let Some(p) = args.plot.as_ref().filter(|p| !matches!(p.extension().and_then(|e| e.to_str()), Some("svg" | "png"))) {
-        return moe_hal::invalid!("--plot writes SVG or PNG; name the file *.svg or *.png (got {})", p.display());
+    // Whatever would fail only after the run fails now.
+    if let Some(path) = &args.plot {
+        crate::plot::check(path)?;
+        crate::out_file::check_writable(path, "--plot")?;
+    }
+    if let Some(path) = &args.json {
+        crate::out_file::check_writable(path, "--json")?;
     }
     let peers = args.compare.as_ref().map(read_report).transpose()?;
     println!(
@@ -674,15 +677,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     progress.finish_and_clear();
     for run in &report.runs {
-        println!(
-            "\n{} on {} ({}, {}): copy {:.1} GB/s, peak {}",
-            run.backend,
-            run.device,
-            run.shape,
-            run.dtype,
-            run.copy_bandwidth_gbs,
-            run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"))
-        );
+        // A run skipped before measuring anything has no bandwidth or peak to show.
+        let measured = if run.copy_bandwidth_gbs > 0.0 {
+            format!(
+                ": copy {:.1} GB/s, peak {}",
+                run.copy_bandwidth_gbs,
+                run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"))
+            )
+        } else {
+            String::new()
+        };
+        println!("\n{} on {} ({}, {}){measured}", run.backend, run.device, run.shape, run.dtype);
         for r in &run.rows {
             println!("{}", format_row(&run.backend, r));
             if !r.stages.is_empty() {
@@ -698,7 +703,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))?;
-        std::fs::write(path, text).map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))?;
+        crate::out_file::write_bytes(path, text.as_bytes())?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.plot {

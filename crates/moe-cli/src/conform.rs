@@ -5,7 +5,7 @@ use crate::backends::{Choice, Job, dispatch};
 use moe_conformance::{CaseInfo, Outcome, run_all};
 use moe_hal::{Backend, Error, Result};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct ConformArgs {
@@ -80,11 +80,10 @@ pub fn json(device: &str, results: &[(CaseInfo, Outcome)]) -> serde_json::Value 
     serde_json::json!({ "backend": device, "cases": cases })
 }
 
-fn write(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))
-}
-
 pub fn conform(args: &ConformArgs) -> Result<()> {
+    if let Some(base) = &args.report {
+        crate::out_file::check_writable(&base.with_extension("md"), "--report")?;
+    }
     let (device, results) = dispatch(args.backend, Conform { filter: args.filter.as_deref() })?;
     if results.is_empty() {
         return moe_hal::invalid!("no conformance case matches the filter {:?}", args.filter.as_deref().unwrap_or(""));
@@ -96,9 +95,9 @@ pub fn conform(args: &ConformArgs) -> Result<()> {
     }
     if let Some(base) = &args.report {
         let (md_path, json_path) = (base.with_extension("md"), base.with_extension("json"));
-        write(&md_path, &md)?;
+        crate::out_file::write_bytes(&md_path, md.as_bytes())?;
         let text = serde_json::to_string_pretty(&json(&device, &results)).map_err(|e| Error::Io(e.to_string()))?;
-        write(&json_path, &text)?;
+        crate::out_file::write_bytes(&json_path, text.as_bytes())?;
         println!("wrote {} and {}", md_path.display(), json_path.display());
     }
     println!("conformance of {device}: {pass} passed, {fail} failed, {} unsupported", results.len() - pass - fail);

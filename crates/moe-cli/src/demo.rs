@@ -103,10 +103,11 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     if num.is_nan() { f64::INFINITY } else { (num / den.max(f64::MIN_POSITIVE)).sqrt() }
 }
 
-/// Bytes one forward must read at least: router, touched experts once each, the shared expert.
-pub fn layer_bytes(c: &MoeConfig, dtype: DType, touched: usize) -> f64 {
-    let per_expert = 3 * c.hidden * c.intermediate;
-    ((c.experts * c.hidden + touched * per_expert + 3 * c.hidden * c.shared_intermediate) * dtype.size()) as f64
+/// Bytes one forward must read at least: the router, the touched experts once each and the
+/// shared expert ([`MoeConfig::weight_parts`], block scales included); nothing without tokens.
+pub fn layer_bytes(c: &MoeConfig, dtype: DType, tokens: usize, touched: usize) -> f64 {
+    let [router, expert, shared] = c.weight_parts(dtype);
+    if tokens == 0 { 0.0 } else { (router + touched as u64 * expert + shared) as f64 }
 }
 
 pub fn demo(args: &DemoArgs) -> Result<()> {
@@ -125,6 +126,18 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         shared_intermediate: args.intermediate,
     };
     config.validate()?;
+    // The host holds the weights up to three times (made here, in the CPU backend, in the f64
+    // reference) and a forward's intermediates twice: refuse what cannot fit before allocating
+    // (an allocation that fails aborts the process).
+    let need = 3.0 * config.weight_bytes(args.dtype) as f64 + 2.0 * config.forward_scratch_bytes(args.tokens) as f64;
+    let have = moe_hal::host::memory_bytes() as f64;
+    if need > 0.8 * have {
+        return moe_hal::invalid!(
+            "this demo needs about {:.1} GiB of host memory and the machine has {:.1} GiB; pass fewer --tokens or smaller sizes",
+            need / 1073741824.0,
+            have / 1073741824.0
+        );
+    }
     println!(
         "moe demo: a DeepSeek-V3-shaped MoE layer, scaled to fit: hidden {}, expert intermediate {}, {} experts in {} groups (keep {}), top-{}, 1 shared expert, {} weights ({:.0} MiB), {} tokens",
         config.hidden,
@@ -158,7 +171,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         })
         .count();
     let err = rel_l2(&ran.out, &reference.out);
-    let bytes = layer_bytes(&config, args.dtype, touched);
+    let bytes = layer_bytes(&config, args.dtype, args.tokens, touched);
 
     println!("backend:  {}", ran.device);
     if args.backend == Choice::Auto {
@@ -174,13 +187,12 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         args.tokens
     );
     println!("error:    relative L2 {err:.2e} against the CPU reference (f64 accumulation)");
-    println!(
-        "time:     {:.3} ms median of {} (whole layer, router included); {:.1} GB/s achieved over the {:.0} MiB of weights it must read",
-        ran.median_s * 1e3,
-        args.iters.max(1),
-        bytes / ran.median_s / 1e9,
-        bytes / (1 << 20) as f64
-    );
+    let achieved = if bytes > 0.0 {
+        format!("{:.1} GB/s achieved over the {:.0} MiB of weights it must read", bytes / ran.median_s / 1e9, bytes / (1 << 20) as f64)
+    } else {
+        "no tokens, so no weights to read".into()
+    };
+    println!("time:     {:.3} ms median of {} (whole layer, router included); {achieved}", ran.median_s * 1e3, args.iters.max(1));
     let tolerance = if args.dtype == DType::F32 { 1e-4 } else { 1e-2 };
     // NaN error fails too: `err < tolerance` is false for NaN.
     if same_sets != args.tokens || err.is_nan() || err >= tolerance {

@@ -11,6 +11,7 @@ mod bench;
 mod conform;
 mod demo;
 mod graphs;
+mod out_file;
 mod plot;
 mod run;
 mod synthetic;

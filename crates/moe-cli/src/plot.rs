@@ -35,23 +35,31 @@ fn register_font() -> Result<()> {
     .map_err(Error::InvalidArgument)
 }
 
-/// Writes the plot to `path`: SVG for `.svg`, PNG for `.png`.
+/// What [`plot`] needs besides rows, checked before a bench runs: a `.svg` or `.png` name and a
+/// font for the text.
+pub fn check(path: &Path) -> Result<()> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("svg" | "png") => register_font(),
+        _ => moe_hal::invalid!("--plot writes SVG or PNG; name the file *.svg or *.png (got {})", path.display()),
+    }
+}
+
+/// Writes the plot to `path` (atomically, [`crate::out_file::write_atomic`]): SVG for `.svg`,
+/// PNG for `.png`.
 pub fn plot(path: &Path, title: &str, runs: &[Run]) -> Result<()> {
     if !runs.iter().any(|r| !r.rows.is_empty()) {
         return Err(Error::InvalidArgument("nothing to plot: every row was skipped".into()));
     }
-    // Both backends lay text out with the registered font's metrics.
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("svg") => {
-            register_font()?;
-            draw(SVGBackend::new(path, (900, 600)).into_drawing_area(), path, title, runs)
+    check(path)?;
+    // Both backends lay text out with the registered font's metrics; the temporary file keeps
+    // the extension.
+    crate::out_file::write_atomic(path, |tmp| {
+        if path.extension().and_then(|e| e.to_str()) == Some("svg") {
+            draw(SVGBackend::new(tmp, (900, 600)).into_drawing_area(), path, title, runs)
+        } else {
+            draw(BitMapBackend::new(tmp, (900, 600)).into_drawing_area(), path, title, runs)
         }
-        Some("png") => {
-            register_font()?;
-            draw(BitMapBackend::new(path, (900, 600)).into_drawing_area(), path, title, runs)
-        }
-        _ => moe_hal::invalid!("--plot writes SVG or PNG; name the file *.svg or *.png (got {})", path.display()),
-    }
+    })
 }
 
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, path: &Path, title: &str, runs: &[Run]) -> Result<()> {

@@ -56,6 +56,7 @@ impl Job for Forward<'_> {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
+    crate::out_file::check_writable(&args.output, "--output")?;
     let ckpt = moe_checkpoint::load_layer(&args.model, args.layer, args.dtype)?;
     let layer = &ckpt.layer;
     let (tokens, hidden, x) = read_hidden_states(&args.input)?;

@@ -47,9 +47,8 @@ pub struct RunOutput<'a> {
     pub topk_weights: &'a [f32],
 }
 
-/// Writes `output [T, H]` f32, `topk_ids [T, k]` i32 and `topk_weights [T, k]` f32 atomically: into
-/// a temporary file beside `path`, renamed over it only once complete, so a failure leaves no
-/// (partial) output behind.
+/// Writes `output [T, H]` f32, `topk_ids [T, k]` i32 and `topk_weights [T, k]` f32 atomically
+/// ([`crate::out_file::write_atomic`]): a failure leaves no (partial) output behind.
 pub fn write_output(path: &Path, out: &RunOutput) -> Result<()> {
     let ids: Vec<i32> = out.topk_ids.iter().map(|&i| i as i32).collect();
     let tensors = [
@@ -64,22 +63,5 @@ pub fn write_output(path: &Path, out: &RunOutput) -> Result<()> {
         .map_err(|e| Error::Io(format!("cannot encode the output: {e}")))?;
     let bytes = safetensors::serialize(views, None).map_err(|e| Error::Io(format!("cannot encode the output: {e}")))?;
 
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| Error::InvalidArgument(format!("{} is not a file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let io = |e: std::io::Error| Error::Io(format!("cannot write {}: {e}", path.display()));
-    let result = (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::out_file::write_bytes(path, &bytes)
 }

@@ -270,6 +270,14 @@ fn bad_inputs_give_one_clear_sentence_and_no_output() {
         out.to_str().unwrap(),
     ]);
     assert!(!o.status.success() && stderr(&o).contains("/nonexistent/model"), "{}", stderr(&o));
+
+    // An output that cannot be written is refused before the layer is loaded or run.
+    let m = fixtures().join("mixtral_f32");
+    let unwritable = d.join("no-such-dir/o.safetensors");
+    let o = moe(&run_args(&m, &good, &unwritable));
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("--output") && err.contains("does not exist"), "{err}");
+    assert!(!err.contains("moe run: "), "the layer ran: {err}");
 }
 
 #[test]
@@ -388,6 +396,14 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
     assert_eq!(report["runs"].as_array().unwrap().len(), 1, "{report}");
     assert_eq!(report["runs"][0]["backend"], "cpu");
     assert_eq!(report["runs"][0]["rows"].as_array().unwrap().len(), 1);
+    // An output that cannot be written fails before anything is timed, not after.
+    let nowhere = dir.path().join("no-such-dir");
+    for flag in ["--json", "--plot"] {
+        let o = tiny_bench("cpu", &[&quick[..], &[flag, nowhere.join("b.svg").to_str().unwrap()]].concat());
+        let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
+        assert!(!o.status.success() && err.contains(flag) && err.contains("does not exist"), "{err}");
+        assert!(!out.contains("of floor"), "it ran first: {out}");
+    }
     // Bad flags are one sentence.
     let o = moe(&["bench", "--backend", "cpu", "--tokens", "0"]);
     assert!(!o.status.success() && stderr(&o).starts_with("error: "), "{}", stderr(&o));

@@ -128,7 +128,40 @@ impl MoeConfig {
                 return invalid!("routed_scaling_factor must be finite, got {routed_scaling_factor}");
             }
         }
+        // Every byte count derived from the shape must be representable, so that no size computed
+        // from it later ([`MoeConfig::weight_parts`], a buffer's length) can overflow. 2^50 bytes
+        // (1 PiB) of f32 weights is far beyond any device and far below the limit.
+        let f32_bytes = 4.0 * self.elements();
+        if f32_bytes > (1u64 << 50) as f64 {
+            return invalid!(
+                "hidden {}, intermediate {}, {} experts and shared intermediate {} make {f32_bytes:.2e} bytes of f32 weights, \
+                 more than any device holds",
+                self.hidden,
+                self.intermediate,
+                self.experts,
+                self.shared_intermediate
+            );
+        }
         Ok(())
+    }
+
+    /// Weight elements of the layer (router, every expert, the shared expert), in f64 so that
+    /// absurd shapes give a large number instead of an overflow.
+    fn elements(&self) -> f64 {
+        let (h, i, e, s) = (self.hidden as f64, self.intermediate as f64, self.experts as f64, self.shared_intermediate as f64);
+        e * h + e * 3.0 * h * i + 3.0 * h * s
+    }
+
+    /// Bytes of f32 intermediates one forward over `tokens` holds at most: router logits, the
+    /// gathered rows, gate/up and its activation, the down rows, the shared expert's, and the
+    /// input and output. What a caller checks against a device's memory (with
+    /// [`MoeConfig::weight_bytes`]) before it runs; saturates instead of overflowing.
+    pub fn forward_scratch_bytes(&self, tokens: usize) -> u64 {
+        let (t, k) = (tokens as f64, self.top_k as f64);
+        let (h, i, e, s) = (self.hidden as f64, self.intermediate as f64, self.experts as f64, self.shared_intermediate as f64);
+        let rows = t * k;
+        // `as` saturates at u64::MAX.
+        (4.0 * (t * e + rows * (3.0 * i + h + 4.0) + t * (3.0 * h + 3.0 * s))) as u64
     }
 
     /// Bytes of all weights of this layer with experts stored in `dtype` (the bias is always
@@ -144,15 +177,17 @@ impl MoeConfig {
     /// [`fp8::DEFAULT_BLOCK`] and a bf16 router (as DeepSeek ships it); other dtypes store the
     /// router in `dtype` too. `moe bench` costs a layer from these.
     pub fn weight_parts(&self, dtype: DType) -> [u64; 3] {
-        let (h, i, s) = (self.hidden, self.intermediate, self.shared_intermediate);
-        let matrix = |rows: usize, cols: usize| -> u64 {
-            let scales =
-                if dtype.is_block_scaled() { 4 * fp8::scale_shape(&[rows, cols], fp8::DEFAULT_BLOCK).iter().product::<usize>() } else { 0 };
-            (rows * cols * dtype.size() + scales) as u64
+        // In u64: on a 32-bit target a layer's bytes exceed usize long before `validate`'s bound.
+        let (h, i, s) = (self.hidden as u64, self.intermediate as u64, self.shared_intermediate as u64);
+        let matrix = |rows: u64, cols: u64| -> u64 {
+            let blocks =
+                || fp8::scale_shape(&[rows as usize, cols as usize], fp8::DEFAULT_BLOCK).iter().map(|&n| n as u64).product::<u64>();
+            let scales = if dtype.is_block_scaled() { 4 * blocks() } else { 0 };
+            rows * cols * dtype.size() as u64 + scales
         };
-        let router_size = if dtype.is_block_scaled() { DType::BF16.size() } else { dtype.size() };
+        let router_size = if dtype.is_block_scaled() { DType::BF16.size() } else { dtype.size() } as u64;
         let shared = if s > 0 { matrix(2 * s, h) + matrix(h, s) } else { 0 };
-        [(self.experts * h * router_size) as u64, matrix(2 * i, h) + matrix(h, i), shared]
+        [self.experts as u64 * h * router_size, matrix(2 * i, h) + matrix(h, i), shared]
     }
 }
 
@@ -505,5 +540,51 @@ fn check_layout(c: &MoeConfig, dtype: DType, required: [Meta; 3], optional: [Opt
             check("shared expert down weights", d, dtype, &[h, s])
         }
         _ => invalid!("shared_intermediate is {s} but the shared expert weights are missing"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deepseek_v3() -> MoeConfig {
+        MoeConfig {
+            hidden: 7168,
+            intermediate: 2048,
+            experts: 256,
+            top_k: 8,
+            routing: Routing::SigmoidGrouped { n_group: 8, topk_group: 4, norm_topk_prob: true, routed_scaling_factor: 2.5 },
+            shared_intermediate: 2048,
+        }
+    }
+
+    #[test]
+    fn byte_counts_of_a_real_layer() {
+        let c = deepseek_v3();
+        c.validate().unwrap();
+        // bf16: router 256 x 7168, each expert 3 x 7168 x 2048, the shared one as large, the bias f32.
+        assert_eq!(c.weight_parts(DType::BF16), [3_670_016, 88_080_384, 88_080_384]);
+        assert_eq!(c.weight_bytes(DType::BF16), 3_670_016 + 257 * 88_080_384 + 4 * 256);
+        // f8_e4m3: one byte a weight plus an f32 scale per 128 x 128 block ([4096, 7168]: 32 x 56
+        // blocks; [7168, 2048]: 56 x 16), a bf16 router.
+        let expert = 4096 * 7168 + 4 * 32 * 56 + 7168 * 2048 + 4 * 56 * 16;
+        assert_eq!(c.weight_parts(DType::F8E4M3), [3_670_016, expert, expert]);
+    }
+
+    #[test]
+    fn shapes_too_large_to_count_are_refused_and_scratch_saturates() {
+        let c = MoeConfig { hidden: 99_999_999_999, intermediate: 99_999_999, ..deepseek_v3() };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("more than any device holds") && e.contains("hidden 99999999999"), "{e}");
+        // Kimi K2's 384 experts at DeepSeek's sizes are 33.8 GB of bf16: nowhere near the bound.
+        MoeConfig {
+            experts: 384,
+            routing: Routing::SigmoidGrouped { n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 2.827 },
+            ..deepseek_v3()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(deepseek_v3().forward_scratch_bytes(usize::MAX), u64::MAX);
+        assert_eq!(deepseek_v3().forward_scratch_bytes(0), 0);
     }
 }
