@@ -6,6 +6,8 @@
 #     CPU emulator there, from a path that machine does not have;
 #   - the NVRTC compile test skipped (~40 s of device time; CI runs it, and the suite compiles
 #     every kernel it runs anyway);
+#   - each test binary under `timeout 240`: a test that hangs on a real driver costs 4 minutes
+#     and is reported as failed, not the whole call and every step after it;
 #   - the steps after the tests (sanitizer, peers, benches, A/B pairs) from scripts/device-steps.sh,
 #     which travels with the working tree.
 # Then make the call it prints. MOE_STAGE overrides the stage script's path.
@@ -20,8 +22,9 @@ fi
 run=.device/run.sh
 sed -i '/^export MOE_REQUIRE_BACKENDS=/a export MOE_CUDA_NO_EMULATOR=1' "$run"
 sed -i 's/--test-threads=1 >/--test-threads=1 --skip nvrtc_compiles_every_kernel >/' "$run"
+sed -i 's/^\(  *\)"\$t" --test-threads=1/\1timeout -k 10 240 "$t" --test-threads=1/' "$run"
 sed -i 's|^\[ -n "" \] && \.device/bin/moe.*$|. scripts/device-steps.sh|' "$run"
-for want in '^export MOE_CUDA_NO_EMULATOR=1$' '--skip nvrtc_compiles_every_kernel >' '^\. scripts/device-steps\.sh$'; do
+for want in '^export MOE_CUDA_NO_EMULATOR=1$' '--skip nvrtc_compiles_every_kernel >' '^  *timeout -k 10 240 "\$t" --test-threads=1' '^\. scripts/device-steps\.sh$'; do
   if ! grep -q -- "$want" "$run"; then
     echo "device-check: $run has no line matching '$want': the stage script changed; edit run.sh by hand (DEVICE_CHECK.md)" >&2
     exit 1
