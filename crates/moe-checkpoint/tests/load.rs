@@ -8,6 +8,8 @@ use moe_hal::host::Accumulate;
 use moe_hal::{DType, Error, Layer, Routing, Tensor, ops};
 use safetensors::{Dtype, SafeTensors};
 
+mod quick_start;
+
 /// tests/fixtures/hf of this checkout; on another machine (a staged GPU check runs from a copy of
 /// the checkout's root), the one under the working directory.
 fn fixtures() -> PathBuf {
@@ -283,6 +285,32 @@ fn cpu_forward_matches_transformers() {
             }
         }
     }
+}
+
+/// README.md's library example is this crate's tests/quick_start/mod.rs, verbatim, and it
+/// computes what transformers did.
+#[test]
+fn readme_quick_start_is_this_code_and_matches_transformers() {
+    let code: String = include_str!("quick_start/mod.rs").lines().filter(|l| !l.starts_with("//!")).map(|l| format!("{l}\n")).collect();
+    let readme = include_str!("../../../README.md");
+    assert!(
+        readme.contains(&format!("```rust{code}```")),
+        "README.md's library example must be crates/moe-checkpoint/tests/quick_start/mod.rs (after its //! lines)"
+    );
+    let dir = fixture("qwen3_moe_bf16");
+    let x = read(&dir.join("input.safetensors"), "hidden_states");
+    let xs: Vec<f32> = x.f.iter().map(|v| *v as f32).collect();
+    let (out, ids) = quick_start::checkpoint_layer(&dir, 1, &xs).unwrap();
+    let want = read(&dir.join("expected.safetensors"), "output");
+    let err = rel_l2(&out.iter().map(|v| *v as f64).collect::<Vec<_>>(), &want.f);
+    assert!(err < 1e-5, "output relative error {err:e}");
+    let k = 4;
+    let mut first: Vec<i64> = ids[..k].iter().map(|&i| i as i64).collect();
+    first.sort_unstable();
+    assert_eq!(first, read(&dir.join("expected.safetensors"), "topk_ids").i[..k]);
+    // A wrong input length is an error naming the problem, not a panic.
+    let e = quick_start::checkpoint_layer(&dir, 1, &xs[..xs.len() - 1]).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
 }
 
 #[test]
