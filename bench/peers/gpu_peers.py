@@ -13,7 +13,7 @@
 Both add the shared expert (plain torch matmuls) and return [T, H] f32. By default both are timed
 WITHOUT the router: the ids and weights of every batch are computed beforehand by the preset's
 routing (with --with-router the router GEMM and routing are timed too). Each timed iteration takes
-the next batch from a pool of distinct random inputs, so the routing changes every time (bench.rs's
+the next batch from a pool of distinct random inputs, so the routing changes every time (`moe bench`'s
 method); CUDA events around each iteration, warm-up, medians. The copy bandwidth is measured in
 the same run with a 256 MiB device-to-device copy; the peak comes from the table (H200 bf16:
 791 TFLOP/s, measured dense). Before a token count is timed, each peer's output on one batch of
@@ -281,7 +281,7 @@ def time_once(fn, dev: torch.device) -> float:
 
 
 def copy_bandwidth(dev: torch.device, reps: int = 7) -> float:
-    """Read + write bytes per second of a 256 MiB device-to-device copy (bench.rs's size and
+    """Read + write bytes per second of a 256 MiB device-to-device copy (`moe bench`'s size and
     count: min(memory / 16, 256 MiB), 7 timed copies, median)."""
     n = 256 << 20
     src = torch.full((n // 4,), 7, dtype=torch.int32, device=dev)
@@ -294,7 +294,7 @@ def copy_bandwidth(dev: torch.device, reps: int = 7) -> float:
 
 
 def peak_flops(device_name: str, dtype: torch.dtype) -> tuple[float | None, str]:
-    """bench.rs's `peak_flops` table, dense, per storage dtype."""
+    """`moe bench`'s `peak_flops` table, dense, per storage dtype."""
     d = device_name.upper()
     half = dtype != torch.float32
     if "H200" in d:

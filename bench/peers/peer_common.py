@@ -1,4 +1,4 @@
-"""What the peer scripts share with `moe bench` (crates/moe-cli/src/bench.rs).
+"""What the peer scripts share with `moe bench` (crates/moe-cli/src/bench/).
 
 Everything that decides whether a peer's figures can be set beside moe-hal's lives here, written
 once: the presets and shape flags (`config`), the shape string `--compare` pairs runs by
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------
-# Shapes: the presets of bench.rs and the flags that override them.
+# Shapes: the presets of `moe bench` and the flags that override them.
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def cost(c: Config, dtype: torch.dtype, tokens: int, touched: int) -> tuple[floa
 
 
 def pool_size(c: Config, tokens: int, iters: int) -> int:
-    """How many distinct batches bench.rs keeps (at most 256 MiB of f32 inputs, at least 2, at
+    """How many distinct batches `moe bench` keeps (at most 256 MiB of f32 inputs, at least 2, at
     most one per timed iteration), so that the routing changes from one iteration to the next."""
     return min(max((256 << 20) // max(4 * tokens * c.hidden, 1), 2), max(iters, 2))
 
@@ -175,7 +175,7 @@ def make_layer(c: Config, dtype: torch.dtype, device, seed: int = 0) -> Layer:
 
 
 def random_inputs(c: Config, tokens: int, dtype: torch.dtype, device, seed: int) -> torch.Tensor:
-    """One batch U[-1, 1) of shape [tokens, hidden], as bench.rs draws its inputs."""
+    """One batch U[-1, 1) of shape [tokens, hidden], as `moe bench` draws its inputs."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return (torch.rand(tokens, c.hidden, generator=gen, device=device) * 2 - 1).to(dtype)
@@ -344,13 +344,13 @@ class Run:
 
 
 def median(v: list[float]) -> float:
-    """bench.rs's median: the upper middle element."""
+    """`moe bench`'s median: the upper middle element."""
     return sorted(v)[len(v) // 2]
 
 
 def make_row(c: Config, dtype: torch.dtype, tokens: int, times: list[float], touched: list[int],
              bandwidth: float, peak: float | None) -> Row:
-    """A row exactly as bench.rs builds it: per timed iteration its own touched count, bytes and
+    """A row exactly as `moe bench` builds it: per timed iteration its own touched count, bytes and
     floor; medians of time, floor and bytes; the mean touched count."""
     floors, bytes_v, flops = [], [], 0.0
     for n in touched:

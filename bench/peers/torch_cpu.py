@@ -5,9 +5,9 @@ silu(gate) * up, @ down^T, weighted index_add_; plus the shared expert).
 
 The whole layer is timed: router GEMM, routing (the preset's math), experts, shared expert. Each
 timed iteration takes the next batch from a pool of distinct random inputs, so the routing changes
-every time, as in bench.rs. Weights are stored in --dtype and multiplied in it (torch's own CPU
+every time, as in `moe bench`. Weights are stored in --dtype and multiplied in it (torch's own CPU
 kernels; a slow bf16 path is the peer's honest number). The host copy bandwidth is measured in the
-same run with a 256 MiB tensor copy; the peak is bench.rs's documented estimate, threads x 2.5 GHz
+same run with a 256 MiB tensor copy; the peak is `moe bench`'s documented estimate, threads x 2.5 GHz
 x 32 FLOP/cycle (64 with AVX-512). Before timing, the loop is checked against an fp32 reference (rel L2 < 2e-2).
 
     python bench/peers/torch_cpu.py --preset qwen3-30b-a3b --tokens 1,16,128 --json cpu-peers.json
@@ -58,7 +58,7 @@ def moe_loop(x: torch.Tensor, layer: pc.Layer) -> tuple[torch.Tensor, torch.Tens
 
 
 def copy_bandwidth(reps: int = 7) -> float:
-    """Read + write bytes per second of a 256 MiB host tensor copy (bench.rs: min(memory / 16,
+    """Read + write bytes per second of a 256 MiB host tensor copy (`moe bench`: min(memory / 16,
     256 MiB), 7 timed copies, median)."""
     n = 256 << 20
     src = torch.full((n // 4,), 7, dtype=torch.int32)
@@ -169,7 +169,7 @@ def main() -> None:
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
     else:
-        # bench.rs's estimate: two FMA units of 8 (AVX2) or 16 (AVX-512) f32 lanes per core.
+        # `moe bench`'s estimate: two FMA units of 8 (AVX2) or 16 (AVX-512) f32 lanes per core.
         flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
         per_cycle = 64 if "avx512f" in flags else 32
         peak = threads * 2.5e9 * per_cycle

@@ -7,9 +7,16 @@
 //! the device's copy bandwidth measured in the same run; the floor
 //! `max(bytes / bandwidth, flops / peak)` with the peak from [`peak_flops`] or `--peak-tflops`.
 
+mod report;
+mod roofline;
+
+pub use report::Run;
+use report::{Report, Row, Stage, commit, format_row, format_stages, print_ratios, print_runs, read_report, shape_name, today};
+use roofline::{copy_bandwidth, cost, peak_flops};
+
 use crate::backends::{Choice, Job, dispatch};
 use crate::synthetic::{random_layer, uniform};
-use moe_hal::{Backend, BackendInfo, DType, Error, HostLayer, Layer, MoeConfig, Result, Routing, Tensor, ops};
+use moe_hal::{Backend, DType, Error, HostLayer, Layer, MoeConfig, Result, Routing, Tensor, ops};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -126,134 +133,6 @@ pub struct BenchArgs {
     pub cuda_graphs: bool,
 }
 
-/// One token count's measurement.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Row {
-    pub tokens: usize,
-    /// Mean experts touched per iteration.
-    pub touched: f64,
-    /// Median seconds per layer.
-    pub time_s: f64,
-    /// Median bytes the layer had to move.
-    pub bytes: f64,
-    pub flops: f64,
-    /// `max(bytes / bandwidth, flops / peak)`.
-    pub floor_s: f64,
-    /// Achieved GB/s and TFLOP/s, and `floor_s / time_s`.
-    pub gbs: f64,
-    pub tflops: f64,
-    pub fraction: f64,
-    /// With `--breakdown`: median seconds of each stage run on its own.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stages: Vec<Stage>,
-}
-
-/// One stage of the layer timed on its own (`--breakdown`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Stage {
-    pub name: String,
-    pub time_s: f64,
-}
-
-/// One backend (or peer) over all token counts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Run {
-    pub backend: String,
-    pub device: String,
-    pub shape: String,
-    pub dtype: String,
-    pub copy_bandwidth_gbs: f64,
-    pub peak_tflops: Option<f64>,
-    pub peak_source: String,
-    pub rows: Vec<Row>,
-    #[serde(default)]
-    pub skipped: Vec<String>,
-}
-
-/// The JSON file `moe bench --json` and the peers scripts write.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
-    pub date: String,
-    pub commit: String,
-    pub runs: Vec<Run>,
-}
-
-/// The documented peak table (dense, per storage dtype). Where a device is not listed the floor
-/// is bandwidth-only unless `--peak-tflops` is given.
-///
-/// | device | f16/bf16 | f32 | source |
-/// |---|---|---|---|
-/// | NVIDIA H200 | 791 TFLOP/s | 67 TFLOP/s | bf16: measured dense matmul on the project's H200; f32: NVIDIA spec (no tensor cores) |
-/// | NVIDIA H100 SXM | 989 TFLOP/s | 67 TFLOP/s | NVIDIA spec, dense |
-/// | host CPU | 2x the f32 rate with AVX512_BF16 (its dot products multiply pairs), else the f32 rate | threads x 2.5 GHz x 2 FMA units x 2 x lanes: 16 lanes with 512-bit units (AVX-512 on Intel, AMD from Zen 5), 8 with 256-bit ones (AVX2; Zen 4 runs AVX-512 on 256-bit units) | estimate |
-pub fn peak_flops(info: &BackendInfo, dtype: DType) -> Option<(f64, String)> {
-    let d = info.device.to_ascii_uppercase();
-    let half = dtype != DType::F32;
-    if d.contains("H200") {
-        return Some((if half { 791e12 } else { 67e12 }, "H200 table (bf16 measured, f32 spec)".into()));
-    }
-    if d.contains("H100") {
-        return Some((if half { 989e12 } else { 67e12 }, "H100 spec".into()));
-    }
-    if info.name == "cpu" {
-        let threads = rayon::current_num_threads() as f64;
-        let (per_cycle, why) = cpu_flops_per_cycle(half);
-        return Some((threads * 2.5e9 * per_cycle, format!("CPU estimate: {threads} threads x 2.5 GHz x {per_cycle} FLOP/cycle ({why})")));
-    }
-    None
-}
-
-/// FLOPs per cycle per core, and why: two FMA units of 16 f32 lanes where AVX-512 runs on
-/// 512-bit units, else of 8 (2 FLOPs a lane); twice that for f16/bf16 weights where AVX512_BF16's
-/// dot products (two products per f32 lane) are there for a bf16 engine to use, as PyTorch does.
-fn cpu_flops_per_cycle(half: bool) -> (f64, String) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        let (lanes, units) = if avx512_on_256_bit_units() { (8.0, "AVX-512 on 256-bit units") } else { (16.0, "512-bit units") };
-        if half && std::arch::is_x86_feature_detected!("avx512bf16") {
-            return (2.0 * 2.0 * 2.0 * lanes, format!("bf16 dot products, {units}"));
-        }
-        return (2.0 * 2.0 * lanes, format!("f32 FMA, {units}"));
-    }
-    let _ = half;
-    (32.0, "f32 FMA, two units of 8 lanes".into())
-}
-
-/// AMD before Zen 5 (family 0x19: Zen 4) executes AVX-512 on 256-bit units, two cycles or two
-/// units per instruction, so its peak is AVX2's.
-#[cfg(target_arch = "x86_64")]
-fn avx512_on_256_bit_units() -> bool {
-    let (vendor, version) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
-    halves_avx512([vendor.ebx, vendor.edx, vendor.ecx], version.eax)
-}
-
-/// [`avx512_on_256_bit_units`] from cpuid leaf 0's vendor registers (ebx, edx, ecx) and leaf 1's
-/// eax (the family: base, plus the extended family where the base is 0xf).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn halves_avx512(vendor: [u32; 3], eax: u32) -> bool {
-    let amd = vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // "Auth" "enti" "cAMD"
-    let base = (eax >> 8) & 0xf;
-    let family = base + if base == 0xf { (eax >> 20) & 0xff } else { 0 };
-    amd && family <= 0x19
-}
-
-fn shape_name(c: &MoeConfig) -> String {
-    format!("H{} I{} E{} k{} S{}", c.hidden, c.intermediate, c.experts, c.top_k, c.shared_intermediate)
-}
-
-/// The bytes and FLOPs one layer over `tokens` must at least move and compute: the router, the
-/// `touched` experts and the shared expert ([`MoeConfig::weight_parts`]: F8E4M3 counts its
-/// block scales), the activations in and out.
-pub fn cost(c: &MoeConfig, dtype: DType, tokens: usize, touched: usize) -> (f64, f64) {
-    let (h, i, e, k, s, t) =
-        (c.hidden as f64, c.intermediate as f64, c.experts as f64, c.top_k as f64, c.shared_intermediate as f64, tokens as f64);
-    let [router, expert, shared] = c.weight_parts(dtype).map(|b| b as f64);
-    let weights = router + touched as f64 * expert + shared;
-    let activations = 2.0 * t * h * 4.0 + t * k * 8.0;
-    let flops = 2.0 * t * h * e + 2.0 * t * k * 3.0 * h * i + 2.0 * t * 3.0 * h * s;
-    (weights + activations, flops)
-}
-
 struct Measure<'a> {
     args: &'a BenchArgs,
     config: &'a MoeConfig,
@@ -263,35 +142,9 @@ struct Measure<'a> {
     host: &'a std::sync::OnceLock<HostLayer>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(super) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Copy bandwidth (read + write, bytes/s) of the backend, measured with its device copy.
-fn copy_bandwidth<B: Backend>(b: &B) -> Result<f64> {
-    // 256 MiB (large enough to leave every cache), or the largest that one buffer of this device
-    // holds, halving from there (lavapipe binds at most 128 MiB).
-    let mut bytes = (b.info().memory_bytes / 16).min(256 << 20) as usize / 4 * 4;
-    let (src, mut dst) = loop {
-        let pair = b.upload(DType::U32, &[bytes / 4], &vec![7u8; bytes]).and_then(|s| Ok((s, b.alloc(DType::U32, &[bytes / 4])?)));
-        match pair {
-            Ok(p) => break p,
-            Err(Error::OutOfMemory(_)) if bytes > 16 << 20 => bytes /= 2,
-            Err(e) => return Err(e),
-        }
-    };
-    b.copy(&src, &mut dst)?;
-    b.synchronize()?;
-    let mut times: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = Instant::now();
-            b.copy(&src, &mut dst)?;
-            b.synchronize()?;
-            Ok(t.elapsed().as_secs_f64())
-        })
-        .collect::<Result<_>>()?;
-    Ok(2.0 * bytes as f64 / median(&mut times))
 }
 
 impl Job for Measure<'_> {
@@ -550,43 +403,6 @@ fn iterations(args: &BenchArgs) -> usize {
     args.warmup + args.iters + if args.breakdown { args.iters } else { 0 }
 }
 
-fn format_stages(stages: &[Stage]) -> String {
-    let parts: Vec<String> = stages.iter().map(|s| format!("{} {:.3}", s.name, s.time_s * 1e3)).collect();
-    format!("{:>8} stages (ms, each alone): {}  (sum {:.3})", "", parts.join("  "), stages.iter().map(|s| s.time_s).sum::<f64>() * 1e3)
-}
-
-fn format_row(backend: &str, r: &Row) -> String {
-    format!(
-        "{backend:>8} {:>6} tok  {:>6.1} experts  {:>10.3} ms  floor {:>9.3} ms  {:>5.2} of floor  {:>8.1} GB/s  {:>7.2} TFLOP/s",
-        r.tokens,
-        r.touched,
-        r.time_s * 1e3,
-        r.floor_s * 1e3,
-        r.fraction,
-        r.gbs,
-        r.tflops
-    )
-}
-
-fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn today() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 /// The config the flags describe: a preset (default DeepSeek-V3) with any field overridden.
 pub fn config(args: &BenchArgs) -> Result<MoeConfig> {
     let mut c = args.preset.unwrap_or(Preset::DeepseekV3).config();
@@ -676,28 +492,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         report.runs.extend(runs);
     }
     progress.finish_and_clear();
-    for run in &report.runs {
-        // A run skipped before measuring anything has no bandwidth or peak to show.
-        let measured = if run.copy_bandwidth_gbs > 0.0 {
-            format!(
-                ": copy {:.1} GB/s, peak {}",
-                run.copy_bandwidth_gbs,
-                run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"))
-            )
-        } else {
-            String::new()
-        };
-        println!("\n{} on {} ({}, {}){measured}", run.backend, run.device, run.shape, run.dtype);
-        for r in &run.rows {
-            println!("{}", format_row(&run.backend, r));
-            if !r.stages.is_empty() {
-                println!("{}", format_stages(&r.stages));
-            }
-        }
-        for s in &run.skipped {
-            println!("  {s}");
-        }
-    }
+    print_runs(&report);
     if let Some(peers) = &peers {
         print_ratios(&report, peers);
     }
@@ -729,45 +524,9 @@ fn backend_name(choice: Choice) -> String {
     clap::ValueEnum::to_possible_value(&choice).map_or_else(|| format!("{choice:?}"), |v| v.get_name().to_string())
 }
 
-fn read_report(path: &PathBuf) -> Result<Report> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{} is not a bench report: {e}", path.display())))
-}
-
-/// Peer time over ours, per token count (above 1: we are faster).
-fn print_ratios(ours: &Report, peers: &Report) {
-    println!("\nratio = peer time / our time (above 1: moe-hal is faster)");
-    for run in &ours.runs {
-        for peer in peers.runs.iter().filter(|p| p.shape == run.shape && p.dtype == run.dtype) {
-            for r in &run.rows {
-                if let Some(p) = peer.rows.iter().find(|p| p.tokens == r.tokens) {
-                    println!(
-                        "{:>8} vs {:<24} {:>6} tok  {:>8.3} ms vs {:>8.3} ms  ratio {:.2}",
-                        run.backend,
-                        peer.backend,
-                        r.tokens,
-                        r.time_s * 1e3,
-                        p.time_s * 1e3,
-                        p.time_s / r.time_s
-                    );
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zen4_runs_avx512_on_256_bit_units_and_zen5_and_intel_do_not() {
-        let amd = [0x6874_7541, 0x6974_6e65, 0x444d_4163];
-        let intel = [0x756e_6547, 0x4965_6e69, 0x6c65_746e]; // "Genu" "ineI" "ntel"
-        assert!(halves_avx512(amd, 0x00A1_0F11)); // Zen 4 (EPYC 9004): family 0x19
-        assert!(!halves_avx512(amd, 0x00B0_0F00)); // Zen 5: family 0x1a
-        assert!(!halves_avx512(intel, 0x0008_06F8)); // Sapphire Rapids: family 6
-    }
 
     /// `--cuda-graphs` on the CUDA backend's CPU emulator (which records a capture and replays
     /// it): a second run named `cuda+cudagraph` with a row per token count, whose replays touched
@@ -822,13 +581,5 @@ mod tests {
         for (eager, graph) in runs[0].rows.iter().zip(&runs[1].rows) {
             assert_eq!(eager.touched, graph.touched, "{} tokens", eager.tokens);
         }
-    }
-
-    #[test]
-    fn cpu_peak_for_half_weights_is_the_f32_rate_or_twice_it() {
-        let (f32_rate, why) = cpu_flops_per_cycle(false);
-        assert!([32.0, 64.0].contains(&f32_rate), "{f32_rate} ({why})");
-        let (half_rate, why) = cpu_flops_per_cycle(true);
-        assert!(half_rate == f32_rate || half_rate == 2.0 * f32_rate, "{half_rate} ({why})");
     }
 }

@@ -1,0 +1,153 @@
+//! What `moe bench` reports: the rows, runs and JSON schema the peers scripts write too, and the
+//! printed tables.
+
+use moe_hal::{Error, MoeConfig, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// One token count's measurement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    pub tokens: usize,
+    /// Mean experts touched per iteration.
+    pub touched: f64,
+    /// Median seconds per layer.
+    pub time_s: f64,
+    /// Median bytes the layer had to move.
+    pub bytes: f64,
+    pub flops: f64,
+    /// `max(bytes / bandwidth, flops / peak)`.
+    pub floor_s: f64,
+    /// Achieved GB/s and TFLOP/s, and `floor_s / time_s`.
+    pub gbs: f64,
+    pub tflops: f64,
+    pub fraction: f64,
+    /// With `--breakdown`: median seconds of each stage run on its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
+}
+
+/// One stage of the layer timed on its own (`--breakdown`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    pub time_s: f64,
+}
+
+/// One backend (or peer) over all token counts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Run {
+    pub backend: String,
+    pub device: String,
+    pub shape: String,
+    pub dtype: String,
+    pub copy_bandwidth_gbs: f64,
+    pub peak_tflops: Option<f64>,
+    pub peak_source: String,
+    pub rows: Vec<Row>,
+    #[serde(default)]
+    pub skipped: Vec<String>,
+}
+
+/// The JSON file `moe bench --json` and the peers scripts write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub date: String,
+    pub commit: String,
+    pub runs: Vec<Run>,
+}
+
+pub(super) fn format_stages(stages: &[Stage]) -> String {
+    let parts: Vec<String> = stages.iter().map(|s| format!("{} {:.3}", s.name, s.time_s * 1e3)).collect();
+    format!("{:>8} stages (ms, each alone): {}  (sum {:.3})", "", parts.join("  "), stages.iter().map(|s| s.time_s).sum::<f64>() * 1e3)
+}
+
+pub(super) fn format_row(backend: &str, r: &Row) -> String {
+    format!(
+        "{backend:>8} {:>6} tok  {:>6.1} experts  {:>10.3} ms  floor {:>9.3} ms  {:>5.2} of floor  {:>8.1} GB/s  {:>7.2} TFLOP/s",
+        r.tokens,
+        r.touched,
+        r.time_s * 1e3,
+        r.floor_s * 1e3,
+        r.fraction,
+        r.gbs,
+        r.tflops
+    )
+}
+
+pub(super) fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub(super) fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub(super) fn read_report(path: &PathBuf) -> Result<Report> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{} is not a bench report: {e}", path.display())))
+}
+
+/// The table of every run: a header per run (its copy bandwidth and peak where it measured
+/// them), a line per token count, the stage breakdown under it, and what was skipped.
+pub(super) fn print_runs(report: &Report) {
+    for run in &report.runs {
+        // A run skipped before measuring anything has no bandwidth or peak to show.
+        let measured = if run.copy_bandwidth_gbs > 0.0 {
+            format!(
+                ": copy {:.1} GB/s, peak {}",
+                run.copy_bandwidth_gbs,
+                run.peak_tflops.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"))
+            )
+        } else {
+            String::new()
+        };
+        println!("\n{} on {} ({}, {}){measured}", run.backend, run.device, run.shape, run.dtype);
+        for r in &run.rows {
+            println!("{}", format_row(&run.backend, r));
+            if !r.stages.is_empty() {
+                println!("{}", format_stages(&r.stages));
+            }
+        }
+        for s in &run.skipped {
+            println!("  {s}");
+        }
+    }
+}
+
+/// Peer time over ours, per token count (above 1: we are faster).
+pub(super) fn print_ratios(ours: &Report, peers: &Report) {
+    println!("\nratio = peer time / our time (above 1: moe-hal is faster)");
+    for run in &ours.runs {
+        for peer in peers.runs.iter().filter(|p| p.shape == run.shape && p.dtype == run.dtype) {
+            for r in &run.rows {
+                if let Some(p) = peer.rows.iter().find(|p| p.tokens == r.tokens) {
+                    println!(
+                        "{:>8} vs {:<24} {:>6} tok  {:>8.3} ms vs {:>8.3} ms  ratio {:.2}",
+                        run.backend,
+                        peer.backend,
+                        r.tokens,
+                        r.time_s * 1e3,
+                        p.time_s * 1e3,
+                        p.time_s / r.time_s
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn shape_name(c: &MoeConfig) -> String {
+    format!("H{} I{} E{} k{} S{}", c.hidden, c.intermediate, c.experts, c.top_k, c.shared_intermediate)
+}
