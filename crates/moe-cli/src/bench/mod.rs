@@ -165,13 +165,29 @@ impl Job for Measure<'_> {
             skipped: vec![],
         };
         let weight_bytes = c.weight_bytes(args.dtype);
-        if weight_bytes as f64 > 0.9 * info.memory_bytes as f64 {
-            let msg = format!(
+        let gib = |b: f64| b / 1073741824.0;
+        // The synthetic layer is made in host memory, then uploaded: a backend whose memory is
+        // the host's (the CPU backend, a software adapter) holds a second copy there meanwhile.
+        let shares_host = info.name == "cpu" || info.features.iter().any(|f| f == "software-adapter");
+        let (host, host_need) = (moe_hal::host::memory_bytes() as f64, weight_bytes as f64 * if shares_host { 2.0 } else { 1.0 });
+        let no_room = if weight_bytes as f64 > 0.9 * info.memory_bytes as f64 {
+            Some(format!(
                 "skipped: the layer's {:.1} GiB of weights do not fit the {:.1} GiB of {}",
-                weight_bytes as f64 / 1073741824.0,
-                info.memory_bytes as f64 / 1073741824.0,
+                gib(weight_bytes as f64),
+                gib(info.memory_bytes as f64),
                 info.device
-            );
+            ))
+        } else if host_need > 0.9 * host {
+            Some(format!(
+                "skipped: the layer's {:.1} GiB of weights, made in host memory{}, do not fit the {:.1} GiB of host memory",
+                gib(weight_bytes as f64),
+                if shares_host { " and copied there by this backend" } else { "" },
+                gib(host)
+            ))
+        } else {
+            None
+        };
+        if let Some(msg) = no_room {
             self.progress.println(format!("{}: {msg}", info.name));
             run.skipped.push(msg);
             return Ok(vec![run]);
