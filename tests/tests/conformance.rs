@@ -265,6 +265,7 @@ mod self_test {
                 name: "faulty".into(),
                 device: format!("host fallback with fault {fault:?}"),
                 memory_bytes: 1 << 34,
+                shares_host_memory: true,
                 max_buffer_bytes: 1 << 34,
                 subgroup_size: None,
                 features: vec![],

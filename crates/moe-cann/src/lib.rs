@@ -251,6 +251,7 @@ impl CannBackend {
                 name: NAME.into(),
                 device: "Ascend NPU slot (ops not ported)".into(),
                 memory_bytes: 0,
+                shares_host_memory: false,
                 max_buffer_bytes: 0,
                 subgroup_size: None,
                 features: vec![],

@@ -140,6 +140,7 @@ impl CpuBackend {
                 name: "cpu".into(),
                 device: format!("host CPU, {threads} thread{}", if threads == 1 { "" } else { "s" }),
                 memory_bytes: memory,
+                shares_host_memory: true,
                 max_buffer_bytes: memory,
                 subgroup_size: None,
                 features: vec![
@@ -373,5 +374,39 @@ mod tests {
         for (i, v) in got.iter().enumerate() {
             assert_eq!(v.is_nan(), i % n == 2, "y[{i}] = {v}");
         }
+    }
+
+    /// The CPU's memory is the host's: a layer is refused before upload when its host copy and
+    /// the backend's would not both fit, not left to exhaust the machine.
+    #[test]
+    fn upload_counts_the_host_copy() {
+        use moe_hal::{HostLayer, Layer, MoeConfig, Routing};
+        let config = MoeConfig {
+            hidden: 64,
+            intermediate: 32,
+            experts: 4,
+            top_k: 2,
+            routing: Routing::Softmax { norm_topk_prob: true },
+            shared_intermediate: 0,
+        };
+        let t = |shape: &[usize]| HostTensor::from_f32(DType::BF16, shape, &vec![0.5; shape.iter().product()]).unwrap();
+        let host = HostLayer {
+            config: config.clone(),
+            dtype: DType::BF16,
+            router: t(&[4, 64]),
+            bias: None,
+            gate_up: t(&[4, 64, 64]),
+            down: t(&[4, 64, 32]),
+            shared_gate_up: None,
+            shared_down: None,
+        };
+        let need = config.weight_bytes(DType::BF16);
+        let mut b = CpuBackend::new();
+        assert!(b.info.shares_host_memory);
+        b.info.memory_bytes = need * 3 / 2;
+        let e = Layer::upload(&b, &host).err().expect("two copies do not fit 1.5x").to_string();
+        assert!(e.contains("twice while they upload"), "{e}");
+        b.info.memory_bytes = need * 2;
+        Layer::upload(&b, &host).unwrap();
     }
 }

@@ -265,6 +265,8 @@ impl CudaBackend {
                 f.driver_version % 1000 / 10
             ),
             memory_bytes: f.total_mem as u64,
+            // The emulator (tests only) reports a GPU's 64 GiB, not the host's memory.
+            shares_host_memory: false,
             max_buffer_bytes: f.total_mem as u64,
             subgroup_size: Some(32),
             features,

@@ -442,7 +442,9 @@ impl<B: Backend + ?Sized> Layer<B> {
     /// Validates `host` and copies it to the backend.
     ///
     /// A layer larger than the device's memory ([`crate::BackendInfo::memory_bytes`]) is an
-    /// [`Error::OutOfMemory`] before any upload starts.
+    /// [`Error::OutOfMemory`] before any upload starts; where that memory is the host's
+    /// ([`crate::BackendInfo::shares_host_memory`]), so is one whose two copies (`host` and the
+    /// backend's) would not both fit.
     pub fn upload(backend: &B, host: &HostLayer) -> Result<Self> {
         host.validate()?;
         let tensors = [
@@ -454,13 +456,23 @@ impl<B: Backend + ?Sized> Layer<B> {
             host.shared_down.as_ref(),
         ];
         let need: u64 = tensors.iter().flatten().map(|t| t.stored_bytes()).sum();
-        let have = backend.info().memory_bytes;
-        if need > have {
+        let info = backend.info();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if need > info.memory_bytes {
             return Err(Error::OutOfMemory(format!(
                 "the layer's weights need {:.2} GiB but {} has {:.2} GiB",
-                need as f64 / (1u64 << 30) as f64,
-                backend.info().device,
-                have as f64 / (1u64 << 30) as f64
+                gib(need),
+                info.device,
+                gib(info.memory_bytes)
+            )));
+        }
+        if info.shares_host_memory && need.saturating_mul(2) > info.memory_bytes {
+            return Err(Error::OutOfMemory(format!(
+                "the layer's weights need {:.2} GiB, twice while they upload from host memory to {}, whose memory is the \
+                 host's {:.2} GiB",
+                gib(need),
+                info.device,
+                gib(info.memory_bytes)
             )));
         }
         let up = |t: &HostTensor| Tensor::from_host(backend, t);

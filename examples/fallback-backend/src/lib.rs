@@ -70,6 +70,7 @@ impl FallbackBackend {
                 name: Self::NAME.into(),
                 device: "host memory; every op through moe_hal::fallback".into(),
                 memory_bytes: memory,
+                shares_host_memory: true,
                 max_buffer_bytes: memory,
                 subgroup_size: None,
                 features: vec![],

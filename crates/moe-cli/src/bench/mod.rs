@@ -168,7 +168,7 @@ impl Job for Measure<'_> {
         let gib = |b: f64| b / 1073741824.0;
         // The synthetic layer is made in host memory, then uploaded: a backend whose memory is
         // the host's (the CPU backend, a software adapter) holds a second copy there meanwhile.
-        let shares_host = info.name == "cpu" || info.features.iter().any(|f| f == "software-adapter");
+        let shares_host = info.shares_host_memory;
         let (host, host_need) = (moe_hal::host::memory_bytes() as f64, weight_bytes as f64 * if shares_host { 2.0 } else { 1.0 });
         let no_room = if weight_bytes as f64 > 0.9 * info.memory_bytes as f64 {
             Some(format!(
