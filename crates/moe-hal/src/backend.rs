@@ -55,7 +55,8 @@ pub struct BackendInfo {
     pub device: String,
     /// Memory the backend may allocate in total, in bytes.
     pub memory_bytes: u64,
-    /// Whether that memory is the host's (the CPU backend, a software adapter such as lavapipe):
+    /// Whether that memory is the host's (the CPU backend, a software adapter such as lavapipe,
+    /// an integrated GPU):
     /// a layer uploaded from host memory then needs room for two copies while it uploads, which
     /// [`crate::Layer::upload`] checks.
     pub shares_host_memory: bool,

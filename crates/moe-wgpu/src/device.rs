@@ -219,7 +219,9 @@ pub(crate) fn backend_info(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> Ba
         name: "wgpu".into(),
         device: describe(&adapter.get_info()),
         memory_bytes: memory_bytes(adapter),
-        shares_host_memory: adapter.get_info().device_type == wgpu::DeviceType::Cpu,
+        // A software adapter allocates host memory; an integrated GPU (Apple silicon, most
+        // laptops) allocates from the same RAM.
+        shares_host_memory: matches!(adapter.get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu),
         max_buffer_bytes: limits.max_buffer_size,
         subgroup_size: subgroup_size(adapter),
         features: feature_list(adapter),
