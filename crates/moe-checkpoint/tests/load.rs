@@ -823,3 +823,35 @@ fn mutated_files_never_panic() {
         }
     }
 }
+
+/// Damage anywhere in a shard's header or in config.json (seeded random byte changes, hundreds of
+/// them) is an error or, where the damage happens to be harmless, a layer: never a panic.
+#[test]
+fn random_damage_is_an_error_never_a_panic() {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: usize| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n.max(1)
+    };
+    for case in ["deepseek_v3_fp8", "qwen3_moe_bf16", "mixtral_f32"] {
+        let tmp = copy_fixture(case);
+        let shard = tmp.path().join("model.safetensors");
+        let config = tmp.path().join("config.json");
+        let (shard_bytes, config_bytes) = (std::fs::read(&shard).unwrap(), std::fs::read(&config).unwrap());
+        let header = 8 + u64::from_le_bytes(shard_bytes[..8].try_into().unwrap()) as usize;
+        let printable = b"0123456789,:[]{}\" .-eEabcdefghijklmnopqrstuvwxyzFIBU_";
+        for round in 0..150 {
+            let (file, original, span) =
+                if round % 3 == 0 { (&config, &config_bytes, config_bytes.len()) } else { (&shard, &shard_bytes, header) };
+            let mut bytes = original.clone();
+            for _ in 0..1 + next(3) {
+                let at = next(span);
+                bytes[at] = if next(2) == 0 { printable[next(printable.len())] } else { next(256) as u8 };
+            }
+            std::fs::write(file, &bytes).unwrap();
+            let result = std::panic::catch_unwind(|| load_layer(tmp.path(), 1, None));
+            assert!(result.is_ok(), "{case}, round {round}: load_layer panicked on damaged {}", file.display());
+            std::fs::write(file, original).unwrap();
+        }
+    }
+}
