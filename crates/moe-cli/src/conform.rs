@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct ConformArgs {
+    /// The backend to test.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Choice,
     /// Write the matrix to FILE.md and FILE.json (any extension of FILE is replaced).

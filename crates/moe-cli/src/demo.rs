@@ -9,6 +9,7 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
+    /// The backend to run on (`auto`: a hardware GPU when there is one, else the CPU).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Choice,
     /// Tokens in the batch.

@@ -19,6 +19,7 @@ pub struct RunArgs {
     /// Safetensors file to write: `output` [T, H] f32, `topk_ids` [T, k] i32, `topk_weights` [T, k] f32.
     #[arg(long)]
     pub output: PathBuf,
+    /// The backend to run on (`auto`: a hardware GPU when there is one, else the CPU).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Choice,
     /// Storage dtype of the weights on the device: f32, f16, bf16 or f8_e4m3 (default: as in the

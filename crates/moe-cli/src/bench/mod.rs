@@ -80,12 +80,16 @@ pub struct BenchArgs {
     /// A real model's shape (default: deepseek-v3). The shape flags below override its fields.
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
+    /// Hidden size.
     #[arg(long)]
     pub hidden: Option<usize>,
+    /// Expert intermediate size.
     #[arg(long)]
     pub intermediate: Option<usize>,
+    /// Routed experts (DeepSeek's grouping is kept where it divides them, else one group).
     #[arg(long)]
     pub experts: Option<usize>,
+    /// Experts per token.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Shared experts (each of the expert intermediate size; 0 for none).
@@ -94,6 +98,7 @@ pub struct BenchArgs {
     /// Token counts, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
     pub tokens: Vec<usize>,
+    /// Storage dtype of the weights: f32, f16, bf16 or f8_e4m3 (with 128x128 block scales).
     #[arg(long, default_value = "bf16")]
     pub dtype: DType,
     /// Timed iterations per token count (the median is reported).
@@ -117,6 +122,7 @@ pub struct BenchArgs {
     /// Use this peak (TFLOP/s) instead of the device table.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Seed of the synthetic weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also time each stage of the layer (router, top-k, permute, gate/up, down, shared, combine)
