@@ -193,6 +193,20 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
     // f8_e4m3 asked of a float checkpoint: read the floats, quantize once assembled.
     let quantize = dtype.is_block_scaled() && !matches!(stored, Stored::Fp8E4M3 { .. });
     let dtype_read = if quantize { stored.default_dtype() } else { dtype };
+    // The layer is copied into host memory: refuse one that cannot fit before allocating it (the
+    // kernel overcommits, so a reservation would succeed and filling it would end in the OOM
+    // killer, not in an error).
+    let need = cfg.moe.weight_bytes(dtype_read) + if quantize { cfg.moe.weight_bytes(dtype) } else { 0 };
+    let have = moe_hal::host::memory_bytes();
+    if need as f64 > 0.9 * have as f64 {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::OutOfMemory(format!(
+            "layer {layer} needs {:.2} GiB of host memory as {dtype_read}{} and this machine has {:.2} GiB",
+            gib(need),
+            if quantize { " (then quantized to f8_e4m3)" } else { "" },
+            gib(have)
+        )));
+    }
 
     let bias = match cfg.moe.routing {
         Routing::SigmoidGrouped { .. } => {

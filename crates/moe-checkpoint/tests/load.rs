@@ -855,3 +855,47 @@ fn random_damage_is_an_error_never_a_panic() {
         }
     }
 }
+
+/// A layer larger than the host's memory is an OutOfMemory sentence before anything is
+/// allocated or read (overcommit would let the allocation succeed and the OOM killer end the
+/// run). The checkpoint is a sparse file: 1.5x the host's memory of bf16 experts, declared in the
+/// header and never written, so it costs no disk or memory.
+#[test]
+fn a_layer_larger_than_host_memory_is_refused_before_reading() {
+    let (h, i) = (4096usize, 4096usize);
+    let expert_bytes = 3 * h * i * 2;
+    let experts = (moe_hal::host::memory_bytes() as usize * 3 / 2).div_ceil(expert_bytes);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(fixture("qwen3_moe_bf16").join("config.json")).unwrap();
+    let config = config
+        .replace("\"hidden_size\": 64", &format!("\"hidden_size\": {h}"))
+        .replace("\"moe_intermediate_size\": 32", &format!("\"moe_intermediate_size\": {i}"))
+        .replace("\"num_local_experts\": 16", &format!("\"num_local_experts\": {experts}"));
+    std::fs::write(tmp.path().join("config.json"), config).unwrap();
+    // The header by hand: the router, then every expert's three projections, back to back.
+    let mut entries = vec![];
+    let mut at = 0usize;
+    let mut add = |name: String, shape: [usize; 2]| {
+        let end = at + shape[0] * shape[1] * 2;
+        entries.push(format!("\"{name}\":{{\"dtype\":\"BF16\",\"shape\":[{},{}],\"data_offsets\":[{at},{end}]}}", shape[0], shape[1]));
+        at = end;
+    };
+    add("model.layers.1.mlp.gate.weight".into(), [experts, h]);
+    for x in 0..experts {
+        for (p, shape) in [("gate_proj", [i, h]), ("up_proj", [i, h]), ("down_proj", [h, i])] {
+            add(format!("model.layers.1.mlp.experts.{x}.{p}.weight"), shape);
+        }
+    }
+    let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let path = tmp.path().join("model.safetensors");
+    let mut f = std::fs::File::create(&path).unwrap();
+    use std::io::Write;
+    f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(&header).unwrap();
+    f.set_len((8 + header.len() + at) as u64).unwrap();
+    drop(f);
+    let e = load_layer(tmp.path(), 1, None).unwrap_err();
+    let Error::OutOfMemory(msg) = &e else { panic!("{e:?}") };
+    assert!(msg.starts_with("layer 1 needs") && msg.contains("GiB of host memory as bf16"), "{msg}");
+}
