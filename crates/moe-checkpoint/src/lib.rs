@@ -170,7 +170,9 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 /// `num_hidden_layers`, or one that is a dense MLP, is [`Error::InvalidArgument`] naming the valid
 /// layers; a missing, ill-shaped or non-float tensor, a truncated file or an unknown model is
 /// [`Error::Checkpoint`], as are FP8 weights without their block scales (or with a scale grid of
-/// the wrong shape), a NaN among them and a non-finite scale; OS failures are [`Error::Io`].
+/// the wrong shape), a NaN among them and a non-finite scale; a layer larger than 90% of the
+/// host's memory is [`Error::OutOfMemory`] before anything is allocated; OS failures are
+/// [`Error::Io`].
 pub fn load_layer(dir: &Path, layer: usize, dtype: Option<DType>) -> Result<Checkpoint> {
     let config = read_config(dir)?;
     config.check_moe_layer(layer)?;
