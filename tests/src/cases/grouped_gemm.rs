@@ -231,7 +231,7 @@ fn every_byte_at(g: usize, row: usize, col: usize) -> u8 {
 }
 
 /// Every F8E4M3 byte through `grouped_gemm`, compared bit for bit: `experts` experts of
-/// `[5, 64]` bytes ([`every_byte_at`]) in 2x16 blocks scaled by powers of two (2^-3 .. 2^3, so
+/// `[5, 64]` bytes (`every_byte_at`) in 2x16 blocks scaled by powers of two (2^-3 .. 2^3, so
 /// every product is exact in f32, f16 and bf16), `rows` rows per expert, row `j` of expert `g`
 /// one-hot at column `(g + j) % 64`. So `y[row, n]` is one weight, times its scale: with one row
 /// per expert (the decode path) over 64 experts, the diagonal; with 64 rows per expert (the
