@@ -8,6 +8,9 @@
 echo "== NVRTC on this machine"
 ls /usr/local/cuda/lib64/libnvrtc.so* /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so* 2>/dev/null
 .device/bin/moe devices
+# The kernel cache the tests filled (crates/moe-cuda/src/cache.rs): one image per source and
+# option set, so later processes skip NVRTC.
+echo "== CUDA kernel cache"; ls -l "${MOE_CUDA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-hal/cuda}" 2>&1 | head -12
 # Two test binaries are called conformance (the suite's, and examples/fallback-backend's): the
 # one that lists cuda:: cases.
 conf=$(for b in .device/bin/test-conformance-*; do "$b" --list 2>/dev/null | grep -q '^cuda::' && echo "$b"; done | head -1)
@@ -34,7 +37,8 @@ timeout 120 .device/bin/moe bench --backend cuda,wgpu --preset deepseek-v3 --dty
   --tokens 1,16,128,1024,4096 --iters 10 --warmup 2 > "$OUT/bench-f8.log" 2>&1
 echo "bench f8 exit $?"; tail -14 "$OUT/bench-f8.log"
 echo "== cuda f8_e4m3: the hardware E4M3 conversion (default) against the arithmetic decode, Qwen3-30B-A3B decode"
-# 40 s each: every process compiles grouped_gemm.cu with NVRTC first (~12 s on the CPU machine).
+# 40 s each: the first process with MOE_CUDA_F8_CVT=0 compiles grouped_gemm.cu with NVRTC (~12 s on
+# the CPU machine; the kernel cache serves every later process with the same options).
 for cvt in 1 0; do
   echo "MOE_CUDA_F8_CVT=$cvt"
   MOE_CUDA_F8_CVT=$cvt timeout 40 .device/bin/moe bench --backend cuda --preset qwen3-30b-a3b --dtype f8_e4m3 \

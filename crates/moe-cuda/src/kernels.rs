@@ -315,13 +315,34 @@ impl Device {
     }
 
     fn load_module(&self, source: Source) -> Result<Module> {
-        let load = |c: &Compiled| -> std::result::Result<ds::CUmodule, dr::DriverError> {
-            // SAFETY: the image is a cubin or NUL-terminated PTX from NVRTC.
-            unsafe { dr::module::load_data(c.image.as_ptr() as *const c_void) }
+        let load_image = |image: &[u8]| -> std::result::Result<ds::CUmodule, dr::DriverError> {
+            // SAFETY: the image is a cubin or NUL-terminated PTX from NVRTC (or the disk cache,
+            // which holds only images NVRTC made and this driver loaded, checksummed).
+            unsafe { dr::module::load_data(image.as_ptr() as *const c_void) }
         };
+        let load = |c: &Compiled| load_image(&c.image);
+        // An image compiled and loaded before, by this or an earlier process: no NVRTC.
+        let cached = nvrtc_version().ok().and_then(|v| crate::cache::Entry::new(source, self.target, &options(self.target), v));
+        if let Some(entry) = &cached
+            && let Some(image) = entry.load()
+        {
+            match load_image(&image) {
+                Ok(raw) => return Ok(Module { raw, funcs: Default::default() }),
+                Err(e) if matches!(e.0, ds::CUresult::CUDA_ERROR_OUT_OF_MEMORY) => {
+                    return Err(self.fail(&format!("cuModuleLoadData({})", source.file()), e));
+                }
+                // Refused (a driver changed under the cache): compile afresh below.
+                Err(_) => entry.forget(),
+            }
+        }
         let first = compile(source, self.target, &[])?;
         match load(&first) {
-            Ok(raw) => Ok(Module { raw, funcs: Default::default() }),
+            Ok(raw) => {
+                if let Some(entry) = &cached {
+                    entry.store(&first.image);
+                }
+                Ok(Module { raw, funcs: Default::default() })
+            }
             // A cubin the driver refuses (a driver older than the cubin's format): try PTX, which the
             // driver compiles itself, before giving up.
             Err(e) if matches!(first.target, Target::Cubin(_)) && !matches!(e.0, ds::CUresult::CUDA_ERROR_OUT_OF_MEMORY) => {

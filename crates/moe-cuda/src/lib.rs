@@ -7,7 +7,8 @@
 //! (`shaders/cuda/<op>.cu`, embedded with `include_str!`, self-contained: no `#include`, since
 //! NVRTC has no system headers), compiled with NVRTC at first use for the device's own
 //! architecture (`--gpu-architecture=sm_90` on Hopper: a cubin, so the driver needs no JIT), and
-//! cached per device.
+//! cached per device, and on disk (`cache.rs`: `~/.cache/moe-hal/cuda`, `MOE_CUDA_CACHE_DIR`,
+//! `MOE_CUDA_CACHE=0` to turn it off), so only a process's first use on a machine pays NVRTC.
 //!
 //! | concept | CPU (`moe-cpu`) | CUDA (this crate) |
 //! |---|---|---|
@@ -16,7 +17,7 @@
 //! | blocking | never | only [`moe_hal::Backend::download`] and [`moe_hal::Backend::synchronize`] (`cuStreamSynchronize`) |
 //! | a bad expert id | `Err` at once | a device flag, `Err(InvalidArgument)` at the next `synchronize`/`download` |
 //! | a kernel | `moe_hal::host::grouped_gemm` | `grouped_gemm.cu`: `mma_*` (tensor cores), `simt_*`, `gemv_*` |
-//! | compilation | rustc | NVRTC at first use, once per device and source file |
+//! | compilation | rustc | NVRTC at first use, once per device and source file; the image kept on disk for later processes |
 //! | a native failure | `OutOfMemory` from `try_reserve` | `CUDA_ERROR_OUT_OF_MEMORY` → `OutOfMemory`; illegal address, failed launch → `DeviceLost`; other `CUDA_ERROR_*` → `Driver` with the error's name; NVRTC errors → `Driver` with the compile log |
 //!
 //! ## Finding the driver and NVRTC
@@ -162,6 +163,7 @@
 #![warn(missing_docs)]
 
 mod buffer;
+mod cache;
 mod driver;
 mod graph;
 mod kernels;
