@@ -197,11 +197,11 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
     // kernel overcommits, so a reservation would succeed and filling it would end in the OOM
     // killer, not in an error).
     let need = cfg.moe.weight_bytes(dtype_read) + if quantize { cfg.moe.weight_bytes(dtype) } else { 0 };
-    let have = moe_hal::host::memory_bytes();
+    let have = moe_hal::host::available_bytes();
     if need as f64 > 0.9 * have as f64 {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(Error::OutOfMemory(format!(
-            "layer {layer} needs {:.2} GiB of host memory as {dtype_read}{} and this machine has {:.2} GiB",
+            "layer {layer} needs {:.2} GiB of host memory as {dtype_read}{} and {:.2} GiB are available",
             gib(need),
             if quantize { " (then quantized to f8_e4m3)" } else { "" },
             gib(have)

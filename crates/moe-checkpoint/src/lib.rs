@@ -171,7 +171,8 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 /// layers; a missing, ill-shaped or non-float tensor, a truncated file or an unknown model is
 /// [`Error::Checkpoint`], as are FP8 weights without their block scales (or with a scale grid of
 /// the wrong shape), a NaN among them and a non-finite scale; a layer larger than 90% of the
-/// host's memory is [`Error::OutOfMemory`] before anything is allocated; OS failures are
+/// host memory available ([`moe_hal::host::available_bytes`]) is [`Error::OutOfMemory`] before
+/// anything is allocated; OS failures are
 /// [`Error::Io`].
 pub fn load_layer(dir: &Path, layer: usize, dtype: Option<DType>) -> Result<Checkpoint> {
     let config = read_config(dir)?;

@@ -131,10 +131,10 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     // reference) and a forward's intermediates twice: refuse what cannot fit before allocating
     // (an allocation that fails aborts the process).
     let need = 3.0 * config.weight_bytes(args.dtype) as f64 + 2.0 * config.forward_scratch_bytes(args.tokens) as f64;
-    let have = moe_hal::host::memory_bytes() as f64;
-    if need > 0.8 * have {
+    let have = moe_hal::host::available_bytes() as f64;
+    if need > 0.9 * have {
         return moe_hal::invalid!(
-            "this demo needs about {:.1} GiB of host memory and the machine has {:.1} GiB; pass fewer --tokens or smaller sizes",
+            "this demo needs about {:.1} GiB of host memory and {:.1} GiB are available; pass fewer --tokens or smaller sizes",
             need / 1073741824.0,
             have / 1073741824.0
         );

@@ -444,7 +444,8 @@ impl<B: Backend + ?Sized> Layer<B> {
     /// A layer larger than the device's memory ([`crate::BackendInfo::memory_bytes`]) is an
     /// [`Error::OutOfMemory`] before any upload starts; where that memory is the host's
     /// ([`crate::BackendInfo::shares_host_memory`]), so is one whose two copies (`host` and the
-    /// backend's) would not both fit.
+    /// backend's) would not both fit, or whose copy exceeds the host memory available now
+    /// ([`crate::host::available_bytes`]).
     pub fn upload(backend: &B, host: &HostLayer) -> Result<Self> {
         host.validate()?;
         let tensors = [
@@ -466,13 +467,17 @@ impl<B: Backend + ?Sized> Layer<B> {
                 gib(info.memory_bytes)
             )));
         }
-        if info.shares_host_memory && need.saturating_mul(2) > info.memory_bytes {
+        // The host copy is already made: the backend's copy must fit beside it, in what the
+        // host has left.
+        let available = crate::host::available_bytes();
+        if info.shares_host_memory && (need.saturating_mul(2) > info.memory_bytes || need > available) {
             return Err(Error::OutOfMemory(format!(
                 "the layer's weights need {:.2} GiB, twice while they upload from host memory to {}, whose memory is the \
-                 host's {:.2} GiB",
+                 host's ({:.2} GiB, {:.2} GiB available)",
                 gib(need),
                 info.device,
-                gib(info.memory_bytes)
+                gib(info.memory_bytes),
+                gib(available)
             )));
         }
         let up = |t: &HostTensor| Tensor::from_host(backend, t);

@@ -175,7 +175,10 @@ impl Job for Measure<'_> {
         // The synthetic layer is made in host memory, then uploaded: a backend whose memory is
         // the host's (the CPU backend, a software adapter) holds a second copy there meanwhile.
         let shares_host = info.shares_host_memory;
-        let (host, host_need) = (moe_hal::host::memory_bytes() as f64, weight_bytes as f64 * if shares_host { 2.0 } else { 1.0 });
+        // What is left to allocate in host memory: the synthetic layer (unless an earlier
+        // backend made it) and, on such a backend, its copy.
+        let copies = u64::from(self.host.get().is_none()) + u64::from(shares_host);
+        let (host, host_need) = (moe_hal::host::available_bytes() as f64, (copies * weight_bytes) as f64);
         let no_room = if weight_bytes as f64 > 0.9 * info.memory_bytes as f64 {
             Some(format!(
                 "skipped: the layer's {:.1} GiB of weights do not fit the {:.1} GiB of {}",
@@ -185,9 +188,11 @@ impl Job for Measure<'_> {
             ))
         } else if host_need > 0.9 * host {
             Some(format!(
-                "skipped: the layer's {:.1} GiB of weights, made in host memory{}, do not fit the {:.1} GiB of host memory",
+                "skipped: the layer's {:.1} GiB of weights ({copies} cop{} in host memory{}: {:.1} GiB) need more than 90% of the {:.1} GiB of host memory available",
                 gib(weight_bytes as f64),
-                if shares_host { " and copied there by this backend" } else { "" },
+                if copies == 1 { "y" } else { "ies" },
+                if shares_host { ", this backend's memory" } else { "" },
+                gib(host_need),
                 gib(host)
             ))
         } else {

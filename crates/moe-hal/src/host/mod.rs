@@ -14,17 +14,26 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+/// One field of /proc/meminfo, in bytes.
+fn meminfo(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.split(':').next() == Some(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Total host memory in bytes, from /proc/meminfo; 16 GiB where it cannot be read. The memory
 /// figure of the CPU backend and of devices that share host memory (lavapipe, unified memory).
 pub fn memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(16 << 30)
+    meminfo("MemTotal").unwrap_or(16 << 30)
+}
+
+/// Host memory available to new allocations now, in bytes: /proc/meminfo's MemAvailable (free
+/// memory and what the kernel can reclaim without swapping), or [`memory_bytes`] where it does not
+/// say. What a large host allocation is checked against before it is made: the kernel overcommits,
+/// so an allocation beyond it would succeed and filling it would summon the OOM killer.
+pub fn available_bytes() -> u64 {
+    meminfo("MemAvailable").unwrap_or_else(memory_bytes)
 }
 
 /// A weight tensor's elements in their storage dtype.
