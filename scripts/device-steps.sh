@@ -7,7 +7,6 @@
 (cd "$OUT" && tar czf tests.tar.gz test-*.log && rm -f test-*.log)
 echo "== NVRTC on this machine"
 ls /usr/local/cuda/lib64/libnvrtc.so* /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so* 2>/dev/null
-.device/bin/moe devices
 # The kernel cache the tests filled (crates/moe-cuda/src/cache.rs): one image per source and
 # option set, so later processes skip NVRTC.
 echo "== CUDA kernel cache"; ls -l "${MOE_CUDA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/moe-hal/cuda}" 2>&1 | head -12
