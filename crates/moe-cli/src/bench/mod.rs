@@ -242,7 +242,11 @@ impl Job for Measure<'_> {
                 scratch *= 2.0;
             }
             let need = weight_bytes as f64 + scratch;
-            if need > 0.9 * info.memory_bytes as f64 {
+            // In host memory the weights are already allocated: the scratch must fit in what is
+            // left (scratch a backend pooled at a smaller token count counts as taken: this errs
+            // towards skipping).
+            let no_room = need > 0.9 * info.memory_bytes as f64 || (shares_host && scratch > 0.9 * moe_hal::host::available_bytes() as f64);
+            if no_room {
                 let msg = format!("{t} tokens skipped: weights and scratch need {:.1} GiB", need / 1073741824.0);
                 self.progress.println(format!("{}: {msg}", info.name));
                 self.progress.inc(iterations(args) as u64);
