@@ -56,7 +56,7 @@ pub struct BackendInfo {
     /// Memory the backend may allocate in total, in bytes.
     pub memory_bytes: u64,
     /// Whether that memory is the host's (the CPU backend, a software adapter such as lavapipe,
-    /// an integrated GPU):
+    /// unified memory counted as the host's):
     /// a layer uploaded from host memory then needs room for two copies while it uploads, which
     /// [`crate::Layer::upload`] checks.
     pub shares_host_memory: bool,

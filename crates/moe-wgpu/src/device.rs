@@ -94,6 +94,18 @@ pub(crate) fn memory_bytes(adapter: &wgpu::Adapter) -> u64 {
     vulkan_device_local_bytes(adapter).unwrap_or_else(moe_hal::host::memory_bytes)
 }
 
+/// Whether [`memory_bytes`] is the host's memory, which a layer uploaded from the host then
+/// occupies twice: a software adapter's, and an integrated GPU's where no device-local heap was
+/// reported (Apple silicon on Metal). Not an integrated GPU whose Vulkan heap is a carve-out of
+/// its own, nor a discrete GPU whose size was not reported.
+fn shares_host_memory(adapter: &wgpu::Adapter) -> bool {
+    match adapter.get_info().device_type {
+        wgpu::DeviceType::Cpu => true,
+        wgpu::DeviceType::IntegratedGpu => vulkan_device_local_bytes(adapter).is_none(),
+        _ => false,
+    }
+}
+
 /// What the adapter offers that matters to this backend, for [`BackendInfo::features`]: the
 /// storage dtypes, `software-adapter` for a CPU adapter (lavapipe, WARP), `shader-f16`,
 /// `subgroup <size or range>`, and one `cooperative-matrix MxNxK ab->cr` per configuration. Only
@@ -219,9 +231,7 @@ pub(crate) fn backend_info(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> Ba
         name: "wgpu".into(),
         device: describe(&adapter.get_info()),
         memory_bytes: memory_bytes(adapter),
-        // A software adapter allocates host memory; an integrated GPU (Apple silicon, most
-        // laptops) allocates from the same RAM.
-        shares_host_memory: matches!(adapter.get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu),
+        shares_host_memory: shares_host_memory(adapter),
         max_buffer_bytes: limits.max_buffer_size,
         subgroup_size: subgroup_size(adapter),
         features: feature_list(adapter),
