@@ -102,6 +102,11 @@ fn info_and_round_trip() {
     assert!(i.memory_bytes > 0 && i.max_buffer_bytes > 0);
     if i.device.contains("llvmpipe") {
         assert!(i.features.iter().any(|f| f == "software-adapter"));
+        // Its memory is the host's: a layer uploaded to it is counted twice (Layer::upload).
+        assert!(i.shares_host_memory);
+    }
+    if i.device.contains("NVIDIA") {
+        assert!(!i.shares_host_memory, "a discrete GPU's memory is its own");
     }
     assert!(crate::available().is_ok());
     // The Vulkan heap query (used for memory_bytes on GPUs) works on this adapter too.
