@@ -568,15 +568,7 @@ fn forward_key(layer: &Layer<CudaBackend>, tensors: [&Tensor<CudaBackend>; 4]) -
         }
     }
     let mut key = format!("{:?} {};", layer.config, layer.dtype);
-    let weights = [
-        Some(&layer.router),
-        layer.bias.as_ref(),
-        Some(&layer.gate_up),
-        Some(&layer.down),
-        layer.shared_gate_up.as_ref(),
-        layer.shared_down.as_ref(),
-    ];
-    for t in weights.into_iter().chain(tensors.map(Some)) {
+    for t in layer.tensors().into_iter().chain(tensors.map(Some)) {
         match t {
             Some(t) => add(&mut key, t),
             None => key.push_str("-;"),

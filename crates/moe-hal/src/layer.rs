@@ -343,17 +343,22 @@ pub struct HostLayer {
 }
 
 impl HostLayer {
-    /// Checks every tensor against the config; the error names the tensor and both shapes.
-    pub fn validate(&self) -> Result<()> {
-        let all = [
+    /// Every tensor, in the order router, bias, gate/up, down, shared gate/up, shared down;
+    /// `None` for an absent optional one.
+    pub fn tensors(&self) -> [Option<&HostTensor>; 6] {
+        [
             Some(&self.router),
             self.bias.as_ref(),
             Some(&self.gate_up),
             Some(&self.down),
             self.shared_gate_up.as_ref(),
             self.shared_down.as_ref(),
-        ];
-        for t in all.into_iter().flatten() {
+        ]
+    }
+
+    /// Checks every tensor against the config; the error names the tensor and both shapes.
+    pub fn validate(&self) -> Result<()> {
+        for t in self.tensors().into_iter().flatten() {
             t.check()?;
         }
         let m = |t: &HostTensor| Meta {
@@ -448,15 +453,7 @@ impl<B: Backend + ?Sized> Layer<B> {
     /// ([`crate::host::available_bytes`]).
     pub fn upload(backend: &B, host: &HostLayer) -> Result<Self> {
         host.validate()?;
-        let tensors = [
-            Some(&host.router),
-            host.bias.as_ref(),
-            Some(&host.gate_up),
-            Some(&host.down),
-            host.shared_gate_up.as_ref(),
-            host.shared_down.as_ref(),
-        ];
-        let need: u64 = tensors.iter().flatten().map(|t| t.stored_bytes()).sum();
+        let need: u64 = host.tensors().iter().flatten().map(|t| t.stored_bytes()).sum();
         let info = backend.info();
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         if need > info.memory_bytes {
@@ -468,8 +465,8 @@ impl<B: Backend + ?Sized> Layer<B> {
             )));
         }
         // The host copy is already made: the backend's copy must fit beside it, in what the
-        // host has left.
-        let available = crate::host::available_bytes();
+        // host has left (/proc/meminfo is read only for such a backend).
+        let available = if info.shares_host_memory { crate::host::available_bytes() } else { u64::MAX };
         if info.shares_host_memory && (need.saturating_mul(2) > info.memory_bytes || need > available) {
             return Err(Error::OutOfMemory(format!(
                 "the layer's weights need {:.2} GiB, twice while they upload from host memory to {}, whose memory is the \
@@ -495,6 +492,18 @@ impl<B: Backend + ?Sized> Layer<B> {
 }
 
 impl<B: Backend + ?Sized> Layer<B> {
+    /// Every tensor, in [`HostLayer::tensors`]' order; `None` for an absent optional one.
+    pub fn tensors(&self) -> [Option<&Tensor<B>>; 6] {
+        [
+            Some(&self.router),
+            self.bias.as_ref(),
+            Some(&self.gate_up),
+            Some(&self.down),
+            self.shared_gate_up.as_ref(),
+            self.shared_down.as_ref(),
+        ]
+    }
+
     /// Checks every resident tensor against the config (the fields are public, so a caller may
     /// have assembled a layer by hand).
     pub fn validate(&self) -> Result<()> {
