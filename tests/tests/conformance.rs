@@ -252,6 +252,8 @@ mod self_test {
         Panics,
         /// supports() says no for bf16.
         NoBf16,
+        /// buffer_bytes() is left at its default (unknown sizes).
+        NoBufferBytes,
     }
 
     struct Faulty {
@@ -297,7 +299,10 @@ mod self_test {
             dtype.is_weight() && !(self.fault == Fault::NoBf16 && dtype == DType::BF16)
         }
         fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<Vec<u8>> {
-            Ok(vec![0; shape.iter().product::<usize>() * dtype.size()])
+            Ok(vec![0; dtype.tensor_bytes(shape)?])
+        }
+        fn buffer_bytes(&self, buf: &Vec<u8>) -> Option<usize> {
+            (self.fault != Fault::NoBufferBytes).then_some(buf.len())
         }
         fn upload(&self, _: DType, _: &[usize], host: &[u8]) -> Result<Vec<u8>> {
             Ok(host.to_vec())
@@ -479,6 +484,12 @@ mod self_test {
                 &["combine_f32", "forward_bf16"],
                 &["combine_f32/t33_k6_h129_shared", "forward_bf16/kimi_e384_shared"],
                 &["combine_f32/t33_k6_h127"],
+            ),
+            (
+                Fault::NoBufferBytes,
+                &["activation_f32_invalid"],
+                &["activation_f32_invalid/gate_up_larger_than_its_buffer", "activation_f32_invalid/h_larger_than_its_buffer"],
+                &["activation_f32_invalid/odd_columns"],
             ),
         ];
         for (fault, groups, fail, pass) in table {

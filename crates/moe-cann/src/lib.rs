@@ -336,7 +336,7 @@ impl Backend for CannBackend {
     /// Once ported: `aclrtMalloc(&ptr, bytes, ACL_MEM_MALLOC_HUGE_FIRST)`; a failure is
     /// [`Error::OutOfMemory`]. A zero-byte tensor needs no allocation (keep a null pointer).
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CannBuffer> {
-        let bytes = shape.iter().product::<usize>() * dtype.size();
+        let bytes = dtype.tensor_bytes(shape)?;
         Err(no_memory(&format!("allocating {bytes} bytes"), "aclrtMalloc(&ptr, bytes, ACL_MEM_MALLOC_HUGE_FIRST)"))
     }
 
@@ -348,6 +348,11 @@ impl Backend for CannBackend {
             &format!("uploading {} bytes", host.len()),
             "aclrtMalloc, then aclrtMemcpy(dst, bytes, host, bytes, ACL_MEMCPY_HOST_TO_DEVICE)",
         ))
+    }
+
+    /// The size the buffer was allocated with (kept beside the device pointer).
+    fn buffer_bytes(&self, buf: &CannBuffer) -> Option<usize> {
+        Some(buf.bytes)
     }
 
     /// Once ported: `aclrtSynchronizeStream(stream)` (so every enqueued op has finished and any

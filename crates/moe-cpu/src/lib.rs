@@ -175,7 +175,11 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CpuBuffer> {
-        CpuBuffer::new(shape.iter().product::<usize>() * dtype.size())
+        CpuBuffer::new(dtype.tensor_bytes(shape)?)
+    }
+
+    fn buffer_bytes(&self, buf: &CpuBuffer) -> Option<usize> {
+        Some(buf.bytes)
     }
 
     fn upload(&self, dtype: DType, shape: &[usize], host: &[u8]) -> Result<CpuBuffer> {

@@ -7,7 +7,10 @@ use crate::driver::Device;
 /// A tensor's memory on the device: one allocation from the device's memory pool (or
 /// `cuMemAlloc` on a device without pools), at least 16 bytes and a multiple of 16, aligned to at
 /// least 256 bytes, so kernels may read it with 16-byte loads. Freed in stream order when dropped:
-/// freeing never waits for the device.
+/// freeing does not wait for the device, except for a buffer allocated inside a graph capture
+/// and kept by the caller (plain `cuMemAlloc` memory, whose free waits for the stream) and on a
+/// device without memory pools. A buffer a live graph uses stays allocated until the last such
+/// graph is dropped (see `crate::graph`).
 pub struct CudaBuffer {
     pub(crate) ptr: u64,
     pub(crate) bytes: usize,

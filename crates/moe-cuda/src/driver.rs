@@ -13,7 +13,7 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys::{self, CUresult};
 use moe_hal::{Error, Result};
 
-use crate::graph::{Capture, Free, GraphRefs, Step};
+use crate::graph::{Enqueue, Free, Gate, GraphRefs, Step};
 use crate::kernels::{Module, Source, Target};
 
 // ---------------------------------------------------------------------------------------------
@@ -300,10 +300,10 @@ pub(crate) struct Device {
     pub(crate) modules: Mutex<HashMap<Source, Arc<Module>>>,
     /// The CPU emulator standing in for the GPU (tests only; see `emu/emu.h`).
     pub(crate) emu: Option<Emu>,
-    /// The graph capture in progress (`crate::graph`), and its end signalled to the threads
-    /// waiting for it.
-    pub(crate) capture: Mutex<Option<Capture>>,
-    pub(crate) capture_ended: std::sync::Condvar,
+    /// The graph capture in progress and the calls enqueuing (`crate::graph`), and their changes
+    /// signalled to the threads waiting for them.
+    pub(crate) gate: Mutex<Gate>,
+    pub(crate) gate_changed: std::sync::Condvar,
     /// The buffers live graphs use.
     pub(crate) graph_refs: Mutex<GraphRefs>,
     /// Allocations made with `cuMemAlloc` on a device with a pool (inside graph captures), so
@@ -355,8 +355,8 @@ impl Device {
             lost: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             emu: None,
-            capture: Mutex::new(None),
-            capture_ended: std::sync::Condvar::new(),
+            gate: Mutex::new(Gate::default()),
+            gate_changed: std::sync::Condvar::new(),
             graph_refs: Mutex::new(GraphRefs::default()),
             plain: Mutex::new(Default::default()),
         };
@@ -433,8 +433,8 @@ impl Device {
             lost: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             emu: Some(emu),
-            capture: Mutex::new(None),
-            capture_ended: std::sync::Condvar::new(),
+            gate: Mutex::new(Gate::default()),
+            gate_changed: std::sync::Condvar::new(),
             graph_refs: Mutex::new(GraphRefs::default()),
             plain: Mutex::new(Default::default()),
         };
@@ -454,13 +454,28 @@ impl Device {
     }
 
     /// Makes the context current on this thread and fails fast once the device is lost; waits
-    /// while another thread captures a graph ([`Device::gate`]).
-    pub fn ready(&self) -> Result<()> {
-        self.gate();
+    /// while another thread captures a graph, and holds off new captures until the returned
+    /// guard drops ([`Device::enqueue`]): keep it until the driver call that enqueues.
+    pub fn ready(&self) -> Result<Enqueue<'_>> {
+        let slot = self.enqueue();
         if let Some(msg) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Err(Error::DeviceLost(msg.clone()));
         }
-        self.bind()
+        self.bind()?;
+        Ok(slot)
+    }
+
+    /// Waits for the stream and hands the memory the pool keeps (see [`Device::open`]) back to
+    /// the driver, so that `cuMemAlloc` can have it (graph captures allocate with it).
+    pub fn trim_pool(&self) -> Result<()> {
+        let Some(pool) = self.pool else {
+            return Ok(());
+        };
+        let _slot = self.ready()?;
+        self.sync_stream()?;
+        // SAFETY: the pool is the device's default pool.
+        let r = unsafe { result::mem_pool::trim_to(pool, 0) };
+        self.check("cuMemPoolTrimTo", r)
     }
 
     /// Maps a driver error and remembers a fatal one, so every later call reports it too.
@@ -484,7 +499,7 @@ impl Device {
     /// memory pool when it has one (trimmed and retried once when it is out of memory), else with
     /// `cuMemAlloc`.
     pub fn alloc_raw(&self, bytes: usize) -> Result<u64> {
-        self.ready()?;
+        let _slot = self.ready()?;
         let size = bytes.div_ceil(16).max(1) * 16;
         if let Some(emu) = &self.emu {
             // SAFETY: the emulator's allocator.
@@ -506,21 +521,22 @@ impl Device {
             // SAFETY: plain allocation.
             None => unsafe { result::malloc_sync(size) },
         };
-        let ptr = match attempt() {
-            // (Not inside a graph capture, which cannot wait.)
-            Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY && self.pool.is_some() && !capturing => {
+        let ptr = match (attempt(), self.pool) {
+            (Err(e), Some(pool)) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
                 // Memory freed on the stream returns to the pool only once the stream reaches the
-                // free: wait for it, hand unused pool memory back to the driver, try again.
-                self.sync_stream()?;
-                if let Some(pool) = self.pool {
-                    // SAFETY: the pool is the device's default pool.
-                    let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
+                // free: wait for it (not inside a graph capture, which cannot wait), hand unused
+                // pool memory back to the driver, try again.
+                if !capturing {
+                    self.sync_stream()?;
                 }
+                // SAFETY: the pool is the device's default pool.
+                let _ = unsafe { result::mem_pool::trim_to(pool, 0) };
                 attempt()
             }
-            r => r,
+            (r, _) => r,
         };
-        let ptr = ptr.map_err(|e| match self.fail("cuMemAllocAsync", e) {
+        let call = if self.pool.is_some() && !capturing { "cuMemAllocAsync" } else { "cuMemAlloc" };
+        let ptr = ptr.map_err(|e| match self.fail(call, e) {
             Error::OutOfMemory(_) => {
                 let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
                 Error::OutOfMemory(format!(
@@ -540,13 +556,16 @@ impl Device {
         Ok(ptr)
     }
 
-    /// Frees an allocation in stream order (never synchronises when the device has a pool).
-    /// Errors are dropped: a lost context has freed everything already. Inside a graph capture,
-    /// and for a buffer a live graph uses, the free waits (see `crate::graph`).
+    /// Frees an allocation in stream order (never synchronises when the device has a pool,
+    /// except for a buffer allocated inside a graph capture). Errors are dropped: a lost context
+    /// has freed everything already. During a graph capture, and for a buffer a live graph uses,
+    /// the free is put off (see `crate::graph`).
     pub fn free_raw(&self, ptr: u64) {
         if ptr == 0 || self.bind().is_err() {
             return;
         }
+        // No capture begins between the plan and the free.
+        let _slot = self.hold();
         match self.free_plan(ptr) {
             Free::Now => self.free_owned(ptr),
             // Freed when the capture ends, or with the graph.
@@ -557,6 +576,7 @@ impl Device {
     /// Frees an allocation now, in stream order where it came from the pool (see [`Self::free_raw`],
     /// which decides when).
     pub fn free_owned(&self, ptr: u64) {
+        let _slot = self.enqueue();
         if ptr == 0 || self.bind().is_err() {
             return;
         }
@@ -582,7 +602,7 @@ impl Device {
 
     /// Enqueues zeroing `bytes` at `ptr` (a multiple of 4).
     pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
-        self.gate();
+        let _slot = self.enqueue();
         if self.note(&[ptr], || Some(Step::Zero { ptr, bytes })).is_some() && self.emu.is_some() {
             return Ok(());
         }
@@ -599,7 +619,7 @@ impl Device {
     /// Enqueues a host-to-device copy. Pageable host memory is staged by the driver before the
     /// call returns, so `host` may be dropped right after.
     pub fn upload_raw(&self, ptr: u64, host: &[u8]) -> Result<()> {
-        self.gate();
+        let _slot = self.enqueue();
         if self.capturing() {
             return Err(Device::not_in_capture("an upload from host memory"));
         }
@@ -618,7 +638,7 @@ impl Device {
 
     /// Waits for the stream.
     pub fn sync_stream(&self) -> Result<()> {
-        self.gate();
+        let _slot = self.enqueue();
         if self.capturing() {
             return Err(Device::not_in_capture("synchronize (or a download, which waits)"));
         }
@@ -633,8 +653,13 @@ impl Device {
     /// Waits for everything enqueued, reads and clears the device error flags, and returns the
     /// first failure: a fatal driver error, or a flag a kernel raised.
     pub fn check_flags(&self) -> Result<()> {
+        let _slot = self.ready()?;
+        // Refused before the flag lock: a capturing thread waiting for it, held by a thread
+        // waiting for that capture to end, would wait forever.
+        if self.capturing() {
+            return Err(Device::not_in_capture("synchronize (or a download, which waits)"));
+        }
         let _guard = self.flag_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.ready()?;
         self.sync_stream()?;
         let mut words = [0u32; ERR_WORDS];
         if self.emu.is_some() {
@@ -655,6 +680,7 @@ impl Device {
 
     /// Waits for everything, checks the flags, then copies `bytes` at `ptr` into `host`.
     pub fn download_raw(&self, ptr: u64, host: &mut [u8]) -> Result<()> {
+        let _slot = self.ready()?;
         self.check_flags()?;
         if host.is_empty() {
             return Ok(());
@@ -673,7 +699,7 @@ impl Device {
 
     /// Enqueues a device-to-device copy.
     pub fn copy_raw(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        self.ready()?;
+        let _slot = self.ready()?;
         if bytes == 0 {
             return Ok(());
         }

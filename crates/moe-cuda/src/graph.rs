@@ -26,7 +26,14 @@
 //! The device has one stream, and everything enqueued on it during a capture goes into the
 //! graph, whichever thread enqueues it: so while one thread captures, every other thread's work
 //! on the backend (an op, a copy, a synchronize, a capture) waits for the capture to end
-//! ([`Device::gate`]); frees never wait (they are put off until it ends).
+//! ([`Device::enqueue`]); frees do not wait (they are put off until it ends). The other way
+//! round, a capture begins only once every call that is enqueuing has enqueued, so no call that
+//! found no capture can put its work into one ([`Gate`]).
+//!
+//! Memory the pool keeps is handed back to the driver as a capture begins (its allocations are
+//! plain `cuMemAlloc`, which cannot draw on the pool), and a graph keeps every buffer it uses
+//! allocated while it lives: an engine that drops a layer's weights to load the next one frees
+//! their memory only once it drops that layer's graphs too.
 //!
 //! On the CPU emulator a capture records the same work (each launch's arguments, the copies, the
 //! zeroing, the allocations) without running it, and a launch replays the record. The graph's
@@ -115,30 +122,109 @@ impl Capture {
     }
 }
 
+/// Who is using the device's one stream: the capture in progress, and how many calls are
+/// enqueuing on it ([`Enqueue`]).
+#[derive(Default)]
+pub(crate) struct Gate {
+    pub capture: Option<Capture>,
+    /// Live [`Enqueue`] guards. A capture begins only when there are none: a call that looked,
+    /// saw no capture and then enqueued would otherwise put its work into a capture that began
+    /// in between (its launch recorded, not run; its free or synchronize breaking the capture).
+    enqueuing: usize,
+}
+
+/// A call's hold on the stream: while any is alive no capture begins (see [`Gate::enqueuing`]).
+/// Held from the check of the device's state to the driver call that enqueues, not longer;
+/// calls nest (an allocation's retry synchronizes).
+#[must_use = "the hold lasts as long as the guard: bind it to a name, not `_`"]
+pub(crate) struct Enqueue<'a>(&'a Device);
+
+impl Drop for Enqueue<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.gate.lock().unwrap_or_else(|p| p.into_inner());
+        g.enqueuing -= 1;
+        if g.enqueuing == 0 {
+            self.0.gate_changed.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: how long this thread pauses between passing the gate and enqueuing, to widen the
+    /// window in which a capture beginning on another thread could take its work.
+    pub(crate) static PAUSE_AFTER_GATE: std::cell::Cell<std::time::Duration> = const { std::cell::Cell::new(std::time::Duration::ZERO) };
+}
+
+#[cfg(test)]
+fn pause_after_gate() {
+    let d = PAUSE_AFTER_GATE.with(|p| p.get());
+    if !d.is_zero() {
+        std::thread::sleep(d);
+    }
+}
+
 impl Device {
-    /// Waits while another thread is capturing: everything enqueued on the device's one stream
-    /// during a capture would become part of that graph, so another thread's work (an op, a
-    /// copy, a synchronize, a capture) waits for it to end. The capturing thread passes.
-    pub(crate) fn gate(&self) {
-        drop(self.gate_locked());
+    /// Waits while another thread is capturing (everything enqueued on the device's one stream
+    /// during a capture would become part of that graph, so another thread's work, whether an
+    /// op, a copy, a synchronize or a capture, waits for it to end; the capturing thread passes),
+    /// then holds off new captures until the guard drops.
+    pub(crate) fn enqueue(&self) -> Enqueue<'_> {
+        let mut g = self.gate_locked();
+        g.enqueuing += 1;
+        drop(g);
+        #[cfg(test)]
+        pause_after_gate();
+        Enqueue(self)
     }
 
-    /// [`Device::gate`], returning the capture state still locked: no capture, or this thread's
-    /// (so a capture can begin with no other slipping in between).
-    fn gate_locked(&self) -> MutexGuard<'_, Option<Capture>> {
+    /// Holds off new captures without waiting for one in progress: for frees, which never wait
+    /// for a capture (they are put off until it ends, [`Device::free_plan`]).
+    pub(crate) fn hold(&self) -> Enqueue<'_> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).enqueuing += 1;
+        Enqueue(self)
+    }
+
+    /// The gate, locked once no other thread is capturing: no capture, or this thread's.
+    fn gate_locked(&self) -> MutexGuard<'_, Gate> {
         let me = std::thread::current().id();
-        let mut c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
-        while c.as_ref().is_some_and(|c| c.owner != me) {
-            c = self.capture_ended.wait(c).unwrap_or_else(|p| p.into_inner());
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        while g.capture.as_ref().is_some_and(|c| c.owner != me) {
+            g = self.gate_changed.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        c
+        g
+    }
+
+    /// Begins a capture on this thread: waits for another thread's capture to end and for every
+    /// call enqueuing to finish, then marks the capture and starts the driver's, with the gate
+    /// locked throughout, so no other call slips in between.
+    fn begin_capture(&self) -> Result<()> {
+        let me = std::thread::current().id();
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &g.capture {
+                Some(c) if c.owner == me => return Err(Device::not_in_capture("another capture")),
+                None if g.enqueuing == 0 => break,
+                _ => g = self.gate_changed.wait(g).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+        if self.emu.is_none() {
+            // Relaxed: this thread may call cuMemAlloc while capturing (see the module docs), and
+            // other threads go on with their own CUDA work; what a graph cannot hold is refused
+            // by the backend itself, with a sentence.
+            // SAFETY: the stream is the device's; nothing else is enqueuing on it (the gate).
+            let r = unsafe { dr::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) };
+            r.map_err(|e| self.fail("cuStreamBeginCapture", e))?;
+        }
+        g.capture = Some(Capture::new());
+        Ok(())
     }
 
     /// Runs `f` on the capture in progress: `None` when there is none. Whichever thread calls,
-    /// as the stream would take its work into the graph: [`Device::gate`] keeps other threads
+    /// as the stream would take its work into the graph: [`Device::enqueue`] keeps other threads
     /// out before they get here.
     pub(crate) fn with_capture<R>(&self, f: impl FnOnce(&mut Capture) -> R) -> Option<R> {
-        self.capture.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(f)
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).capture.as_mut().map(f)
     }
 
     /// Whether a capture is in progress on this device.
@@ -273,7 +359,12 @@ impl CudaBackend {
     /// ```
     pub fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
         let dev = &self.dev;
-        dev.ready()?;
+        {
+            let _slot = dev.ready()?;
+            if dev.capturing() {
+                return Err(Device::not_in_capture("another capture"));
+            }
+        }
         if dev.emu.is_none() {
             // Every kernel loaded before the capture: a module load, or a lazily loaded kernel's
             // first use, inside it could end it. (An entry this GPU's module lacks is one the
@@ -285,25 +376,11 @@ impl CudaBackend {
                 }
             }
         }
-        {
-            let mut c = dev.gate_locked();
-            if c.is_some() {
-                return Err(Device::not_in_capture("another capture"));
-            }
-            *c = Some(Capture::new());
-        }
-        if dev.emu.is_none() {
-            // Relaxed: this thread may call cuMemAlloc while capturing (see the module docs), and
-            // other threads go on with their own CUDA work; what a graph cannot hold is refused
-            // by the backend itself, with a sentence.
-            // SAFETY: the stream is the device's.
-            let r = unsafe { dr::stream::begin_capture(dev.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) };
-            if let Err(e) = r {
-                *dev.capture.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                dev.capture_ended.notify_all();
-                return Err(dev.fail("cuStreamBeginCapture", e));
-            }
-        }
+        // The capture allocates with cuMemAlloc (see the module docs), which cannot use the
+        // memory the pool keeps (Device::new keeps freed memory there): hand that back first, or a
+        // capture after its warm-up could run out of memory with the warm-up's scratch idle.
+        dev.trim_pool()?;
+        dev.begin_capture()?;
         // The capture ends even when `work` panics: the stream must not stay capturing.
         let mut ending = Ending { dev, done: false };
         let result = work();
@@ -412,8 +489,8 @@ impl Ending<'_> {
         } else {
             None
         };
-        let cap = self.dev.capture.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_else(Capture::new);
-        self.dev.capture_ended.notify_all();
+        let cap = self.dev.gate.lock().unwrap_or_else(|p| p.into_inner()).capture.take().unwrap_or_else(Capture::new);
+        self.dev.gate_changed.notify_all();
         (graph, cap)
     }
 }
@@ -454,7 +531,7 @@ impl CudaGraph {
     /// download reports its errors, the kernels' error flags included.
     pub fn launch(&self) -> Result<()> {
         let dev = &self.dev;
-        dev.ready()?;
+        let _slot = dev.ready()?;
         if dev.capturing() {
             return Err(Device::not_in_capture("CudaGraph::launch"));
         }
@@ -510,7 +587,9 @@ impl Device {
     /// Frees a dropped graph: waits for its launches, destroys it, frees its scratch, and frees
     /// the buffers it kept once no live graph uses them.
     fn take_apart(&self, parts: Parts) {
-        if !parts.exec.is_null() && self.ready().is_ok() {
+        if !parts.exec.is_null()
+            && let Ok(_slot) = self.ready()
+        {
             // SAFETY: the stream is the device's (not capturing: see CudaGraph's Drop); `exec`
             // came from instantiate and is destroyed once, after its launches finished.
             unsafe {

@@ -304,11 +304,13 @@ impl Module {
 impl Device {
     /// The module of `source`, compiled and loaded on first use.
     pub(crate) fn module(&self, source: Source) -> Result<Arc<Module>> {
+        // Before the lock: a thread waiting here for another thread's capture to end must not
+        // hold the lock that capture's launches take.
+        let _slot = self.ready()?;
         let mut map = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = map.get(&source) {
             return Ok(m.clone());
         }
-        self.ready()?;
         let m = Arc::new(self.load_module(source)?);
         map.insert(source, m.clone());
         Ok(m)
@@ -394,7 +396,7 @@ impl Device {
         ptrs: &[u64],
     ) -> Result<()> {
         if self.emu.is_some() {
-            self.ready()?;
+            let _slot = self.ready()?;
             let name = CString::new(entry).unwrap_or_default();
             let step = || Some(crate::graph::Step::Launch { entry: name.clone(), grid, block, smem, params: *params, ptrs: ptrs.to_vec() });
             if self.note(ptrs, step).is_some() {
@@ -402,9 +404,10 @@ impl Device {
             }
             return self.emu_launch(&name, grid, block, smem, params, ptrs);
         }
+        // Waits out another thread's capture (so the note below belongs to this thread's, if
+        // any), then holds off new ones until the launch is enqueued.
+        let _slot = self.ready()?;
         let f = self.func(source, entry)?;
-        // (After waiting out another thread's capture: the note belongs to this thread's.)
-        self.ready()?;
         // In a capture, the driver records the launch; the graph keeps `ptrs` allocated.
         self.note(ptrs, || None);
         let mut p = *params;

@@ -363,11 +363,15 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CudaBuffer> {
-        CudaBuffer::new(&self.dev, shape.iter().product::<usize>() * dtype.size())
+        CudaBuffer::new(&self.dev, dtype.tensor_bytes(shape)?)
+    }
+
+    fn buffer_bytes(&self, buf: &CudaBuffer) -> Option<usize> {
+        Some(buf.bytes)
     }
 
     fn upload(&self, dtype: DType, shape: &[usize], host: &[u8]) -> Result<CudaBuffer> {
-        let want = shape.iter().product::<usize>() * dtype.size();
+        let want = dtype.tensor_bytes(shape)?;
         if host.len() != want {
             return moe_hal::invalid!("a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}", host.len());
         }

@@ -123,6 +123,15 @@ pub trait Backend: Send + Sync + 'static {
     /// over several native buffers on expert boundaries.
     fn upload(&self, dtype: DType, shape: &[usize], host: &[u8]) -> Result<Self::Buffer>;
 
+    /// The size of `buf` in bytes, where the backend keeps it (the default: `None`, unknown).
+    /// [`crate::ops`] checks every tensor's buffer against its dtype and shape with it: the
+    /// fields of [`Tensor`] are public, and a shape larger than its buffer would otherwise send a
+    /// kernel past the end of the allocation. Return the size the buffer was made for.
+    fn buffer_bytes(&self, buf: &Self::Buffer) -> Option<usize> {
+        let _ = buf;
+        None
+    }
+
     /// Waits for all enqueued work, then copies the whole buffer into `host` (exactly its size).
     fn download(&self, buf: &Self::Buffer, host: &mut [u8]) -> Result<()>;
 

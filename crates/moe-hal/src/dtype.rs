@@ -41,6 +41,16 @@ impl DType {
         }
     }
 
+    /// Bytes of a tensor of this dtype and `shape`: an error, not an overflow, when the count
+    /// does not fit `usize` (a hand-made shape, a corrupt header). Backends size their
+    /// allocations with it.
+    pub fn tensor_bytes(self, shape: &[usize]) -> crate::Result<usize> {
+        match shape.iter().try_fold(self.size(), |n, &d| n.checked_mul(d)) {
+            Some(n) => Ok(n),
+            None => crate::invalid!("a {self} tensor of shape {shape:?} has more bytes than this machine can address"),
+        }
+    }
+
     /// The name used on the command line and in reports: `f32`, `f16`, `bf16`, `f8_e4m3`, `u32`.
     pub fn name(self) -> &'static str {
         match self {

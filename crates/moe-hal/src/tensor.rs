@@ -33,6 +33,7 @@ impl<B: Backend + ?Sized> Tensor<B> {
         if dtype.is_block_scaled() {
             return invalid!("an {dtype} tensor needs its block scales: upload it with Tensor::from_host");
         }
+        dtype.tensor_bytes(shape)?;
         Ok(Tensor { buf: backend.alloc(dtype, shape)?, dtype, shape: shape.to_vec(), scales: None })
     }
 
@@ -42,7 +43,7 @@ impl<B: Backend + ?Sized> Tensor<B> {
         if dtype.is_block_scaled() {
             return invalid!("an {dtype} tensor needs its block scales: upload it with Tensor::from_host");
         }
-        let want = shape.iter().product::<usize>() * dtype.size();
+        let want = dtype.tensor_bytes(shape)?;
         if bytes.len() != want {
             return invalid!("a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}", bytes.len());
         }

@@ -425,8 +425,12 @@ impl Backend for WgpuBackend {
         self.make_buffer(dtype, shape, None)
     }
 
+    fn buffer_bytes(&self, buf: &WgpuBuffer) -> Option<usize> {
+        Some(buf.bytes)
+    }
+
     fn upload(&self, dtype: DType, shape: &[usize], host: &[u8]) -> Result<WgpuBuffer> {
-        let want = shape.iter().product::<usize>() * dtype.size();
+        let want = dtype.tensor_bytes(shape)?;
         if host.len() != want {
             return moe_hal::invalid!("a {dtype} tensor of shape {shape:?} needs {want} bytes, got {}", host.len());
         }

@@ -52,6 +52,8 @@ impl WgpuBackend {
     /// [`Self::make_buffer`] with parts of at most `limit` bytes.
     pub(crate) fn make_buffer_within(&self, dtype: DType, shape: &[usize], host: Option<&[u8]>, limit: u64) -> Result<WgpuBuffer> {
         self.faults.take()?;
+        // Checked first: the plan's products of dimensions are then bounded by it.
+        let bytes = dtype.tensor_bytes(shape)?;
         let plan = buffer::plan(dtype, shape, limit)?;
         // Scratch inside the calling thread's `forward` is recycled (see `batch.rs`).
         let recycle = host.is_none() && self.batches.owned_here();
@@ -70,7 +72,6 @@ impl WgpuBackend {
             }
             parts.push(Part { buf, start, bytes });
         }
-        let bytes = shape.iter().product::<usize>() * dtype.size();
         Ok(WgpuBuffer { parts, bytes, recycle: recycle.then(|| self.batches.clone()) })
     }
 

@@ -94,7 +94,7 @@ impl Backend for FallbackBackend {
 
     /// Step 1 of a port: allocation (here a zeroed `Vec`; a device may leave it uninitialised).
     fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<HostBuffer> {
-        let len = shape.iter().product::<usize>() * dtype.size();
+        let len = dtype.tensor_bytes(shape)?;
         let mut b = HostBuffer::with_capacity(len)?;
         b.bytes.resize(len, 0);
         Ok(b)
@@ -106,6 +106,12 @@ impl Backend for FallbackBackend {
         let mut b = HostBuffer::with_capacity(host.len())?;
         b.bytes.extend_from_slice(host);
         Ok(b)
+    }
+
+    /// Step 1 of a port: the size a buffer was made for, so `moe_hal::ops` can check each
+    /// tensor's shape against its buffer.
+    fn buffer_bytes(&self, buf: &HostBuffer) -> Option<usize> {
+        Some(buf.bytes.len())
     }
 
     /// Step 1 of a port: device-to-host copy, after all enqueued work (none here: every op

@@ -24,6 +24,22 @@ fn filled<B: Backend>(b: &B, dtype: DType, shape: &[usize]) -> Result<Tensor<B>,
 
 type Spec = (DType, &'static [usize]);
 
+/// A tensor allocated for `real` whose (public) shape was then set to the larger `claimed`: a
+/// hand-made `Tensor` whose shape its buffer cannot hold. Fails when the backend does not say
+/// how large its buffers are ([`Backend::buffer_bytes`]), since then `moe_hal::ops` cannot refuse
+/// such a tensor and the kernel would run past the end of the buffer.
+fn outgrown<B: Backend>(b: &B, dtype: DType, real: &[usize], claimed: &[usize]) -> Result<Tensor<B>, Fail> {
+    let mut t = filled(b, dtype, real)?;
+    if b.buffer_bytes(&t.buf).is_none() {
+        return wrong!(
+            "Backend::buffer_bytes returns None, so moe_hal::ops cannot refuse a tensor whose shape is larger than its \
+             buffer: implement it (PORTING.md, step 1)"
+        );
+    }
+    t.shape = claimed.to_vec();
+    Ok(t)
+}
+
 // ---------------------------------------------------------------------------------------------
 // router_topk
 // ---------------------------------------------------------------------------------------------
@@ -212,6 +228,13 @@ pub fn grouped_gemm<B: Backend>() -> Vec<Case<B>> {
         gemm_bad("dense_w_with_offsets", (F32, &[4, 8]), None, (F32, &[16, 8]), Some((U32, &[2])), (F32, &[4, 16])),
         gemm_bad("gather_f32", (F32, &[4, 8]), Some((F32, &[4])), (F32, &[2, 16, 8]), Some((U32, &[3])), (F32, &[4, 16])),
         gemm_bad("x_vector", (F32, &[32]), None, (F32, &[16, 8]), None, (F32, &[4, 16])),
+        Case::new(GEMM, "w_larger_than_its_buffer", Op::GroupedGemm, Some(F32), "w [2, 16, 8] claiming [2, 16, 800]", |b: &B| {
+            let xt = filled(b, F32, &[4, 800])?;
+            let wt = outgrown(b, F32, &[2, 16, 8], &[2, 16, 800])?;
+            let ot = Tensor::from_u32(b, &[3], &[0, 2, 4]).ctx("uploading an input")?;
+            let mut yt = filled(b, F32, &[4, 16])?;
+            expect_invalid("grouped_gemm", ops::grouped_gemm(b, &xt, None, &wt, Some(&ot), &mut yt))
+        }),
         gemm_bad_data(Op::GroupedGemm, "offsets_past_m_f8", F8E4M3, 8, &[0, 4, 9], false),
         gemm_bad_data(Op::GroupedGemm, "tiled_gather_index_out_of_range_f8", F8E4M3, 40, &[0, 15, 40], true),
         scales_bad("f8_without_scales", "f8_e4m3 w [2, 16, 8] with its scales removed", |b, w| {
@@ -318,6 +341,31 @@ pub fn activation<B: Backend>() -> Vec<Case<B>> {
         activation_bad("gate_up_u32", (U32, &[4, 8]), (F32, &[4, 4])),
         activation_bad("h_f16", (F32, &[4, 8]), (F16, &[4, 4])),
         activation_bad("gate_up_3d", (F32, &[2, 2, 8]), (F32, &[4, 4])),
+        Case::new(
+            "activation_f32_invalid",
+            "gate_up_larger_than_its_buffer",
+            Op::Activation,
+            None,
+            "gate_up [4, 8] claiming [4096, 8]",
+            |b: &B| {
+                let gu = outgrown(b, DType::F32, &[4, 8], &[4096, 8])?;
+                let mut h = filled(b, DType::F32, &[4096, 4])?;
+                expect_invalid("activation", ops::activation(b, &gu, &mut h))
+            },
+        ),
+        Case::new("activation_f32_invalid", "h_larger_than_its_buffer", Op::Activation, None, "h [1, 4] claiming [4096, 4]", |b: &B| {
+            let gu = filled(b, DType::F32, &[4096, 8])?;
+            let mut h = outgrown(b, DType::F32, &[1, 4], &[4096, 4])?;
+            expect_invalid("activation", ops::activation(b, &gu, &mut h))
+        }),
+        Case::new(
+            "activation_f32_invalid",
+            "shape_overflowing_usize",
+            Op::Activation,
+            None,
+            "Tensor::alloc of [usize::MAX / 2, 8]",
+            |b: &B| expect_invalid("Tensor::alloc", Tensor::alloc(b, DType::F32, &[usize::MAX / 2, 8]).map(|_| ())),
+        ),
     ]
 }
 
@@ -436,7 +484,32 @@ pub fn forward<B: Backend>() -> Vec<Case<B>> {
             let (mut o, mut i, mut w) = (filled(b, F32, &[3, 16])?, filled(b, U32, &[3, 2])?, filled(b, F32, &[3, 2])?);
             expect_invalid("forward", ops::forward(b, &layer, &xt, &mut o, &mut i, &mut w))
         });
+    let down_outgrown = Case::new(
+        FWD,
+        "hand_assembled_down_larger_than_its_buffer",
+        Op::Forward,
+        Some(F32),
+        "down [1, 16, 8] claiming [4, 16, 8]",
+        |b: &B| {
+            let host = random_layer(&small_config(), false, F32, F32, &mut Rng::from_name(FWD));
+            let mut layer = Layer::upload(b, &host).ctx("Layer::upload of a valid layer")?;
+            layer.down = outgrown(b, F32, &[1, 16, 8], &[4, 16, 8])?;
+            let xt = filled(b, F32, &[3, 16])?;
+            let (mut o, mut i, mut w) = (filled(b, F32, &[3, 16])?, filled(b, U32, &[3, 2])?, filled(b, F32, &[3, 2])?);
+            expect_invalid("forward", ops::forward(b, &layer, &xt, &mut o, &mut i, &mut w))
+        },
+    );
+    let out_outgrown = Case::new(FWD, "output_larger_than_its_buffer", Op::Forward, Some(F32), "out [1, 16] claiming [3, 16]", |b: &B| {
+        let host = random_layer(&small_config(), false, F32, F32, &mut Rng::from_name(FWD));
+        let layer = Layer::upload(b, &host).ctx("Layer::upload of a valid layer")?;
+        let xt = filled(b, F32, &[3, 16])?;
+        let mut o = outgrown(b, F32, &[1, 16], &[3, 16])?;
+        let (mut i, mut w) = (filled(b, U32, &[3, 2])?, filled(b, F32, &[3, 2])?);
+        expect_invalid("forward", ops::forward(b, &layer, &xt, &mut o, &mut i, &mut w))
+    });
     vec![
+        down_outgrown,
+        out_outgrown,
         forward_bad("x_hidden", (F32, &[3, 17]), (F32, &[3, 16]), (U32, &[3, 2]), (F32, &[3, 2])),
         forward_bad("x_f16", (F16, &[3, 16]), (F32, &[3, 16]), (U32, &[3, 2]), (F32, &[3, 2])),
         forward_bad("out_shape", (F32, &[3, 16]), (F32, &[2, 16]), (U32, &[3, 2]), (F32, &[3, 2])),

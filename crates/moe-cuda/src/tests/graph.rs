@@ -266,3 +266,36 @@ fn another_threads_work_waits_for_a_capture() {
         assert_eq!(g.read(&b), want, "{name}: the graph");
     }
 }
+
+/// Captures on one thread while another runs the layer eagerly, over and over: no eager call is
+/// refused, recorded into a graph or split between the two (a call that found no capture
+/// holds off a capture's beginning until it has enqueued), and every graph holds only its own
+/// thread's work. The eager thread pauses between passing the gate and enqueuing, so a capture
+/// that could begin in that window would, often.
+#[test]
+fn captures_and_eager_work_on_two_threads_never_mix() {
+    for (name, b) in backends() {
+        let t = 4;
+        let (l, x, mut o, want) = layer_input_and_forward(&b, 0x5EED_0005, t);
+        let alone = b.capture(|| o.forward(&b, &l, &x)).unwrap().nodes();
+        let rounds = 24;
+        std::thread::scope(|s| {
+            let eager = s.spawn(|| {
+                crate::graph::PAUSE_AFTER_GATE.with(|p| p.set(std::time::Duration::from_micros(300)));
+                for round in 0..rounds {
+                    let mut mine = Outputs::new(&b, t);
+                    mine.forward(&b, &l, &x).unwrap();
+                    assert_eq!(mine.read(&b), want, "{name}: the eager layer, round {round}");
+                }
+            });
+            for round in 0..rounds {
+                let mut g = Outputs::new(&b, t);
+                let graph = b.capture(|| g.forward(&b, &l, &x)).unwrap();
+                assert_eq!(graph.nodes(), alone, "{name}: graph {round} holds another thread's work");
+                graph.launch().unwrap();
+                assert_eq!(g.read(&b), want, "{name}: graph {round}");
+            }
+            eager.join().unwrap();
+        });
+    }
+}
