@@ -83,6 +83,10 @@ pub fn json(device: &str, results: &[(CaseInfo, Outcome)]) -> serde_json::Value 
 
 pub fn conform(args: &ConformArgs) -> Result<()> {
     if let Some(base) = &args.report {
+        // `--report out/` would otherwise write out.md and out.json beside the directory.
+        if base.is_dir() || base.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR) {
+            return moe_hal::invalid!("--report {} is a directory; name a file base (FILE gives FILE.md and FILE.json)", base.display());
+        }
         crate::out_file::check_writable(&base.with_extension("md"), "--report")?;
     }
     let (device, results) = dispatch(args.backend, Conform { filter: args.filter.as_deref() })?;

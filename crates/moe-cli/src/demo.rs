@@ -28,7 +28,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     pub top_k: usize,
     /// Storage dtype of the weights.
-    #[arg(long, default_value = "bf16")]
+    #[arg(long, default_value = "bf16", value_parser = crate::weight_dtype)]
     pub dtype: DType,
     /// Timed iterations (the median is reported).
     #[arg(long, default_value_t = 5)]

@@ -11,6 +11,7 @@ mod bench;
 mod conform;
 mod demo;
 mod graphs;
+mod in_file;
 mod out_file;
 mod plot;
 mod run;
@@ -19,6 +20,15 @@ mod tensor_file;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+
+/// `--dtype`: a weight storage dtype (`u32` parses as a dtype but holds ids, not weights).
+fn weight_dtype(s: &str) -> Result<moe_hal::DType, String> {
+    match s.parse::<moe_hal::DType>() {
+        Ok(d) if d.is_weight() => Ok(d),
+        Ok(d) => Err(format!("{d} is not a weight dtype; expected f32, f16, bf16 or f8_e4m3")),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "moe", version, about = "Run the Mixture-of-Experts layer of DeepSeek-class models on any accelerator")]

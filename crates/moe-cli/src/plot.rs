@@ -38,10 +38,15 @@ fn register_font() -> Result<()> {
 /// What [`plot`] needs besides rows, checked before a bench runs: a `.svg` or `.png` name and a
 /// font for the text.
 pub fn check(path: &Path) -> Result<()> {
-    match path.extension().and_then(|e| e.to_str()) {
+    match extension(path).as_deref() {
         Some("svg" | "png") => register_font(),
         _ => moe_hal::invalid!("--plot writes SVG or PNG; name the file *.svg or *.png (got {})", path.display()),
     }
+}
+
+/// The file's extension in lower case (`p.SVG` is an SVG too).
+fn extension(path: &Path) -> Option<String> {
+    path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
 }
 
 /// Writes the plot to `path` (atomically, [`crate::out_file::write_atomic`]): SVG for `.svg`,
@@ -54,7 +59,7 @@ pub fn plot(path: &Path, title: &str, runs: &[Run]) -> Result<()> {
     // Both backends lay text out with the registered font's metrics; the temporary file keeps
     // the extension.
     crate::out_file::write_atomic(path, |tmp| {
-        if path.extension().and_then(|e| e.to_str()) == Some("svg") {
+        if extension(path).as_deref() == Some("svg") {
             draw(SVGBackend::new(tmp, (900, 600)).into_drawing_area(), path, title, runs)
         } else {
             draw(BitMapBackend::new(tmp, (900, 600)).into_drawing_area(), path, title, runs)

@@ -25,7 +25,7 @@ pub struct RunArgs {
     /// Storage dtype of the weights on the device: f32, f16, bf16 or f8_e4m3 (default: as in the
     /// checkpoint; FP8 checkpoints stay f8_e4m3 with their block scales, bf16 or f32 dequantizes
     /// them on load; f8_e4m3 quantizes a float checkpoint in 128x128 blocks).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::weight_dtype)]
     pub dtype: Option<DType>,
 }
 
@@ -56,8 +56,27 @@ impl Job for Forward<'_> {
     }
 }
 
+/// `--output` must not name the input or a file of the checkpoint: the run would replace what it
+/// reads (and, for a shard, a model's weights) with its result.
+fn refuse_overwriting_inputs(args: &RunArgs) -> Result<()> {
+    if crate::out_file::same_file(&args.output, &args.input) {
+        return moe_hal::invalid!("--output {} is the --input file; name another file", args.output.display());
+    }
+    let model_files = std::fs::read_dir(&args.model).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+    });
+    for f in model_files {
+        if crate::out_file::same_file(&args.output, &f) {
+            return moe_hal::invalid!("--output {} is {}, a file of the checkpoint; name another file", args.output.display(), f.display());
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
     crate::out_file::check_writable(&args.output, "--output")?;
+    refuse_overwriting_inputs(args)?;
     let ckpt = moe_checkpoint::load_layer(&args.model, args.layer, args.dtype)?;
     let layer = &ckpt.layer;
     let (tokens, hidden, x) = read_hidden_states(&args.input)?;
@@ -71,11 +90,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
         );
     }
     let r = dispatch(args.backend, Forward { layer, tokens, x: &x })?;
+    // The input was checked finite as it was read: NaN or infinity here comes from the weights.
     if let Some(i) = r.out.iter().position(|v| !v.is_finite()) {
-        return Err(moe_hal::Error::Driver(format!(
-            "the backend produced a non-finite output at token {}; nothing was written",
-            i / hidden
-        )));
+        return moe_hal::invalid!(
+            "the layer's output is not finite at token {} though the input is: layer {} of {} holds NaN or infinite \
+             weights, or its products overflow f32 (if --backend cpu gives a finite output, report the backend); \
+             nothing was written",
+            i / hidden,
+            args.layer,
+            args.model.display()
+        );
     }
     write_output(
         &args.output,

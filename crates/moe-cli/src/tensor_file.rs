@@ -8,7 +8,7 @@ use std::path::Path;
 /// non-finite values.
 pub fn read_hidden_states(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     let what = path.display();
-    let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("cannot read the input file {what}: {e}")))?;
+    let bytes = crate::in_file::read_regular(path, "--input", None)?;
     let st =
         SafeTensors::deserialize(&bytes).map_err(|e| Error::InvalidArgument(format!("{what} is not a valid safetensors file: {e}")))?;
     let view = st.tensor("hidden_states").map_err(|_| {

@@ -278,6 +278,30 @@ fn bad_inputs_give_one_clear_sentence_and_no_output() {
     let err = stderr(&o);
     assert!(!o.status.success() && err.contains("--output") && err.contains("does not exist"), "{err}");
     assert!(!err.contains("moe run: "), "the layer ran: {err}");
+
+    // An output that would replace the input or a file of the checkpoint is refused, and they
+    // stay as they were.
+    let model = d.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "input.safetensors"] {
+        std::fs::copy(m.join(f), model.join(f)).unwrap();
+    }
+    let input = model.join("input.safetensors");
+    for (target, needle) in
+        [(input.clone(), "--input"), (model.join("model.safetensors"), "checkpoint"), (model.join("config.json"), "checkpoint")]
+    {
+        let before = std::fs::read(&target).unwrap();
+        let o = moe(&run_args(&model, &input, &target));
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains(needle), "{}: {err}", target.display());
+        assert_eq!(std::fs::read(&target).unwrap(), before, "{} changed", target.display());
+    }
+    // An input that is not a regular file is refused, not read until memory runs out.
+    let (ok, err) = run_with(d, Path::new("/dev/zero"), &["--backend", "cpu"]);
+    assert!(!ok && err.contains("not a regular file"), "{err}");
+    // A dtype that is not a weight dtype.
+    let o = moe(&[&run_args(&m, &good, &out)[..], &["--dtype", "u32"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("not a weight dtype"), "{}", stderr(&o));
 }
 
 #[test]
@@ -405,6 +429,24 @@ fn bench_runs_end_to_end_on_a_tiny_shape() {
         assert!(!out.contains("of floor"), "it ran first: {out}");
     }
     // Bad flags are one sentence.
-    let o = moe(&["bench", "--backend", "cpu", "--tokens", "0"]);
-    assert!(!o.status.success() && stderr(&o).starts_with("error: "), "{}", stderr(&o));
+    for bad in [&["--tokens", "0"][..], &["--bandwidth-gbs", "0"], &["--peak-tflops", "nan"], &["--dtype", "u32"]] {
+        let o = moe(&[&["bench", "--backend", "cpu"][..], bad].concat());
+        assert!(!o.status.success() && stderr(&o).starts_with("error: "), "{bad:?}: {}", stderr(&o));
+    }
+    // Nothing measured (every token count skipped, or no backend ran): the command fails and
+    // writes no file.
+    let empty = dir.path().join("empty.json");
+    for (backends, extra) in [("cpu", &["--shared", "1000000000"][..]), ("cann", &[])] {
+        let o = tiny_bench(backends, &[&["--tokens", "1", "--iters", "1", "--json", empty.to_str().unwrap()][..], extra].concat());
+        assert!(!o.status.success() && !empty.exists(), "{backends} {extra:?}: {}", stderr(&o));
+    }
+    // A comparison file that is not a regular file, or whose times are not positive.
+    let o = tiny_bench("cpu", &[&quick[..], &["--compare", "/dev/zero"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    let mut bad: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    bad["runs"][0]["rows"][0]["time_s"] = serde_json::json!(-1.0);
+    let bad_json = dir.path().join("bad.json");
+    std::fs::write(&bad_json, bad.to_string()).unwrap();
+    let o = tiny_bench("cpu", &[&quick[..], &["--compare", bad_json.to_str().unwrap()]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("positive seconds"), "{}", stderr(&o));
 }

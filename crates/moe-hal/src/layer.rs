@@ -134,12 +134,13 @@ impl MoeConfig {
         let f32_bytes = 4.0 * self.elements();
         if f32_bytes > (1u64 << 50) as f64 {
             return invalid!(
-                "hidden {}, intermediate {}, {} experts and shared intermediate {} make {f32_bytes:.2e} bytes of f32 weights, \
-                 more than any device holds",
+                "hidden {}, intermediate {}, {} experts and shared intermediate {} make {:.2e} weights ({f32_bytes:.2e} bytes \
+                 as f32, the limit being 1 PiB whatever the storage dtype), more than any device holds",
                 self.hidden,
                 self.intermediate,
                 self.experts,
-                self.shared_intermediate
+                self.shared_intermediate,
+                self.elements()
             );
         }
         Ok(())

@@ -99,7 +99,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16,128,1024,4096")]
     pub tokens: Vec<usize>,
     /// Storage dtype of the weights: f32, f16, bf16 or f8_e4m3 (with 128x128 block scales).
-    #[arg(long, default_value = "bf16")]
+    #[arg(long, default_value = "bf16", value_parser = crate::weight_dtype)]
     pub dtype: DType,
     /// Timed iterations per token count (the median is reported).
     #[arg(long, default_value_t = 20)]
@@ -464,6 +464,13 @@ pub fn config(args: &BenchArgs) -> Result<MoeConfig> {
     if args.iters == 0 {
         return moe_hal::invalid!("--iters must be at least 1");
     }
+    for (flag, v) in [("--bandwidth-gbs", args.bandwidth_gbs), ("--peak-tflops", args.peak_tflops)] {
+        if let Some(v) = v
+            && !(v.is_finite() && v > 0.0)
+        {
+            return moe_hal::invalid!("{flag} must be a positive number, got {v}");
+        }
+    }
     Ok(c)
 }
 
@@ -477,7 +484,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         crate::out_file::check_writable(path, "--json")?;
     }
-    let peers = args.compare.as_ref().map(read_report).transpose()?;
+    let peers = args.compare.as_deref().map(read_report).transpose()?;
     println!(
         "moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration",
         args.preset
@@ -526,6 +533,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     print_runs(&report);
     if let Some(peers) = &peers {
         print_ratios(&report, peers);
+    }
+    // Nothing measured (every backend failed, or skipped every token count): no file is worth
+    // writing, and the command fails.
+    if report.runs.iter().all(|r| r.rows.is_empty()) {
+        return match failed.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => moe_hal::invalid!(
+                "nothing was measured: every token count was skipped (the reasons are above){}",
+                if args.json.is_some() || args.plot.is_some() { "; no file was written" } else { "" }
+            ),
+        };
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Io(e.to_string()))?;

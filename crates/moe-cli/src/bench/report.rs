@@ -3,7 +3,7 @@
 
 use moe_hal::{Error, MoeConfig, Result};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::Path;
 
 /// One token count's measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,9 +94,27 @@ pub(super) fn today() -> String {
         .unwrap_or_default()
 }
 
-pub(super) fn read_report(path: &PathBuf) -> Result<Report> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{} is not a bench report: {e}", path.display())))
+pub(super) fn read_report(path: &Path) -> Result<Report> {
+    // 256 MiB: a report is a few KiB per run.
+    let bytes = crate::in_file::read_regular(path, "--compare", Some(256 << 20))?;
+    let report: Report =
+        serde_json::from_slice(&bytes).map_err(|e| Error::InvalidArgument(format!("{} is not a bench report: {e}", path.display())))?;
+    // A time or a floor that is not a positive number would print as a nonsense ratio.
+    for run in &report.runs {
+        for r in &run.rows {
+            if !(r.time_s.is_finite() && r.time_s > 0.0 && r.floor_s.is_finite() && r.floor_s >= 0.0) {
+                return moe_hal::invalid!(
+                    "{}: {} at {} tokens has time_s {} and floor_s {}; times must be positive seconds",
+                    path.display(),
+                    run.backend,
+                    r.tokens,
+                    r.time_s,
+                    r.floor_s
+                );
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// The table of every run: a header per run (its copy bandwidth and peak where it measured
