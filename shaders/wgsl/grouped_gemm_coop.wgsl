@@ -14,8 +14,9 @@
 //                        significant bits (the router's logits decide the routing; the CUDA
 //                        backend's mma_split_* do the same).
 //
-// Numbers: weights become f16 (exact for f16 storage; bf16 keeps all its bits within f16's range,
-// 6e-8 .. 65504; smaller magnitudes round toward zero, larger ones clamp; f8_e4m3 is scaled in f32
+// Numbers: weights become f16 (exact for f16 storage; bf16 keeps all its bits within f16's normal
+// range, 6.1e-5 .. 65504, and loses low bits among f16's subnormals down to 6e-8; smaller
+// magnitudes round toward zero, larger ones clamp; f8_e4m3 is scaled in f32
 // first, then rounded to f16 the same way), x is rounded to f16
 // (clamped to +-65504) unless SPLIT, NaN stays NaN, and every sum accumulates in f32.
 //

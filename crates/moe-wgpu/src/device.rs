@@ -53,6 +53,24 @@ pub(crate) fn best_adapter() -> std::result::Result<(wgpu::Instance, wgpu::Adapt
         .into())
 }
 
+/// What the kernels need of an adapter beyond compute shaders: 256 invocations per workgroup
+/// (along x), 16 KiB of workgroup memory (the decode kernel's partial sums), 7 storage buffers in
+/// one kernel (grouped_gemm, permute). WebGPU's defaults give all three; a GL ES 3.1 adapter at
+/// its minimums (128 invocations, 4 storage blocks) does not, and would fail at every op.
+/// `adapter` names it in the error.
+pub(crate) fn check_limits(adapter: &str, l: &wgpu::Limits) -> std::result::Result<(), String> {
+    let needs = [
+        ("invocations per workgroup", l.max_compute_invocations_per_workgroup, 256),
+        ("workgroup size along x", l.max_compute_workgroup_size_x, 256),
+        ("bytes of workgroup memory", l.max_compute_workgroup_storage_size, 16384),
+        ("storage buffers per kernel", l.max_storage_buffers_per_shader_stage, 7),
+    ];
+    match needs.iter().find(|(_, has, need)| has < need) {
+        Some((what, has, need)) => Err(format!("{adapter} allows {has} {what}; the kernels need {need}")),
+        None => Ok(()),
+    }
+}
+
 /// `"<adapter name> (<API>)"`, e.g. `"llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)"`.
 pub(crate) fn describe(info: &wgpu::AdapterInfo) -> String {
     let api = match info.backend {

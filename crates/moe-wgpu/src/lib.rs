@@ -26,7 +26,7 @@
 //! Where the adapter has `SHADER_F16`, `SUBGROUP` and wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX`
 //! with a square f16 x f16 -> f32 configuration of 8 or 16, the device is opened with them and
 //! grouped GEMMs on f16/bf16/f8_e4m3 weights run on tensor cores (`tiled_coop` below); `features` then
-//! ends with `tensor cores: ...`. (A driver may list them and still refuse a device with them:
+//! lists `tensor cores: ...`. (A driver may list them and still refuse a device with them:
 //! the device then opens without them, `features` says `tensor cores: not used: ..` and why.) `MOE_WGPU_COOP=0` opens the device without them;
 //! `MOE_WGPU_COOP_SIZE=16` (tests only; honoured on a CPU adapter only) uses 16x16 even where the
 //! adapter offers 8x8, which lavapipe executes, so CI runs the size an NVIDIA GPU will;
@@ -35,7 +35,9 @@
 //! Kernels are compiled without wgpu's shader runtime checks (clamps on array indices, guards on
 //! integer divisions, loop counters; `MOE_WGPU_CHECKED=1` or [`WgpuBackend::with_shader_checks`]
 //! puts them back): every index they form is in bounds by construction, and a test checks that
-//! the checks change no bit. Storage buffers stay bounds-checked by a robust driver either way.
+//! the checks change no bit, and [`moe_hal::ops`] refuses a tensor whose shape is larger than its
+//! buffer ([`moe_hal::Backend::buffer_bytes`]). A robust driver (Vulkan's robust buffer access)
+//! bounds storage buffers besides; Metal has no such guard.
 //!
 //! Every kernel reads its parameters (64 bytes) as immediates (push constants) where the adapter
 //! has `IMMEDIATES` (Vulkan does), so a dispatch creates no buffer, only its bind group; elsewhere
@@ -153,6 +155,7 @@ use moe_hal::{Backend, BackendInfo, DType, Error, Op, Result, Routing, Tensor};
 pub fn available() -> std::result::Result<String, String> {
     let probe = || {
         let (_, adapter) = device::best_adapter()?;
+        device::check_limits(&device::describe(&adapter.get_info()), &adapter.limits())?;
         Ok(device::describe(&adapter.get_info()))
     };
     moe_hal::catch_panic(probe).unwrap_or_else(|p| Err(format!("the wgpu driver panicked while listing adapters: {p}")))
@@ -244,6 +247,7 @@ impl WgpuBackend {
     fn open(allow_immediates: bool, allow_coop: bool, tried_coop: &std::cell::Cell<bool>) -> Result<WgpuBackend> {
         let (_instance, adapter) = device::best_adapter().map_err(Error::Unavailable)?;
         let limits = adapter.limits();
+        device::check_limits(&device::describe(&adapter.get_info()), &limits).map_err(Error::Unavailable)?;
         // Tensor cores where the adapter has cooperative matrices, unless MOE_WGPU_COOP=0.
         let coop = device::coop_size(&adapter).filter(|_| allow_coop && env_switch("MOE_WGPU_COOP", true));
         // Tests only: run another size than the adapter offers (lavapipe lowers any size, so CI

@@ -93,6 +93,18 @@ fn buffer_plan_splits_on_expert_then_row_boundaries() {
     assert_eq!(padded(17), 32);
 }
 
+/// WebGPU's default limits run every kernel; GL ES 3.1's minimums (4 storage buffers, 128
+/// invocations) make the backend unavailable with a sentence, not fail at every op.
+#[test]
+fn adapters_below_the_kernels_limits_are_refused() {
+    crate::device::check_limits("default", &wgpu::Limits::default()).unwrap();
+    let gles = wgpu::Limits { max_storage_buffers_per_shader_stage: 4, ..wgpu::Limits::default() };
+    let e = crate::device::check_limits("a GL ES adapter", &gles).unwrap_err();
+    assert!(e.contains("a GL ES adapter allows 4 storage buffers per kernel; the kernels need 7"), "{e}");
+    let small = wgpu::Limits { max_compute_invocations_per_workgroup: 128, ..wgpu::Limits::default() };
+    assert!(crate::device::check_limits("x", &small).unwrap_err().contains("128 invocations"));
+}
+
 #[test]
 fn info_and_round_trip() {
     let b = gpu();
