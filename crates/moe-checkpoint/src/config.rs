@@ -82,19 +82,17 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and interprets `path` (a `config.json`).
     ///
-    /// A missing file, invalid JSON, an unknown `model_type`, a missing or ill-typed key and an
-    /// unsupported routing are [`Error::Checkpoint`]; other OS errors are [`Error::Io`].
+    /// A missing file, one that is not a regular file (a directory, FIFO or device, symbolic
+    /// links followed) or larger than 64 MiB, invalid JSON, an unknown `model_type`, a missing or
+    /// ill-typed key, an unsupported routing or activation are [`Error::Checkpoint`]; other OS
+    /// errors are [`Error::Io`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let dir = path.parent().unwrap_or(Path::new("."));
-                return Err(Error::Checkpoint(format!(
-                    "{} has no config.json; a Hugging Face checkpoint directory holds config.json next to its safetensors files",
-                    dir.display()
-                )));
-            }
-            Err(e) => return Err(Error::Io(format!("cannot read {}: {e}", path.display()))),
+        let Some(text) = crate::files::read_json(path)? else {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return Err(Error::Checkpoint(format!(
+                "{} has no config.json; a Hugging Face checkpoint directory holds config.json next to its safetensors files",
+                dir.display()
+            )));
         };
         Self::from_json(&text, path)
     }
@@ -125,6 +123,17 @@ impl ModelConfig {
             )));
         };
         let keys = Keys { map, path, model_type: &model_type };
+        // Every family names it `hidden_act` and defaults to SiLU; transformers' ACT2FN maps
+        // "swish" to the same SiLU.
+        match keys.opt_str("hidden_act")?.as_deref() {
+            None | Some("silu" | "swish") => {}
+            Some(_) => {
+                return Err(keys.bad(
+                    "hidden_act",
+                    "moe-hal does not compute: its experts apply SiLU (\"silu\", or \"swish\" as transformers also calls it)",
+                ));
+            }
+        }
         let declared_dtype = keys.opt_str("dtype")?.or(keys.opt_str("torch_dtype")?);
         let fp8_block = fp8_block(map, path)?;
         let quant_method = map.get("quantization_config").and_then(|q| q.get("quant_method")).and_then(Value::as_str).map(str::to_string);
@@ -250,12 +259,12 @@ impl ModelConfig {
             _ => format!("choose {}", describe_layers(&moe)),
         };
         if layer >= self.num_hidden_layers {
-            return Err(Error::InvalidArgument(format!(
-                "layer {layer} does not exist: this {} model has {} layers, numbered 0 to {}; {choose}",
-                self.model_type,
-                self.num_hidden_layers,
-                self.num_hidden_layers.saturating_sub(1)
-            )));
+            let mt = &self.model_type;
+            return Err(Error::InvalidArgument(match self.num_hidden_layers {
+                0 => format!("layer {layer} does not exist: this {mt} model has no layers (num_hidden_layers is 0)"),
+                1 => format!("layer {layer} does not exist: this {mt} model has 1 layer, numbered 0; {choose}"),
+                n => format!("layer {layer} does not exist: this {mt} model has {n} layers, numbered 0 to {}; {choose}", n - 1),
+            }));
         }
         if self.is_moe_layer(layer) {
             return Ok(());

@@ -118,6 +118,38 @@ impl Names {
     }
 }
 
+/// The widest float dtype among `parts` (FP8 ones aside): F32 when any is F32 or when F16 and
+/// BF16 mix (each has values the other cannot hold, F32 holds both exactly); `None` when none is
+/// float.
+fn widest<'a>(parts: impl IntoIterator<Item = &'a Part>) -> Option<DType> {
+    parts.into_iter().fold(None, |acc, p| match (acc, &p.src) {
+        (_, Src::Fp8 { .. }) => acc,
+        (None, Src::Float(d)) => Some(*d),
+        (Some(a), Src::Float(d)) => Some(if a == *d { a } else { DType::F32 }),
+    })
+}
+
+/// Refuses a NaN or infinity in a small float tensor read whole (the router weight, the
+/// `e_score_correction_bias`): the router would silently route around it, where transformers
+/// would give NaN. The error names the tensor, its file, the value and the first bad index.
+fn check_finite(files: &SafetensorsDir, t: &Found, d: DType) -> Result<()> {
+    let bytes = files.bytes(t);
+    let half = |mask: u16| bytes.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & mask == mask);
+    let bad = match d {
+        DType::F32 => bytes.chunks_exact(4).position(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000),
+        DType::BF16 => half(0x7F80),
+        DType::F16 => half(0x7C00),
+        _ => None,
+    };
+    let Some(i) = bad else { return Ok(()) };
+    let value = d.decode(&bytes[i * d.size()..(i + 1) * d.size()])[0];
+    let at = match t.shape.as_slice() {
+        [_, cols] => format!("element {i} (row {}, column {})", i / cols, i % cols),
+        _ => format!("element {i}"),
+    };
+    Err(Error::Checkpoint(format!("tensor {} in {} holds a non-finite value ({value}) at {at}", t.name, t.file)))
+}
+
 /// Checks a tensor's shape; the error names the tensor, its file and both shapes.
 fn check_shape(t: &Found, want: &[usize], what: &str) -> Result<()> {
     if t.shape != want {
@@ -157,6 +189,7 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
     };
     check_shape(&router, &[e, h], "[experts, hidden_size]")?;
     let router_stored_dtype = router.float_dtype()?;
+    check_finite(files, &router, router_stored_dtype)?;
 
     // Routed experts: the per-expert layout of hub checkpoints, or transformers 5's fused one.
     let first = names.expert(0, 0);
@@ -185,34 +218,15 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
         return Err(files.missing(&first, Some(&note)));
     };
     let experts = experts.into_iter().map(|t| weight_part(files, t, cfg.fp8_block)).collect::<Result<Vec<_>>>()?;
-    let stored = experts[0].stored();
-    let dtype = force.unwrap_or(stored.default_dtype());
-    if !dtype.is_weight() {
-        return Err(Error::InvalidArgument(format!("layer weights must be f32, f16, bf16 or f8_e4m3, not {dtype}")));
-    }
-    // f8_e4m3 asked of a float checkpoint: read the floats, quantize once assembled.
-    let quantize = dtype.is_block_scaled() && !matches!(stored, Stored::Fp8E4M3 { .. });
-    let dtype_read = if quantize { stored.default_dtype() } else { dtype };
-    // The layer is copied into host memory: refuse one that cannot fit before allocating it (the
-    // kernel overcommits, so a reservation would succeed and filling it would end in the OOM
-    // killer, not in an error).
-    let need = cfg.moe.weight_bytes(dtype_read) + if quantize { cfg.moe.weight_bytes(dtype) } else { 0 };
-    let have = moe_hal::host::available_bytes();
-    if need as f64 > 0.9 * have as f64 {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        return Err(Error::OutOfMemory(format!(
-            "layer {layer} needs {:.2} GiB of host memory as {dtype_read}{} and {:.2} GiB are available",
-            gib(need),
-            if quantize { " (then quantized to f8_e4m3)" } else { "" },
-            gib(have)
-        )));
-    }
-
     let bias = match cfg.moe.routing {
         Routing::SigmoidGrouped { .. } => {
             let b = files.require(&names.bias())?;
             check_shape(&b, &[e], "[experts]")?;
-            Some(float_part(b)?)
+            let b = float_part(b)?;
+            if let Src::Float(d) = b.src {
+                check_finite(files, &b.t, d)?;
+            }
+            Some(b)
         }
         Routing::Softmax { .. } => None,
     };
@@ -245,6 +259,39 @@ pub(crate) fn assemble(files: &mut SafetensorsDir, cfg: &ModelConfig, layer: usi
             }
         }
     };
+
+    // Without a forced dtype, no weight is rounded: FP8 routed experts stay FP8; float ones take
+    // the widest float dtype among all the expert weights (a mixed checkpoint widens the rest).
+    let shared_parts = shared.iter().flat_map(|(_, g, u, d)| [g, u, d]);
+    let stored = match experts[0].stored() {
+        Stored::Float(d) => Stored::Float(widest(&experts).unwrap_or(d)),
+        fp8 => fp8,
+    };
+    let default = match stored {
+        Stored::Float(d) => Stored::Float(widest(experts.iter().chain(shared_parts)).unwrap_or(d)),
+        fp8 => fp8,
+    };
+    let dtype = force.unwrap_or(default.default_dtype());
+    if !dtype.is_weight() {
+        return Err(Error::InvalidArgument(format!("layer weights must be f32, f16, bf16 or f8_e4m3, not {dtype}")));
+    }
+    // f8_e4m3 asked of a float checkpoint: read the floats, quantize once assembled.
+    let quantize = dtype.is_block_scaled() && !matches!(stored, Stored::Fp8E4M3 { .. });
+    let dtype_read = if quantize { default.default_dtype() } else { dtype };
+    // The layer is copied into host memory: refuse one that cannot fit before allocating it (the
+    // kernel overcommits, so a reservation would succeed and filling it would end in the OOM
+    // killer, not in an error).
+    let need = cfg.moe.weight_bytes(dtype_read) + if quantize { cfg.moe.weight_bytes(dtype) } else { 0 };
+    let have = moe_hal::host::available_bytes();
+    if need as f64 > 0.9 * have as f64 {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::OutOfMemory(format!(
+            "layer {layer} needs {:.2} GiB of host memory as {dtype_read}{} and {:.2} GiB are available",
+            gib(need),
+            if quantize { " (then quantized to f8_e4m3)" } else { "" },
+            gib(have)
+        )));
+    }
 
     let router = float_part(router)?;
     // Every tensor is located and checked: now read them.

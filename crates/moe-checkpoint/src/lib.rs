@@ -27,8 +27,10 @@
 //! ## Dtypes
 //!
 //! Weights may be F32, F16 or BF16, mixed within a file. A [`HostLayer`] has one storage dtype for
-//! its experts: by default the dtype of the routed experts' weights; the shared expert is converted
-//! to it (rounding to nearest even). The router keeps F32 when the file stores it so
+//! its experts: by default the widest dtype among the expert weights (routed and shared), so none
+//! is rounded: F32 when any is F32, or when F16 and BF16 mix (neither holds the other's values);
+//! narrower ones are widened to it, which is exact. A forced dtype converts every weight to it
+//! (rounding to nearest even when narrowing). The router keeps F32 when the file stores it so
 //! ([`moe_hal::router_dtype`]): DeepSeek-V3 and Kimi K2 store `mlp.gate.weight` in F32 even in BF16
 //! checkpoints and compute their logits in F32, and rounding it to BF16 would move the logits by
 //! about 1e-2 relative, enough to change an expert choice on a near tie. Widening BF16 or F16 to
@@ -58,12 +60,16 @@
 //! ## Errors
 //!
 //! All errors are [`moe_hal::Error`], one sentence naming the file, tensor, key or shape at fault:
-//! [`Error::Checkpoint`] for a missing, truncated or unsupported checkpoint, [`Error::Io`] for an
+//! [`Error::Checkpoint`] for a missing, truncated or unsupported checkpoint (an activation other
+//! than SiLU included; a NaN or infinity in the router weight or `e_score_correction_bias`; a
+//! file that is not a regular file, such as a directory, FIFO or device, symbolic links
+//! followed; a JSON file over 64 MiB; an index naming a shard outside the checkpoint directory), [`Error::Io`] for an
 //! OS failure, [`Error::InvalidArgument`] for a layer number that does not exist or is a dense
 //! layer, [`Error::OutOfMemory`] when the host cannot hold the layer.
 
 #![warn(missing_docs)]
 mod config;
+mod files;
 mod fp8;
 mod layer;
 mod safetensors_dir;
@@ -90,9 +96,10 @@ pub struct Checkpoint {
     pub layer_index: usize,
     /// The layer's weights in moe-hal's layout, validated ([`HostLayer::validate`]).
     pub layer: HostLayer,
-    /// How the files store the routed experts' weights: a float dtype (the layer's dtype unless
-    /// one was forced), or FP8 with block scales (dequantized on load; to BF16 unless a dtype was
-    /// forced).
+    /// How the files store the routed experts' weights: a float dtype (when they mix dtypes, the
+    /// widest among them, F32 for F16 with BF16; the layer's dtype unless one was forced or a
+    /// wider shared expert widened it), or FP8 with block scales (kept as stored unless a dtype
+    /// was forced).
     pub stored: Stored,
     /// The dtype of the router weight in the files (F32 in DeepSeek-V3 and Kimi K2 checkpoints
     /// whatever the expert dtype).
@@ -163,12 +170,14 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 /// Loads MoE layer `layer` of the Hugging Face checkpoint in `dir`.
 ///
 /// `dtype` forces the storage dtype of the returned layer (f32, f16, bf16 or f8_e4m3); `None`
-/// keeps the dtype of the routed experts' weights (FP8 ones stay F8E4M3 with their block scales)
-/// and converts the shared expert to it; an F32 router stays F32 (see the crate docs).
+/// keeps the widest float dtype among the expert weights (F32 when F16 and BF16 mix), so no
+/// weight is rounded, or F8E4M3 with block scales for FP8 routed experts; an F32 router stays F32
+/// (see the crate docs).
 ///
 /// Only the shards holding the layer's tensors are opened. Errors: a layer number at or beyond
 /// `num_hidden_layers`, or one that is a dense MLP, is [`Error::InvalidArgument`] naming the valid
-/// layers; a missing, ill-shaped or non-float tensor, a truncated file or an unknown model is
+/// layers; a missing, ill-shaped or non-float tensor, a truncated file, a file that is not a
+/// regular file, an unknown model or activation and a non-finite router weight or bias are
 /// [`Error::Checkpoint`], as are FP8 weights without their block scales (or with a scale grid of
 /// the wrong shape), a NaN among them and a non-finite scale; a layer larger than 90% of the
 /// host memory available ([`moe_hal::host::available_bytes`]) is [`Error::OutOfMemory`] before

@@ -3,13 +3,14 @@
 //! hold a requested tensor are ever opened, and only the pages of the tensors read are touched.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
 use moe_hal::{DType, Error, Result};
-use safetensors::tensor::Metadata;
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use crate::files;
 
 /// The single-file checkpoint name.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -44,7 +45,7 @@ impl Found {
                 self.name, self.file
             ))),
             other => Err(Error::Checkpoint(format!(
-                "tensor {} in {} has dtype {other:?}; weights must be F32, F16 or BF16",
+                "tensor {} in {} has dtype {other:?}; weights must be F32, F16 or BF16, or F8_E4M3 with block scales (expert weights only)",
                 self.name, self.file
             ))),
         }
@@ -62,11 +63,13 @@ struct Mapped {
 
 impl Mapped {
     fn open(path: &Path, why: &str) -> Result<Mapped> {
-        let file = File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::Checkpoint(format!("{} does not exist{why}", path.display())),
-            _ => Error::Io(format!("cannot open {}: {e}", path.display())),
-        })?;
-        let len = file.metadata().map_err(|e| Error::Io(format!("cannot read the size of {}: {e}", path.display())))?.len();
+        // Only a regular file: a FIFO would block the open, a device never end, a directory not map.
+        let (file, len) = match files::open_regular(path) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => return Err(Error::Checkpoint(format!("{} does not exist{why}", path.display()))),
+            Err(Error::Checkpoint(msg)) => return Err(Error::Checkpoint(format!("{msg}{why}"))),
+            Err(e) => return Err(e),
+        };
         if len < 8 {
             return Err(Error::Checkpoint(format!(
                 "{} is truncated: it holds {len} bytes, fewer than the 8-byte length that starts every safetensors file",
@@ -78,7 +81,7 @@ impl Mapped {
         // while it is mapped is undefined behaviour (typically SIGBUS); checkpoints are not
         // modified while a model is loaded from them.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io(format!("cannot memory-map {}: {e}", path.display())))?;
-        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(path, len, &e))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| corrupt(path, len, &e, &map))?;
         Ok(Mapped { path: path.to_path_buf(), map, data_start: 8 + header_len, meta })
     }
 
@@ -96,9 +99,20 @@ impl Mapped {
     }
 }
 
-/// A sentence for a safetensors file whose header does not fit the file.
-fn corrupt(path: &Path, len: u64, e: &SafeTensorError) -> Error {
+/// A sentence for a safetensors file (`bytes`, `len` of them) whose header does not fit the file.
+fn corrupt(path: &Path, len: u64, e: &SafeTensorError, bytes: &[u8]) -> Error {
     let p = path.display();
+    // The crate does not say which tensor (or names it without the reason): find it.
+    let entry = match e {
+        SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::InvalidOffset(_)
+        | SafeTensorError::ValidationOverflow
+        | SafeTensorError::MisalignedSlice => bad_tensor(bytes),
+        _ => None,
+    };
+    if let Some(why) = entry {
+        return Error::Checkpoint(format!("{p} is not a valid safetensors file: {why}"));
+    }
     Error::Checkpoint(match e {
         SafeTensorError::MetadataIncompleteBuffer => {
             format!("{p} is truncated or corrupt: its header's tensor offsets do not end at the file's end ({len} bytes)")
@@ -109,6 +123,50 @@ fn corrupt(path: &Path, len: u64, e: &SafeTensorError) -> Error {
         SafeTensorError::HeaderTooLarge => format!("{p} is not a safetensors file: its header length is implausibly large"),
         other => format!("{p} is not a valid safetensors file: {other}"),
     })
+}
+
+/// The first tensor, in data order, whose header entry the safetensors crate refuses (dtype and
+/// shape not filling its `data_offsets`, or offsets that leave a gap or overlap), described;
+/// `None` when the header cannot be read or every entry is consistent.
+fn bad_tensor(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header = std::str::from_utf8(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let value: serde_json::Value = serde_json::from_str(header).ok()?;
+    let mut tensors: Vec<(&String, TensorInfo)> = value
+        .as_object()?
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, v)| Some((name, serde_json::from_value(v.clone()).ok()?)))
+        .collect::<Option<_>>()?;
+    tensors.sort_by_key(|(_, t)| t.data_offsets);
+    let mut at = 0;
+    for (name, t) in tensors {
+        let (s, e) = t.data_offsets;
+        let what = format!("tensor {name} ({:?} {:?}, data_offsets [{s}, {e}])", t.dtype, t.shape);
+        if s != at {
+            return Some(format!("{what} does not start where the data before it ends (byte {at}): tensors must be packed back to back"));
+        }
+        if e < s {
+            return Some(format!("{what} ends before it starts"));
+        }
+        let bits = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_mul(t.dtype.bitsize()));
+        match bits {
+            None => return Some(format!("{what} has a shape whose byte count overflows")),
+            Some(b) if b % 8 != 0 => return Some(format!("{what} does not fill a whole number of bytes")),
+            Some(b) if b / 8 != e - s => {
+                return Some(format!(
+                    "tensor {name} is {:?} {:?}, which takes {} bytes, but its data_offsets [{s}, {e}] span {} bytes",
+                    t.dtype,
+                    t.shape,
+                    b / 8,
+                    e - s
+                ));
+            }
+            Some(_) => {}
+        }
+        at = e;
+    }
+    None
 }
 
 enum Source {
@@ -130,9 +188,10 @@ impl SafetensorsDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(INDEX_FILE);
-        let source = if single.is_file() {
+        // Either present but not a regular file (a directory, FIFO or device) is an error naming it.
+        let source = if files::regular_file(&single)?.is_some() {
             Source::Single
-        } else if index.is_file() {
+        } else if files::regular_file(&index)?.is_some() {
             Source::Sharded { weight_map: read_index(&index)?, index }
         } else {
             return Err(Error::Checkpoint(format!(
@@ -211,9 +270,13 @@ impl SafetensorsDir {
     }
 }
 
-/// Reads the `weight_map` of an index file.
+/// Reads the `weight_map` of an index file (at most [`files::JSON_LIMIT`] bytes). Every shard name
+/// must be a relative path inside the checkpoint directory: absolute paths, `..`, `.` and
+/// Windows prefixes are refused, so an index cannot make the loader read files elsewhere.
 fn read_index(path: &Path) -> Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+    let Some(text) = files::read_json(path)? else {
+        return Err(Error::Checkpoint(format!("{} does not exist", path.display())));
+    };
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{} is not valid JSON: {e}", path.display())))?;
     let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
@@ -221,7 +284,13 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>> {
     };
     map.iter()
         .map(|(k, v)| match v.as_str() {
-            Some(f) => Ok((k.clone(), f.to_string())),
+            Some(f) if !f.is_empty() && Path::new(f).components().all(|c| matches!(c, Component::Normal(_))) => {
+                Ok((k.clone(), f.to_string()))
+            }
+            Some(f) => Err(Error::Checkpoint(format!(
+                "{} maps tensor {k} to \"{f}\", which is not a file inside the checkpoint directory: shard names must be relative, without \"..\"",
+                path.display()
+            ))),
             None => Err(Error::Checkpoint(format!("{} maps tensor {k} to {v}, which is not a file name", path.display()))),
         })
         .collect()

@@ -9,6 +9,7 @@ use moe_hal::{DType, Error, Layer, Routing, Tensor, ops};
 use safetensors::{Dtype, SafeTensors};
 
 mod quick_start;
+mod refusals;
 
 /// tests/fixtures/hf of this checkout; on another machine (a staged GPU check runs from a copy of
 /// the checkout's root), the one under the working directory.
