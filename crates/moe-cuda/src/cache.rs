@@ -89,7 +89,10 @@ impl Entry {
     pub fn store(&self, image: &[u8]) {
         let Some(dir) = self.path.parent() else { return };
         let Some(name) = self.path.file_name() else { return };
-        let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        // Unique per process and store: two devices of one process may store the same entry.
+        static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
         let mut bytes = image.to_vec();
         bytes.extend_from_slice(&fnv1a(&[image]).to_le_bytes());
         let stored =

@@ -330,7 +330,8 @@ impl Device {
         {
             match load_image(&image) {
                 Ok(raw) => return Ok(Module { raw, funcs: Default::default() }),
-                Err(e) if matches!(e.0, ds::CUresult::CUDA_ERROR_OUT_OF_MEMORY) => {
+                // Out of memory, or a context already lost: no fault of the image, which stays.
+                Err(e) if !matches!(crate::driver::map_err("", e), Error::Driver(_)) => {
                     return Err(self.fail(&format!("cuModuleLoadData({})", source.file()), e));
                 }
                 // Refused (a driver changed under the cache): compile afresh below.
@@ -351,6 +352,9 @@ impl Device {
                 let ptx = compile(source, Target::Ptx(self.target.arch()), &[])?;
                 match load(&ptx) {
                     Ok(raw) => Ok(Module { raw, funcs: Default::default() }),
+                    Err(e2) if !matches!(crate::driver::map_err("", e2), Error::Driver(_)) => {
+                        Err(self.fail(&format!("cuModuleLoadData({} as PTX)", source.file()), e2))
+                    }
                     Err(e2) => Err(Error::Driver(format!(
                         "cannot load {} on {}: the {} gave {:?}, the PTX gave {:?}",
                         source.file(),
