@@ -616,8 +616,9 @@ impl Device {
         self.check("cuMemsetD32Async", r)
     }
 
-    /// Enqueues a host-to-device copy. Pageable host memory is staged by the driver before the
-    /// call returns, so `host` may be dropped right after.
+    /// Enqueues a host-to-device copy; `host` may be dropped or reused as soon as it returns
+    /// (pageable memory is staged by the driver before the call returns; for page-locked memory
+    /// the call waits for the copy).
     pub fn upload_raw(&self, ptr: u64, host: &[u8]) -> Result<()> {
         let _slot = self.enqueue();
         if self.capturing() {
@@ -633,7 +634,30 @@ impl Device {
         }
         // SAFETY: `ptr` holds at least `host.len()` bytes.
         let r = unsafe { result::memcpy_htod_async(ptr, host, self.stream) };
-        self.check("cuMemcpyHtoDAsync", r)
+        self.check("cuMemcpyHtoDAsync", r)?;
+        // Page-locked host memory (cuMemHostRegister'd, or a pinned tensor of another library)
+        // is read while the copy runs, not staged before the call returns: wait for the copy
+        // then, so the caller may reuse or free `host` as soon as this returns.
+        if Self::driver_knows(host) {
+            self.sync_stream()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the driver knows `host`'s memory (page-locked or managed): a pointer attribute
+    /// query succeeds for those and fails for plain pageable memory.
+    fn driver_knows(host: &[u8]) -> bool {
+        let mut memory_type: u32 = 0;
+        // SAFETY: the attribute is one unsigned int, written to `memory_type`; the query only
+        // reads the address.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                &mut memory_type as *mut u32 as *mut c_void,
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                host.as_ptr() as u64,
+            )
+        };
+        r == CUresult::CUDA_SUCCESS
     }
 
     /// Waits for the stream.

@@ -277,3 +277,26 @@ fn permute_over_many_tiles_matches_the_cpu_and_copy_copies() {
         println!("{where_}: permute of {} pairs and copy match the CPU", t * k);
     }
 }
+
+/// An upload from page-locked host memory (which the driver copies while the call's caller
+/// goes on, where pageable memory is staged first) is complete when `upload` returns: the
+/// host memory is overwritten at once and the device still holds what was uploaded. GPU only
+/// (the emulator copies synchronously).
+#[test]
+fn an_upload_from_page_locked_memory_is_complete_when_it_returns() {
+    use cudarc::driver::sys;
+    for (where_, b) in backends().into_iter().filter(|(w, _)| *w == "gpu") {
+        let n = 64 << 20; // 256 MiB of f32: a copy that takes milliseconds
+        // Raw bytes, uploaded as they are (Tensor::from_f32 would copy them first).
+        let mut host: Vec<u8> = (0..n as u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        // SAFETY: `host` outlives the registration, undone below.
+        let r = unsafe { sys::cuMemHostRegister_v2(host.as_mut_ptr() as *mut std::ffi::c_void, host.len(), 0) };
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "{where_}: cuMemHostRegister");
+        let t = Tensor::upload(&b, DType::F32, &[n], &host).unwrap();
+        host.iter_mut().for_each(|v| *v = 0xFF);
+        // SAFETY: registered above.
+        unsafe { sys::cuMemHostUnregister(host.as_mut_ptr() as *mut std::ffi::c_void) };
+        let back = t.to_f32(&b).unwrap();
+        assert!(back.iter().enumerate().all(|(i, v)| *v == i as f32), "{where_}: the upload saw host memory changed after it returned");
+    }
+}
