@@ -40,6 +40,10 @@ fn adapters(backends: wgpu::Backends) -> Vec<(wgpu::Instance, wgpu::Adapter)> {
 /// exactly the APIs `WGPU_BACKEND` names.
 pub(crate) fn best_adapter() -> std::result::Result<(wgpu::Instance, wgpu::Adapter), String> {
     let tries = match wgpu::Backends::from_env() {
+        Some(b) if b.is_empty() => {
+            let v = std::env::var("WGPU_BACKEND").unwrap_or_default();
+            return Err(format!("WGPU_BACKEND={v:?} names no graphics API; use vulkan, metal, dx12 or gl (comma separated), or unset it"));
+        }
         Some(b) => vec![b],
         None => vec![wgpu::Backends::PRIMARY, wgpu::Backends::GL],
     };
