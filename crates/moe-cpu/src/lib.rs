@@ -60,7 +60,15 @@ impl CpuBuffer {
     /// Whether no byte is an E4M3 NaN (a parallel scan the first time, then cached).
     fn nan_free(&self) -> bool {
         use rayon::prelude::*;
-        *self.nan_free.get_or_init(|| !self.as_bytes().par_chunks(1 << 16).any(moe_hal::fp8::any_nan))
+        if let Some(&known) = self.nan_free.get() {
+            return known;
+        }
+        // Scanned outside `get_or_init`: the scan is a rayon job, and a rayon thread waiting in
+        // it may steal another forward on the same weights, whose `get_or_init` would re-enter
+        // this one's (a deadlock). Two threads may both scan; both find the same answer.
+        let known = !self.as_bytes().par_chunks(1 << 16).any(moe_hal::fp8::any_nan);
+        let _ = self.nan_free.set(known);
+        known
     }
 
     fn weights(&self, dtype: DType) -> Weights<'_> {

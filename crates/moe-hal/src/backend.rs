@@ -124,9 +124,10 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, dtype: DType, shape: &[usize], host: &[u8]) -> Result<Self::Buffer>;
 
     /// The size of `buf` in bytes, where the backend keeps it (the default: `None`, unknown).
-    /// [`crate::ops`] checks every tensor's buffer against its dtype and shape with it: the
-    /// fields of [`Tensor`] are public, and a shape larger than its buffer would otherwise send a
-    /// kernel past the end of the allocation. Return the size the buffer was made for.
+    /// [`crate::ops`] checks every tensor's buffer against its dtype and shape with it (they
+    /// must agree exactly): the fields of [`Tensor`] are public, and a shape larger than its
+    /// buffer would otherwise send a kernel past the end of the allocation. Return the size the
+    /// buffer was made for.
     fn buffer_bytes(&self, buf: &Self::Buffer) -> Option<usize> {
         let _ = buf;
         None

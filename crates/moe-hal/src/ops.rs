@@ -15,16 +15,18 @@ fn expect<B: Backend + ?Sized>(backend: &B, name: &str, t: &Tensor<B>, dtype: DT
     fits(backend, name, t)
 }
 
-/// The tensor's buffer holds its shape (where the backend knows the buffer's size), and so do
-/// its block scales' (see [`Backend::buffer_bytes`]). Called before any product of the tensor's
+/// The tensor's buffer is the size of its shape (where the backend knows the buffer's size), and
+/// so are its block scales' (see [`Backend::buffer_bytes`]). Called before any product of the tensor's
 /// dimensions is formed, so none of those can overflow.
 fn fits<B: Backend + ?Sized>(backend: &B, name: &str, t: &Tensor<B>) -> Result<()> {
     let want = t
         .dtype
         .tensor_bytes(&t.shape)
         .map_err(|_| crate::Error::InvalidArgument(format!("{name} has shape {:?}: more bytes than this machine can address", t.shape)))?;
+    // Exactly: a backend may size its work from the buffer (the CPU backend's kernels take whole
+    // buffers as slices), so a larger buffer than the shape says is as wrong as a smaller one.
     if let Some(have) = backend.buffer_bytes(&t.buf)
-        && have < want
+        && have != want
     {
         return invalid!(
             "{name} has shape {:?} of {} ({want} bytes) but its buffer holds {have} bytes: a Tensor's shape must match \

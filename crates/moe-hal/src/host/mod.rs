@@ -105,11 +105,16 @@ impl Weights<'_> {
 fn widen_e4m3(q: &[u8], scale: f32, out: &mut [f32]) {
     #[inline(always)]
     fn generic(q: &[u8], scale: f32, out: &mut [f32]) {
-        const REBIAS: f32 = f32::from_bits((120 + 127) << 23);
         for (o, &b) in out.iter_mut().zip(q) {
-            let b = b as u32;
-            let v = f32::from_bits(((b & 0x80) << 24) | ((b & 0x7F) << 20)) * REBIAS;
-            *o = if b & 0x7F == 0x7F { f32::NAN } else { v * scale };
+            let (b, em) = (b as u32, (b & 0x7F) as u32);
+            // Exponent and mantissa placed in an f32 whose exponent is rebiased by an integer
+            // add (7 to 127): 2^(e-7) (1 + m/8), right for every normal byte. For e = 0 that is
+            // 2^-7 + m 2^-10, and the subnormal's m 2^-9 is twice its excess over 2^-7 (exact).
+            // No f32 denormal is ever formed, so denormals-are-zero cannot read one as zero.
+            let v = f32::from_bits((em << 20) + (120 << 23));
+            let v = if em < 8 { (v - 1.0 / 128.0) * 2.0 } else { v };
+            let v = f32::from_bits(v.to_bits() | ((b & 0x80) << 24));
+            *o = if em == 0x7F { f32::NAN } else { v * scale };
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -338,9 +343,10 @@ pub fn combine(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     /// Every byte, subnormals and NaN included, at a few scales (one with a subnormal product),
-    /// over lengths that leave a vector tail: bit for bit the table's product.
+    /// over lengths that leave a vector tail: bit for bit the table's product; and with
+    /// denormals-are-zero set, as a host process may have it, every byte still decodes exactly.
     #[test]
     fn widen_e4m3_is_the_table_times_the_scale() {
         let q: Vec<u8> = (0..=255u8).chain(0..37).collect();
@@ -352,5 +358,34 @@ mod tests {
                 assert!(o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()), "byte {b:#04x} x {scale}: {o} != {want}");
             }
         }
+        with_denormals_off(|| {
+            let mut out = vec![0f32; q.len()];
+            super::widen_e4m3(&q, 1.0, &mut out);
+            for (&b, &o) in q.iter().zip(&out) {
+                let want = crate::fp8::E4M3[b as usize];
+                assert!(o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()), "byte {b:#04x} with DAZ: {o} != {want}");
+            }
+        });
+    }
+
+    /// Runs `f` on this thread with MXCSR's denormals-are-zero and flush-to-zero set (what
+    /// `torch.set_flush_denormal(True)` does), then restores MXCSR. Elsewhere than x86_64, just
+    /// runs `f`.
+    pub(crate) fn with_denormals_off(f: impl FnOnce()) {
+        #[cfg(target_arch = "x86_64")]
+        #[allow(deprecated)] // (_mm_getcsr/_mm_setcsr: still the way to reach MXCSR)
+        // SAFETY: SSE is part of x86_64; MXCSR is restored before returning (a panic in `f`
+        // fails the test, whose thread then ends).
+        unsafe {
+            use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+            let old = _mm_getcsr();
+            _mm_setcsr(old | 0x8040);
+            // (Proof that it took: the smallest denormal now reads as zero.)
+            assert_eq!(std::hint::black_box(f32::from_bits(1)) * 2.0, 0.0, "MXCSR denormals-are-zero did not take");
+            f();
+            _mm_setcsr(old);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        f();
     }
 }

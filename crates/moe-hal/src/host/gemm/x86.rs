@@ -28,50 +28,34 @@ pub(super) mod avx2 {
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
 
-    /// 8 E4M3 bytes from `p` as f32, unscaled (exact; see `widen_e4m3` in `host`: the bits placed
-    /// in an f32, times 2^120; NaN bytes become NaN).
+    /// 8 E4M3 bytes from `p` as f32, unscaled (exact; NaN bytes become NaN): [`e4m3x8_nan_free_f16`]
+    /// times 2^8, with NaN where the byte is one.
     ///
     /// # Safety
     /// `p` points at 8 readable bytes.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn e4m3x8(p: *const u8) -> __m256 {
-        // SAFETY: the caller passes a pointer to 8 readable bytes.
-        let b = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(p as *const __m128i) });
-        let em = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
-        let bits = _mm256_or_si256(_mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80))), _mm256_slli_epi32::<20>(em));
-        let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((120 + 127) << 23)));
-        let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7F)));
+        // SAFETY: the caller passes a pointer to 8 readable bytes (both loads read those 8).
+        let (v, b) = unsafe { (e4m3x8_nan_free_f16(p), _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))) };
+        let v = _mm256_mul_ps(v, _mm256_set1_ps(256.0));
+        let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F)), _mm256_set1_epi32(0x7F)));
         _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan)
     }
 
-    /// [`e4m3x8`] for bytes known not to be NaN (see [`super::super::Direct::E4m3`]): four ops
-    /// instead of nine. Sign-extending puts the sign in bit 31 and, shifted by 20, exponent and
-    /// mantissa in bits 20..27, with copies of the sign in bits 27..31 that the mask clears; then
-    /// 2^120 rebiases the exponent (exact, subnormals included). A NaN byte would read as ±480.
-    /// The one-row kernel's decode; the 4-row tile takes [`e4m3x8_nan_free_f16`].
-    ///
-    /// # Safety
-    /// `p` points at 8 readable bytes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn e4m3x8_nan_free(p: *const u8) -> __m256 {
-        // SAFETY: the caller passes a pointer to 8 readable bytes.
-        let s = _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p as *const __m128i) });
-        let bits = _mm256_and_si256(_mm256_slli_epi32::<20>(s), _mm256_set1_epi32(0x87F0_0000u32 as i32));
-        _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((120 + 127) << 23)))
-    }
-
-    /// [`e4m3x8_nan_free`] as f32 times 2^-8, through f16 (F16C), for the 4-row tile:
-    /// sign-extending each byte to 16 bits puts its sign in bits 7..15; shifted by 7, exponent and
-    /// mantissa sit in bits 7..13 with the sign in 15 and a copy in 14, which the mask clears. That
-    /// is an f16 with E4M3's exponent and mantissa under f16's bias 15 instead of 7 (exact,
-    /// subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps` widens it; the tile puts
-    /// the 2^8 on each finished dot product. No multiply, so the tile's FMA ports do only FMAs
-    /// (the 2^120 of [`e4m3x8_nan_free`] cannot wait for the sum: products of 2^-120 would lose
-    /// bits as f32 denormals). With `MOE_CPU_ISA=avx2`, Qwen3-30B-A3B f8_e4m3 at 128 tokens ran
-    /// 103–105 ms against 122–125 (back to back, two pairs); the one-row kernel stays on the f32
-    /// form, which was faster there (1.6–1.9 against 2.0–2.1 ms at one token).
+    /// 8 E4M3 bytes known not to be NaN (see [`super::super::Direct::E4m3`]) as f32 times 2^-8,
+    /// through f16 (F16C): sign-extending each byte to 16 bits puts its sign in bits 7..15;
+    /// shifted by 7, exponent and mantissa sit in bits 7..13 with the sign in 15 and a copy in 14,
+    /// which the mask clears. That is an f16 with E4M3's exponent and mantissa under f16's bias 15
+    /// instead of 7 (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps`
+    /// widens it; the kernels put the 2^8 on each finished dot product. No multiply, so the
+    /// tile's FMA ports do only FMAs. Every E4M3 decode goes through f16: `vcvtph2ps` widens f16
+    /// subnormals whatever MXCSR says, where the f32 form (the bits placed in an f32 denormal,
+    /// times 2^120) read subnormal bytes as zero in a process that had set denormals-are-zero
+    /// (`torch.set_flush_denormal(True)`, a `-ffast-math` library). With `MOE_CPU_ISA=avx2`,
+    /// Qwen3-30B-A3B f8_e4m3 at 128 tokens ran 103–105 ms against 122–125 with the f32 form
+    /// (back to back, two pairs); the one-row kernel was faster on the f32 form (1.6–1.9 against
+    /// 2.0–2.1 ms at one token), and gave it up for the DAZ-proof one.
     ///
     /// # Safety
     /// `p` points at 8 readable bytes.
@@ -202,18 +186,18 @@ pub(super) mod avx512 {
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
 
-    /// 16 E4M3 bytes from `p` as f32, unscaled (as [`super::avx2::e4m3x8`]).
+    /// 16 E4M3 bytes from `p` as f32, unscaled (as [`super::avx2::e4m3x8`]): [`e4m3x16_nan_free`]
+    /// times 2^8, with NaN where the byte is one.
     ///
     /// # Safety
     /// `p` points at 16 readable bytes.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn e4m3x16(p: *const u8) -> __m512 {
-        // SAFETY: the caller passes a pointer to 16 readable bytes.
-        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
+        // SAFETY: the caller passes a pointer to 16 readable bytes (both loads read those 16).
+        let (v, b) = unsafe { (e4m3x16_nan_free(p), _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))) };
+        let v = _mm512_mul_ps(v, _mm512_set1_ps(256.0));
         let em = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
-        let bits = _mm512_or_si512(_mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80))), _mm512_slli_epi32::<20>(em));
-        let v = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(f32::from_bits((120 + 127) << 23)));
         _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7F)), _mm512_set1_ps(f32::NAN))
     }
 
@@ -428,11 +412,13 @@ row_avx2!(
 );
 
 row_avx2!(
-    /// Unscaled E4M3 bytes known not to be NaN.
+    /// Unscaled E4M3 bytes known not to be NaN: the vectors decode to 2^-8 times the weights, so
+    /// each dot product's vector part is scaled by 2^8 at the end.
     row_times_e4m3_nan_free_avx2,
     u8,
-    |p: *const u8| avx2::e4m3x8_nan_free(p),
-    |v: u8| crate::fp8::E4M3[v as usize]
+    |p: *const u8| avx2::e4m3x8_nan_free_f16(p),
+    |v: u8| crate::fp8::E4M3[v as usize],
+    256.0
 );
 
 #[cfg(test)]
@@ -524,13 +510,19 @@ mod tests {
     }
 
     /// Each E4M3 decode against the table, bit for bit, for every byte it is made for: the full
-    /// decodes for all 256 (NaN to NaN), the NaN-free ones for the 254 others (the f16 one gives
-    /// 2^-8 times the value).
+    /// decodes for all 256 (NaN to NaN), the NaN-free ones for the 254 others (the f16 ones give
+    /// 2^-8 times the value); and the same with denormals-are-zero and flush-to-zero set, as a
+    /// host process may have them (subnormal bytes must not read as zero).
     #[test]
     fn e4m3_decodes_match_the_table() {
         if !super::super::has_avx2_kernels() {
             return;
         }
+        decodes_match_the_table();
+        crate::host::tests::with_denormals_off(decodes_match_the_table);
+    }
+
+    fn decodes_match_the_table() {
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let bytes: Vec<u8> = (0..=255u8).collect();
         for chunk in bytes.chunks(16) {
@@ -540,7 +532,6 @@ mod tests {
                 use std::arch::x86_64::*;
                 for h in 0..2 {
                     _mm256_storeu_ps(got[0][8 * h..].as_mut_ptr(), avx2::e4m3x8(chunk[8 * h..].as_ptr()));
-                    _mm256_storeu_ps(got[1][8 * h..].as_mut_ptr(), avx2::e4m3x8_nan_free(chunk[8 * h..].as_ptr()));
                     _mm256_storeu_ps(got[4][8 * h..].as_mut_ptr(), avx2::e4m3x8_nan_free_f16(chunk[8 * h..].as_ptr()));
                 }
                 if avx512 {
@@ -552,7 +543,6 @@ mod tests {
                 let want = crate::fp8::E4M3[b as usize];
                 let same = |v: f32| v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan());
                 assert!(same(got[0][i]), "e4m3x8 {b:#04x}: {}", got[0][i]);
-                assert!(crate::fp8::is_nan(b) || same(got[1][i]), "e4m3x8_nan_free {b:#04x}: {}", got[1][i]);
                 assert!(crate::fp8::is_nan(b) || same(got[4][i] * 256.0), "e4m3x8_nan_free_f16 {b:#04x}: {}", got[4][i]);
                 if avx512 {
                     assert!(same(got[2][i]), "e4m3x16 {b:#04x}: {}", got[2][i]);
