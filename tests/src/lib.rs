@@ -32,12 +32,15 @@
 //! ## What every case does
 //!
 //! Build seeded random data (a small [`Rng`]; never zeros), upload it, **poison every output**
-//! (NaN for f32, 0xFFFFFFFF for u32) so an element the op never writes shows up, run the op
+//! (`f32::MAX` for f32, not NaN, so it shows where NaN is expected too; 0xFFFFFFFF for u32) so an
+//! element the op never writes shows up, run the op
 //! through [`moe_hal::ops`] (the validated entry points), download, and compare with the oracle:
 //!
 //! * floats by relative L2 error, `||got - want|| / ||want||`; NaN or inf where the oracle has a
 //!   number never passes, and where the oracle has NaN (routing weights of a NaN token) the
-//!   backend must have NaN too;
+//!   backend must have NaN too; and no single element may be off by more than
+//!   [`check::ELEMENT_FACTOR`] times the tolerance times the RMS of the expected values (relative
+//!   L2 over many elements would hide one wrong element);
 //! * routing ids exactly, in rank order (the spec fixes ties and NaN, so every backend agrees);
 //! * the dispatch plan of `permute` exactly.
 //!

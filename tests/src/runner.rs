@@ -227,17 +227,27 @@ pub fn run_group_test<B: Backend>(slot: &'static Slot, backend_name: &str, ctor:
             panic!("backend {backend_name} is required (MOE_REQUIRE_BACKENDS) but unavailable: {why}")
         }
         Err(why) => {
-            println!("skipping {backend_name}: {why}");
+            // Straight to stderr, past the test harness's capture: a skipped backend shows as
+            // "ok" in the test list, so the reason must show too.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "conformance: skipping {backend_name}::{group}: {why}");
             return;
         }
     };
     let results = run_group(backend, group);
     assert!(!results.is_empty(), "group {group} has no cases");
+    // MOE_REQUIRE_SUPPORT=1 (CI): a required backend must run every case; one it reports
+    // unsupported fails, so a `supports` that regressed to `false` cannot pass by running nothing.
+    let strict = backend_required(backend_name) && std::env::var("MOE_REQUIRE_SUPPORT").is_ok_and(|v| v.trim() == "1");
     let mut failures = Vec::new();
     for (info, outcome) in &results {
         println!("[{backend_name}] {}", report_line(info, outcome));
-        if let Outcome::Fail(m) = outcome {
-            failures.push(format!("  {} ({}): {m}", info.name, info.shape));
+        match outcome {
+            Outcome::Fail(m) => failures.push(format!("  {} ({}): {m}", info.name, info.shape)),
+            Outcome::Unsupported(m) if strict => {
+                failures.push(format!("  {} ({}): unsupported, and MOE_REQUIRE_SUPPORT=1 requires every case: {m}", info.name, info.shape))
+            }
+            _ => {}
         }
     }
     if !failures.is_empty() {

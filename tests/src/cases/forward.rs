@@ -162,7 +162,9 @@ pub fn check_forward<B: Backend>(b: &B, spec: &LayerSpec, dtype: DType, seed: &s
     let want = oracle::layer(&layer, &oracle::widen(&x));
     same_routing("topk_ids", &got_ids, &want.topk_ids, k)?;
     let tol = layer_tolerance(dtype);
-    let ew = close("topk_weights", &got_w, &want.topk_weights, tol)?;
+    // The router runs in f32 whatever the weights' dtype, so its weights are held to f32
+    // accuracy, not the layer's (a router on bf16-rounded activations would pass 2e-2).
+    let ew = close("topk_weights", &got_w, &want.topk_weights, ROUTER_WEIGHTS_TOLERANCE)?;
     let eo = close("output", &got_out, &want.out, tol)?;
     Ok(ew.max(eo))
 }
@@ -204,6 +206,9 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         case(dtype, "k_eq_e_sigmoid", LayerSpec::new(3, 31, 15, 8, 8, grouped(2, 2, true, 1.0), true, 8)),
         case(dtype, "empty_experts_e128_t2", LayerSpec::new(2, 32, 16, 128, 2, grouped(8, 2, false, 1.0), false, 0)),
         case(dtype, "hidden7168", LayerSpec::new(2, 7168, 16, 8, 2, grouped(2, 1, true, 2.5), true, 16)),
+        // Expert counts off every lane and tile width.
+        case(dtype, "softmax_e60", LayerSpec::new(6, 40, 24, 60, 4, MIXTRAL, false, 24)),
+        case(dtype, "sigmoid_e257_one_group", LayerSpec::new(3, 32, 16, 257, 8, grouped(1, 1, true, 2.5), true, 0)),
         case(dtype, "deepseek_e256_router_f32", LayerSpec::new(4, 64, 16, 256, 8, DEEPSEEK, true, 32).with_f32_router()),
         case(dtype, "softmax_router_f32", LayerSpec::new(7, 33, 17, 16, 4, MIXTRAL, false, 0).with_f32_router()),
         // One bad token must not poison its batch (prefill: tiles shared with other tokens).

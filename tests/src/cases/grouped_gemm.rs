@@ -191,6 +191,16 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         case(dtype, "grouped_m65_k127", grouped(&[32, 33], 0, None), 64, 127),
         case(dtype, "grouped_rows_past_end", grouped(&[2, 3, 1], 4, None), 31, 32),
         case(dtype, "grouped_one_group_m100", grouped(&[100], 0, None), 48, 96),
+        // Groups of 127, 128 and 129 rows, one of 129, dense 257: the 128-row tensor-core tiles
+        // (CUDA takes them when M > 64 G) with more than one row tile in a group, and a last
+        // tile of one row.
+        case(dtype, "grouped_m127_128_129", grouped(&[127, 128, 129], 0, None), 24, 40),
+        case(dtype, "grouped_one_group_m129", grouped(&[129], 0, None), 40, 48),
+        case(dtype, "dense_m257", Layout::Dense { m: 257 }, 24, 40),
+        // K >= 1024 with N past 256: f8_e4m3 in DeepSeek's 128x128 blocks, three block rows (the
+        // last of 44): decode and tiles.
+        case(dtype, "decode_n300_k1024", grouped(&[3, 0, 2], 0, None), 300, 1024),
+        case(dtype, "prefill_n260_k1024", grouped(&[70], 0, None), 260, 1024),
         case(dtype, "grouped_e64_two_used", grouped(&sparse, 0, None), 32, 64),
         case(dtype, "grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),
         case(dtype, "gather_gate_up", Layout::Planned { tokens: 13, experts: 16, top_k: 3 }, 66, 129),
@@ -289,6 +299,8 @@ pub fn swiglu_cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         c("decode_t3_e16_k4_odd_k", Layout::Planned { tokens: 3, experts: 16, top_k: 4 }, 2 * 33, 71),
         c("prefill_off_tiles", grouped(&[65, 0, 17, 1, 130], 0, None), 2 * 65, 63),
         c("prefill_gather", Layout::Planned { tokens: 40, experts: 8, top_k: 2 }, 2 * 40, 128),
+        c("prefill_m129_one_group", grouped(&[129], 0, None), 2 * 24, 40),
+        c("decode_i150_k1024", Layout::Planned { tokens: 2, experts: 8, top_k: 2 }, 2 * 150, 1024),
         c("rows_past_end", grouped(&[2, 3, 1], 4, None), 2 * 7, 32),
         c("gather_rows_past_end", grouped(&[3, 0, 9], 2, Some(5)), 2 * 9, 33),
         c("grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),

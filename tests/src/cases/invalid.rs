@@ -358,6 +358,12 @@ pub fn activation<B: Backend>() -> Vec<Case<B>> {
             let mut h = outgrown(b, DType::F32, &[1, 4], &[4096, 4])?;
             expect_invalid("activation", ops::activation(b, &gu, &mut h))
         }),
+        Case::new("activation_f32_invalid", "h_smaller_than_its_buffer", Op::Activation, None, "h [6, 4] claiming [3, 4]", |b: &B| {
+            let gu = filled(b, DType::F32, &[3, 8])?;
+            let mut h = filled(b, DType::F32, &[6, 4])?;
+            h.shape = vec![3, 4];
+            expect_invalid("activation", ops::activation(b, &gu, &mut h))
+        }),
         Case::new(
             "activation_f32_invalid",
             "shape_overflowing_usize",

@@ -1,7 +1,7 @@
 //! The cases, one file per op (bad input for every op in [`invalid`]).
 //!
 //! Each case is a generic function over `B: Backend`: it builds seeded random data (never zeros),
-//! uploads it, poisons every output (NaN for f32, 0xFFFFFFFF for u32), runs the op through
+//! uploads it, poisons every output (`f32::MAX` for f32, 0xFFFFFFFF for u32), runs the op through
 //! [`moe_hal::ops`], downloads, and compares with [`crate::oracle`].
 
 pub mod activation;

@@ -79,6 +79,10 @@ pub fn cases<B: Backend>() -> Vec<Case<B>> {
         random_case("sigmoid_one_expert_groups", 6, 8, 3, grouped(8, 3, true, 1.0), true),
         random_case("sigmoid_t0", 0, 256, 8, DEEPSEEK, true),
         random_case("sigmoid_t1_e256", 1, 256, 8, DEEPSEEK, true),
+        // Expert counts off every lane and tile width (Qwen1.5-MoE has 60).
+        random_case("softmax_e60_k4", 11, 60, 4, MIXTRAL, false),
+        random_case("softmax_e257_k8", 5, 257, 8, SOFTMAX_RAW, false),
+        random_case("sigmoid_e60_g6", 7, 60, 6, grouped(6, 3, true, 2.5), true),
         // Corrected scores all negative: selection must stay inside the kept groups (masking the
         // dropped groups with 0.0, as transformers does, would pick from them).
         Case::new(GROUP, "sigmoid_negative_corrected", Op::RouterTopk, None, "T=7 E=16 k=4 sigmoid g4/2 bias=-2", move |b: &B| {
