@@ -43,19 +43,38 @@ pub(super) mod avx2 {
         _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan)
     }
 
+    /// [`e4m3x8_nan_free_f16`] without the 2^-8, for the one-row kernel where denormals are kept
+    /// (see [`super::denormals_are_zero`]): four ops. Sign-extending puts the sign in bit 31 and,
+    /// shifted by 20, exponent and mantissa in bits 20..27, with copies of the sign in bits
+    /// 27..31 that the mask clears; then 2^120 rebiases the exponent (exact, subnormals included,
+    /// as long as the f32 denormal a subnormal byte makes is not read as zero). A NaN byte would
+    /// read as ±480.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn e4m3x8_nan_free(p: *const u8) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable bytes.
+        let s = _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p as *const __m128i) });
+        let bits = _mm256_and_si256(_mm256_slli_epi32::<20>(s), _mm256_set1_epi32(0x87F0_0000u32 as i32));
+        _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((120 + 127) << 23)))
+    }
+
     /// 8 E4M3 bytes known not to be NaN (see [`super::super::Direct::E4m3`]) as f32 times 2^-8,
     /// through f16 (F16C): sign-extending each byte to 16 bits puts its sign in bits 7..15;
     /// shifted by 7, exponent and mantissa sit in bits 7..13 with the sign in 15 and a copy in 14,
     /// which the mask clears. That is an f16 with E4M3's exponent and mantissa under f16's bias 15
     /// instead of 7 (exact, subnormals included: f16 has E4M3's subnormals), and `vcvtph2ps`
     /// widens it; the kernels put the 2^8 on each finished dot product. No multiply, so the
-    /// tile's FMA ports do only FMAs. Every E4M3 decode goes through f16: `vcvtph2ps` widens f16
-    /// subnormals whatever MXCSR says, where the f32 form (the bits placed in an f32 denormal,
-    /// times 2^120) read subnormal bytes as zero in a process that had set denormals-are-zero
-    /// (`torch.set_flush_denormal(True)`, a `-ffast-math` library). With `MOE_CPU_ISA=avx2`,
-    /// Qwen3-30B-A3B f8_e4m3 at 128 tokens ran 103–105 ms against 122–125 with the f32 form
-    /// (back to back, two pairs); the one-row kernel was faster on the f32 form (1.6–1.9 against
-    /// 2.0–2.1 ms at one token), and gave it up for the DAZ-proof one.
+    /// tile's FMA ports do only FMAs. `vcvtph2ps` widens f16 subnormals whatever MXCSR says,
+    /// where the f32 form ([`e4m3x8_nan_free`]: an f32 denormal times 2^120) reads subnormal
+    /// bytes as zero on a thread with denormals-are-zero set (`torch.set_flush_denormal(True)`,
+    /// a `-ffast-math` library; rayon's threads inherit it from the thread that made the pool).
+    /// With `MOE_CPU_ISA=avx2`, Qwen3-30B-A3B f8_e4m3 at 128 tokens ran 103–105 ms against
+    /// 122–125 with the f32 form (back to back, two pairs); the one-row kernel is faster on the
+    /// f32 form (1.4–1.5 against 1.6–1.9 ms at one token, 19–20 against 23–26 at 16, three pairs
+    /// back to back) and keeps it where denormals are kept.
     ///
     /// # Safety
     /// `p` points at 8 readable bytes.
@@ -412,14 +431,35 @@ row_avx2!(
 );
 
 row_avx2!(
-    /// Unscaled E4M3 bytes known not to be NaN: the vectors decode to 2^-8 times the weights, so
-    /// each dot product's vector part is scaled by 2^8 at the end.
+    /// Unscaled E4M3 bytes known not to be NaN, on a thread that keeps denormals (see
+    /// [`denormals_are_zero`]).
     row_times_e4m3_nan_free_avx2,
+    u8,
+    |p: *const u8| avx2::e4m3x8_nan_free(p),
+    |v: u8| crate::fp8::E4M3[v as usize]
+);
+
+row_avx2!(
+    /// [`row_times_e4m3_nan_free_avx2`] where denormals are read as zero: the vectors decode
+    /// through f16 to 2^-8 times the weights, so each dot product's vector part is scaled by
+    /// 2^8 at the end.
+    row_times_e4m3_nan_free_f16_avx2,
     u8,
     |p: *const u8| avx2::e4m3x8_nan_free_f16(p),
     |v: u8| crate::fp8::E4M3[v as usize],
     256.0
 );
+
+/// Whether this thread reads f32 denormals as zero (MXCSR's DAZ bit): a host process may set it,
+/// and rayon's threads inherit it from the thread that made the pool. One instruction; asked
+/// once per call of a kernel that depends on it.
+pub(super) fn denormals_are_zero() -> bool {
+    // SAFETY: SSE is part of x86_64; reading MXCSR has no effect.
+    #[allow(deprecated)] // (_mm_getcsr: still the way to read MXCSR)
+    unsafe {
+        std::arch::x86_64::_mm_getcsr() & 0x0040 != 0
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -532,6 +572,7 @@ mod tests {
                 use std::arch::x86_64::*;
                 for h in 0..2 {
                     _mm256_storeu_ps(got[0][8 * h..].as_mut_ptr(), avx2::e4m3x8(chunk[8 * h..].as_ptr()));
+                    _mm256_storeu_ps(got[1][8 * h..].as_mut_ptr(), avx2::e4m3x8_nan_free(chunk[8 * h..].as_ptr()));
                     _mm256_storeu_ps(got[4][8 * h..].as_mut_ptr(), avx2::e4m3x8_nan_free_f16(chunk[8 * h..].as_ptr()));
                 }
                 if avx512 {
@@ -544,6 +585,9 @@ mod tests {
                 let same = |v: f32| v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan());
                 assert!(same(got[0][i]), "e4m3x8 {b:#04x}: {}", got[0][i]);
                 assert!(crate::fp8::is_nan(b) || same(got[4][i] * 256.0), "e4m3x8_nan_free_f16 {b:#04x}: {}", got[4][i]);
+                // (The f32 form is made for threads that keep denormals, and only used there.)
+                let f32_form_ok = same(got[1][i]) || super::denormals_are_zero();
+                assert!(crate::fp8::is_nan(b) || f32_form_ok, "e4m3x8_nan_free {b:#04x}: {}", got[1][i]);
                 if avx512 {
                     assert!(same(got[2][i]), "e4m3x16 {b:#04x}: {}", got[2][i]);
                     assert!(crate::fp8::is_nan(b) || same(got[3][i] * 256.0), "e4m3x16_nan_free {b:#04x}: {}", got[3][i]);
@@ -605,6 +649,13 @@ mod tests {
                             row(rows[r], q, k, &mut out[r * nb..(r + 1) * nb]);
                         }
                         outs.push(out);
+                        if nan_free {
+                            let mut out = vec![f32::NAN; 4 * nb];
+                            for r in 0..4 {
+                                row_times_e4m3_nan_free_f16_avx2(rows[r], q, k, &mut out[r * nb..(r + 1) * nb]);
+                            }
+                            outs.push(out);
+                        }
                         if avx512 {
                             let mut out = vec![f32::NAN; 6 * nb];
                             if nan_free {
