@@ -101,6 +101,14 @@ export MOE_REQUIRE_BACKENDS=wgpu MOE_REQUIRE_TENSOR_CORES=1
 # a file that must stay empty.
 export VK_LAYER_PATH="$dir/layers" VK_LAYER_SETTINGS_PATH="$dir" WGPU_VALIDATION=1
 rm -f "$dir/validation.log"
+# Proof that the layer is in the device the tests open: an empty log would also come from a
+# layer that never loaded. The loader's own debug output names each layer it inserts.
+loaded=$(VK_LOADER_DEBUG=layer cargo test -q -p moe-wgpu info_and_round_trip 2>&1 || true)
+if ! grep -q 'Inserted device layer "VK_LAYER_KHRONOS_validation"' <<<"$loaded"; then
+  echo "lavapipe-coop.sh: the Vulkan validation layer did not load into the device; the loader said:"
+  grep -E "LAYER|ERROR" <<<"$loaded" | tail -20
+  exit 1
+fi
 cargo test -p moe-wgpu
 cargo test -p moe-conformance --test conformance -- wgpu
 if [ -s "$dir/validation.log" ]; then
@@ -108,8 +116,7 @@ if [ -s "$dir/validation.log" ]; then
   grep -E "^Validation" "$dir/validation.log" | sort | uniq -c | head -20
   exit 1
 fi
-[ -e "$dir/validation.log" ] || echo "lavapipe-coop.sh: note: the validation layer wrote no log file (nothing reported)"
-echo "lavapipe-coop.sh: Vulkan validation clean"
+echo "lavapipe-coop.sh: Vulkan validation clean (the layer loaded into the device and reported nothing)"
 # NVIDIA's size: lavapipe offers 8x8x8 but its compiler lowers any size, so the 16x16 code path
 # (tile dealing, offsets, strides) runs here too. Outside the validation layer, which rightly
 # reports a size the device does not offer (VUID-RuntimeSpirv-OpTypeCooperativeMatrixKHR-10163).
