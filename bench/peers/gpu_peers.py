@@ -266,17 +266,14 @@ def sync(dev: torch.device) -> None:
 
 
 def time_once(fn, dev: torch.device) -> float:
-    """Seconds of one call: CUDA events on a GPU, the wall clock on the CPU (dry run)."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+    """Seconds of one call, timed as `moe bench` times its backends: the wall clock from a
+    synchronize to the end of the next, so both sides pay the host's launch work and one
+    synchronize (CUDA events would leave those out for the peers only, and a copy timed with
+    events would give the peers a faster floor than the one `moe bench` divides by)."""
+    sync(dev)
     t = time.perf_counter()
     fn()
+    sync(dev)
     return time.perf_counter() - t
 
 
@@ -348,7 +345,9 @@ def capture_graphs(call, pool_n: int):
 
 
 def measure(c: pc.Config, args, dev: torch.device, dtype: torch.dtype, bandwidth: float, peak, peak_source,
-            device_name: str, failures: list) -> list[pc.Run]:
+            device_name: str, failures: list, save) -> list[pc.Run]:
+    """The peers' runs on shape `c`; `save(runs)` is called after each token count with the runs
+    so far, so a run cut short by a timeout keeps the rows it measured."""
     router_note = ("router GEMM + routing + " if args.with_router else
                    "WITHOUT the router (ids and weights precomputed per batch by the preset's routing); ")
     notes = {
@@ -474,6 +473,7 @@ def measure(c: pc.Config, args, dev: torch.device, dtype: torch.dtype, bandwidth
                     torch.cuda.synchronize(dev)
                     torch.cuda.empty_cache()
             del xs, routed, ref
+            save(list(runs.values()))
     del layer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -684,8 +684,13 @@ def main() -> None:
 
     failures: list = []
     runs = []
+
+    def save(current: list) -> None:
+        if args.json:
+            pc.write_report(args.json, runs + current, quiet=True)
+
     for c in cs:
-        runs += measure(c, args, dev, dtype, bandwidth, peak, peak_source, device_name, failures)
+        runs += measure(c, args, dev, dtype, bandwidth, peak, peak_source, device_name, failures, save)
     for run in runs:
         pc.print_run(run)
     if args.json:

@@ -391,14 +391,21 @@ def commit() -> str:
         return "unknown"
 
 
-def write_report(path: str, runs: list[Run]) -> None:
+def write_report(path: str, runs: list[Run], quiet: bool = False) -> None:
+    """Writes the runs as `moe bench --json` does, atomically (a temporary file renamed over
+    `path`): a run killed while writing leaves the last complete report, which `moe bench
+    --compare` can still read."""
     import json
+    import os
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
               "runs": [asdict(r) for r in runs]}
-    with open(path, "w") as fh:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
         json.dump(report, fh, indent=2)
         fh.write("\n")
-    print(f"wrote {path}")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------

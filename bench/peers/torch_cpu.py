@@ -151,6 +151,25 @@ def measure(c: pc.Config, args, dtype: torch.dtype, bandwidth: float, peak: floa
     return run
 
 
+def cpu_flops_per_cycle(half: bool) -> tuple[float, str]:
+    """`moe bench`'s estimate (`cpu_flops_per_cycle` in crates/moe-cli/src/bench/roofline.rs), so
+    both tools divide by one peak: two FMA units per core of 16 f32 lanes where AVX-512 runs on
+    512-bit units, of 8 where it does not (AMD before Zen 5: family 0x19 or lower) or where there
+    is no AVX-512; twice that for f16/bf16 weights where AVX512_BF16's dot products are there."""
+    text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = text.split()
+    if "avx512f" not in flags:
+        return 32.0, "f32 FMA, two units of 8 lanes"
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+    vendor = fields.get("vendor_id", "")
+    family = int(fields.get("cpu family", "0") or 0)
+    halves = vendor == "AuthenticAMD" and family <= 0x19
+    lanes, units = (8.0, "AVX-512 on 256-bit units") if halves else (16.0, "512-bit units")
+    if half and "avx512_bf16" in flags:
+        return 2 * 2 * 2 * lanes, f"bf16 dot products, {units}"
+    return 2 * 2 * lanes, f"f32 FMA, {units}"
+
+
 def main() -> None:
     p = pc.parser(__doc__)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
@@ -169,11 +188,9 @@ def main() -> None:
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
     else:
-        # `moe bench`'s estimate: two FMA units of 8 (AVX2) or 16 (AVX-512) f32 lanes per core.
-        flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-        per_cycle = 64 if "avx512f" in flags else 32
+        per_cycle, why = cpu_flops_per_cycle(dtype != torch.float32)
         peak = threads * 2.5e9 * per_cycle
-        peak_source = f"CPU estimate: {threads} threads x 2.5 GHz x {per_cycle} FLOP/cycle"
+        peak_source = f"CPU estimate: {threads} threads x 2.5 GHz x {per_cycle:g} FLOP/cycle ({why})"
     print(f"{BACKEND}: {device}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({'given' if args.bandwidth_gbs else 'measured now'}), "
           f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source}); load average {load_before}")
