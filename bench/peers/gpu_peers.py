@@ -14,7 +14,8 @@ Both add the shared expert (plain torch matmuls) and return [T, H] f32. By defau
 WITHOUT the router: the ids and weights of every batch are computed beforehand by the preset's
 routing (with --with-router the router GEMM and routing are timed too). Each timed iteration takes
 the next batch from a pool of distinct random inputs, so the routing changes every time (`moe bench`'s
-method); CUDA events around each iteration, warm-up, medians. The copy bandwidth is measured in
+method); each iteration timed as `moe bench` times its own (the wall clock from a synchronize to
+the end of the next), warm-up, medians. The copy bandwidth is measured in
 the same run with a 256 MiB device-to-device copy; the peak comes from the table (H200 bf16:
 791 TFLOP/s, measured dense). Before a token count is timed, each peer's output on one batch of
 that size is checked against a plain fp32 torch loop (reference_moe); a peer off by rel L2 >= 2e-2
