@@ -200,6 +200,13 @@ pub fn cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         // K >= 1024 with N past 256: f8_e4m3 in DeepSeek's 128x128 blocks, three block rows (the
         // last of 44): decode and tiles.
         case(dtype, "decode_n300_k1024", grouped(&[3, 0, 2], 0, None), 300, 1024),
+        // N = 7168 (a down projection at DeepSeek's hidden size); K = 15, 16, 17 with N of 127,
+        // 65 and 128; a plan over Kimi K2's 384 experts.
+        case(dtype, "decode_n7168_k32", grouped(&[1, 0, 2], 0, None), 7168, 32),
+        case(dtype, "dense_m5_n127_k15", Layout::Dense { m: 5 }, 127, 15),
+        case(dtype, "grouped_n65_k16", grouped(&[9, 0, 8], 0, None), 65, 16),
+        case(dtype, "grouped_n128_k17", grouped(&[70, 3], 0, None), 128, 17),
+        case(dtype, "gather_t2_e384_k8", Layout::Planned { tokens: 2, experts: 384, top_k: 8 }, 32, 64),
         case(dtype, "prefill_n260_k1024", grouped(&[70], 0, None), 260, 1024),
         case(dtype, "grouped_e64_two_used", grouped(&sparse, 0, None), 32, 64),
         case(dtype, "grouped_m0", grouped(&[0, 0, 0], 0, None), 16, 16),
@@ -300,6 +307,7 @@ pub fn swiglu_cases_for<B: Backend>(dtype: DType) -> Vec<Case<B>> {
         c("prefill_off_tiles", grouped(&[65, 0, 17, 1, 130], 0, None), 2 * 65, 63),
         c("prefill_gather", Layout::Planned { tokens: 40, experts: 8, top_k: 2 }, 2 * 40, 128),
         c("prefill_m129_one_group", grouped(&[129], 0, None), 2 * 24, 40),
+        c("decode_k_eq_e", Layout::Planned { tokens: 3, experts: 4, top_k: 4 }, 2 * 17, 24),
         c("decode_i150_k1024", Layout::Planned { tokens: 2, experts: 8, top_k: 2 }, 2 * 150, 1024),
         c("rows_past_end", grouped(&[2, 3, 1], 4, None), 2 * 7, 32),
         c("gather_rows_past_end", grouped(&[3, 0, 9], 2, Some(5)), 2 * 9, 33),
