@@ -54,6 +54,14 @@ for rows in 8 4; do
   MOE_GEMV_PASS_ROWS=$rows timeout 45 .device/bin/moe bench --backend cuda,wgpu --preset qwen3-30b-a3b \
     --tokens 1,64 --iters 20 --warmup 3 2>&1 | grep " tok "
 done
+echo "== cuda decode kernels: weights prefetched into L2 4 KiB and 16 KiB ahead against not (default), Qwen3-30B-A3B"
+# Each setting compiles grouped_gemm.cu once with NVRTC (~12 s on the CPU machine; the kernel
+# cache serves the rest). At 128 tokens all 128 experts are read (1.2 GB), at 16 about 80.
+for ahead in 0 4096 16384; do
+  echo "MOE_CUDA_GEMV_PREFETCH=$ahead"
+  MOE_CUDA_GEMV_PREFETCH=$ahead timeout 45 .device/bin/moe bench --backend cuda --preset qwen3-30b-a3b --tokens 16,64,128 \
+    --iters 20 --warmup 3 2>&1 | grep " tok "
+done
 echo "== where the time goes: each stage alone, cuda and wgpu, Qwen3-30B-A3B"
 timeout 60 .device/bin/moe bench --backend cuda,wgpu --preset qwen3-30b-a3b --tokens 1,16,1024 \
   --iters 10 --warmup 2 --breakdown > "$OUT/breakdown.log" 2>&1

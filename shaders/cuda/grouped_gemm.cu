@@ -925,6 +925,53 @@ SIMT_KERNEL(simt_f8_e4m3_any, 3, false)
 #define GEMV_RB 8 // MOE_GEMV_PASS_ROWS=4 compiles with -DGEMV_RB=4, the old pass, to compare
 #endif
 
+// GEMV_PREFETCH (bytes; MOE_CUDA_GEMV_PREFETCH=B compiles with -DGEMV_PREFETCH=B, 0 by default):
+// at each step of the vector loops one lane per weight row asks L2 for the row's step-sized
+// slice B bytes further on, so reads from DRAM are in flight beyond what the loads of this step
+// hold in registers (r4 sits at 126 of the 128 registers that keep 16 warps per multiprocessor,
+// and a warp's loads of one step are 2 KiB). The CPU backend's decode gained 2x from the same
+// idea (host/gemm/x86.rs, PREFETCH_AHEAD); not measured on a GPU yet: the device check A/Bs it.
+// Only whole slices inside the row are prefetched, so no address past the weights is named.
+#ifndef GEMV_PREFETCH
+#define GEMV_PREFETCH 0
+#endif
+
+// Asks L2 for the `bytes` (a multiple of 128, 16-byte aligned) at p: a hint, no register holds
+// the data. sm_90: one bulk prefetch; sm_80..89: a line at a time; the emulator: nothing.
+__device__ __forceinline__ void l2_prefetch(const void* p, u32 bytes) {
+#if !defined(MOE_EMULATOR) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#elif !defined(MOE_EMULATOR) && defined(__CUDA_ARCH__)
+    for (u32 o = 0; o < bytes; o += 128u) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + o));
+    }
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+// The prefetch of one vector step (see GEMV_PREFETCH): lane i < NR takes weight row i, whose
+// step starts at element `base` and covers `step_bytes` bytes; nothing past the row's end.
+template <int NR>
+__device__ __forceinline__ void gemv_prefetch(const void* w, const u64* wrow, const bool* wok, u32 lane, u32 base, u32 esize,
+                                              u32 step_bytes, u32 K) {
+#if GEMV_PREFETCH > 0
+    const u64 at = (u64)base * esize + GEMV_PREFETCH;
+    if (at + step_bytes > (u64)K * esize) {
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < NR; i++) {
+        if (lane == (u32)i && wok[i]) {
+            l2_prefetch((const u8*)w + wrow[i] * esize + at, step_bytes);
+        }
+    }
+#else
+    (void)w, (void)wrow, (void)wok, (void)lane, (void)base, (void)esize, (void)step_bytes, (void)K;
+#endif
+}
+
 // NR: weight rows per warp (a block owns 8 * NR rows); even for SwiGLU. VEC: 16-byte loads, a lane
 // taking 8 elements of a row per step (K % 8 == 0), or 16 for F8E4M3 (K % 16 == 0). Each step
 // decodes the NR rows' weights once, then each token row of the pass loads its x and accumulates:
@@ -996,6 +1043,7 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
         if (VEC && DT == 3) {
 #pragma unroll 2
             for (u32 kk = lane * 16u; kk < K; kk += 512u) {
+                gemv_prefetch<NR>(w, wrow, wok, lane, kk - lane * 16u, 1u, 512u, K);
                 // The NR rows' 16 bytes first (the loads in flight together), then four words of 4
                 // elements, in a loop kept rolled so only 4 decoded weights per row are live.
                 uint4 raw[NR];
@@ -1045,6 +1093,7 @@ __device__ __forceinline__ void gemv_body(const GemmParams& p, const float* __re
         } else if (VEC) {
 #pragma unroll 2
             for (u32 kk = lane * 8u; kk < K; kk += 256u) {
+                gemv_prefetch<NR>(w, wrow, wok, lane, kk - lane * 8u, DT == 0 ? 4u : 2u, DT == 0 ? 1024u : 512u, K);
                 float wv[NR][8];
 #pragma unroll
                 for (int i = 0; i < NR; i++) {

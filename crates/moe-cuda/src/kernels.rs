@@ -221,7 +221,17 @@ pub(crate) fn options(target: Target) -> Vec<String> {
     if moe_hal::gemv::pass_rows() == 4 {
         opts.push("-DGEMV_RB=4".into());
     }
+    if let Some(bytes) = gemv_prefetch() {
+        opts.push(format!("-DGEMV_PREFETCH={bytes}"));
+    }
     opts
+}
+
+/// `MOE_CUDA_GEMV_PREFETCH=B`: the decode kernels prefetch their weights into L2 `B` bytes ahead
+/// (a positive multiple of 512; see `GEMV_PREFETCH` in grouped_gemm.cu); unset or 0: no prefetch.
+pub(crate) fn gemv_prefetch() -> Option<u32> {
+    let bytes = std::env::var("MOE_CUDA_GEMV_PREFETCH").ok()?.trim().parse::<u32>().ok()?;
+    (bytes > 0 && bytes % 512 == 0).then_some(bytes)
 }
 
 /// Compiles one source for `target` with [`options`] plus `extra`. A compile error is

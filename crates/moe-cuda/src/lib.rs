@@ -255,6 +255,9 @@ impl CudaBackend {
         }
         features.push(format!("{} ({})", dev.nvrtc, dev.target));
         features.push(format!("L2 {} MiB", f.l2_bytes >> 20));
+        if let Some(bytes) = kernels::gemv_prefetch() {
+            features.push(format!("gemv: L2 prefetch {bytes} bytes ahead (MOE_CUDA_GEMV_PREFETCH)"));
+        }
         features.extend(moe_hal::gemv::feature());
         let info = BackendInfo {
             name: "cuda".into(),
