@@ -4,7 +4,10 @@
 //! * Feature on, `$ASCEND_TOOLKIT_HOME/lib64/libascendcl.so` present: adds `lib64` to the native
 //!   search path, links `ascendcl` (runtime: devices, streams, memory) and, where present,
 //!   `nnopbase` (aclTensor descriptors) and `opapi` (the aclnn operators) — the libraries ggml's
-//!   CANN backend links — and sets `--cfg moe_cann_toolkit`, which compiles `src/sys.rs`.
+//!   CANN backend links — plus `opapi_transformer`, where newer CANN releases put the MoE
+//!   operators (op-plugin's `op_api_common.h` looks in `libopapi_math/_nn/_cv/_transformer/
+//!   _legacy.so`, then `libopapi.so`), and sets `--cfg moe_cann_toolkit`, which compiles
+//!   `src/sys.rs`.
 //! * Feature on, no toolkit: a `cargo:warning` that says what is missing; the crate stays the stub.
 
 use std::env;
@@ -42,9 +45,11 @@ fn main() {
     }
     println!("cargo::rustc-link-search=native={}", lib64.display());
     println!("cargo::rustc-link-lib=dylib=ascendcl");
-    for lib in ["nnopbase", "opapi"] {
+    for lib in ["nnopbase", "opapi", "opapi_transformer"] {
         if lib64.join(format!("lib{lib}.so")).is_file() {
             println!("cargo::rustc-link-lib=dylib={lib}");
+        } else if lib == "opapi_transformer" {
+            // Only in releases that split the operator library; 8.x has everything in opapi.
         } else {
             println!(
                 "cargo::warning=moe-cann: {} has no lib{lib}.so; the symbols src/sys.rs declares from it will not link if used",

@@ -18,7 +18,7 @@
 //! | [`Backend::permute`] | `aclnnMoeInitRoutingV2`: `expandedRowIdxOut` = `row_index`, `expertTokensCountOrCumsumOut` = `expert_offsets[1..]` |
 //! | [`Backend::grouped_gemm`] | `aclnnGroupedMatmulV4` with `expert_offsets[1..]` (int64) as its cumulative `groupListOptional` (`groupListType = 0`); `aclnnMatmul` without offsets |
 //! | [`Backend::activation`] | `aclnnSwiGlu` (`dim = -1`) |
-//! | [`Backend::combine`] | `aclnnMoeFinalizeRoutingV2` (`dropPadMode = 2`; shared expert as `x1Optional`), or `aclnnMoeFinalizeRouting` |
+//! | [`Backend::combine`] | `aclnnMoeFinalizeRoutingV2` (`dropPadMode = 2`; shared expert as `x1Optional`, which it adds before the routed terms where moe-hal adds it after: the last bit may differ), or `aclnnMoeFinalizeRouting` |
 //! | custom kernels (`shaders/wgsl`, `shaders/cuda`) | Ascend C kernels in `shaders/cann/<op>.cpp` (none yet; see `shaders/cann/README.md`) |
 //!
 //! ## Building against a toolkit
@@ -29,7 +29,8 @@
 //!
 //! * when `$ASCEND_TOOLKIT_HOME/lib64/libascendcl.so` exists, it emits
 //!   `cargo:rustc-link-search=native=$ASCEND_TOOLKIT_HOME/lib64`, links `ascendcl` and, where
-//!   present, `nnopbase` and `opapi` (the libraries ggml's CANN backend links), and sets
+//!   present, `nnopbase` and `opapi` (the libraries ggml's CANN backend links) and
+//!   `opapi_transformer` (where releases after 8.x put the MoE operators), and sets
 //!   `--cfg moe_cann_toolkit`, which compiles the `sys` module (`src/sys.rs`: raw `extern "C"`
 //!   declarations of the runtime and of the operators above). The binary then needs the same
 //!   directory on `LD_LIBRARY_PATH` at run time (`set_env.sh` does it);
@@ -79,10 +80,14 @@
 //! * **Weight layouts.** moe-hal stores `[E, N, K]` row-major (ND). The cube unit prefers
 //!   FRACTAL_NZ (`ACL_FORMAT_FRACTAL_NZ`, 16-row tiles of 32 bytes, 16x16 for f16/bf16);
 //!   `aclnnTransMatmulWeight` rewrites an ND weight to NZ in place once at upload, into a buffer
-//!   sized by `aclnnCalculateMatmulWeightSizeV2`. `aclnnGroupedMatmulV4` takes ND or NZ weights
-//!   on A2/A3 and only NZ on the Atlas inference series (310P, f16 only). unconfirmed: whether
-//!   `aclnnTransMatmulWeight` accepts a 3-D `[E, N, K]` grouped weight (otherwise convert expert
-//!   by expert, or use `aclnnGroupedMatmulWeightNz`).
+//!   sized by `aclnnCalculateMatmulWeightSizeV2`. `aclnnGroupedMatmulV4` takes ND or NZ f16/bf16
+//!   weights on A2/A3 (f32 weights ND only: `aclnnTransMatmulWeight` converts f16, bf16 and int8
+//!   only), only ND on Ascend 950, and only NZ on the Atlas inference series (310P, f16 only).
+//!   `aclnnTransMatmulWeight` accepts a 3-D `[E, N, K]` grouped f16/bf16 weight on 910B/910_93
+//!   ("Only support matmul operations with dimSize is 2 or 3"), 2-D only on other chips.
+//! * **`aclnnMatmul`** (dense GEMMs without offsets) takes `cubeMathType` with no default: pass 0
+//!   (`KEEP_DTYPE`); 1 (`ALLOW_FP32_DOWN_PRECISION`) turns f32 into HF32 on A2/A3, outside the
+//!   suite's f32 tolerance.
 //! * **Custom kernels.** Whatever the operator library does not cover (exact tie and NaN rules of
 //!   the router, `token_index`, a fused layer) is written in Ascend C under `shaders/cann/`, one
 //!   file per op with the trait method's name, as for WGSL and CUDA.
@@ -110,7 +115,10 @@
 //! So the conformant FP8 path on Ascend is a kernel of our own, `shaders/cann/grouped_gemm.cpp`
 //! in Ascend C, doing what the CUDA `mma_*` kernels do: dequantize each 128 x 128 block into
 //! bf16 on its way to the cube unit, accumulate in f32. Until it exists, answer `false`.
-//! unconfirmed: whether `aclnnGroupedMatmulV5` (CANN 8.5+) adds per-block weight-only scales.
+//! `aclnnGroupedMatmulV5` (CANN 8.5+, V1-V4's successor) does not change this: it only adds
+//! `tuningConfigOptional`; its FP8 weight-only mode on Ascend 950 is per-channel too (per-group
+//! only for int4). The fused `aclnnGroupedMatmulSwigluQuant` is quantized-only (A8W8; MXFP8/MXFP4
+//! on 950).
 //!
 //! ## Porting route
 //!
@@ -123,32 +131,43 @@
 //!
 //! The mapping was read from Ascend's public operator pages (the `ops-transformer` docs of
 //! `aclnnMoeGatingTopKSoftmax`, `..V2`, `aclnnMoeGatingTopK`, `aclnnMoeInitRouting`, `..V2`,
-//! `aclnnGroupedMatmulV4` (its 910_95 FP8 modes included), `aclnnMoeFinalizeRouting`, `..V2`,
-//! `aclnnSwiGlu`), the CANN 8.x headers
-//! (`acl_rt.h`, `acl_meta.h`) and ggml's `ggml-cann` (`aclnn_ops.cpp`, `CMakeLists.txt`). Nothing
-//! was run on an NPU. Facts no source confirmed are marked `unconfirmed:` where they appear; the
-//! list:
+//! `aclnnGroupedMatmulV4`, `..V5` (their 910_95 FP8 modes included), `aclnnMoeFinalizeRouting`,
+//! `..V2`, `aclnnSwiGlu`; ops-nn's `aclnnMatmul` and `aclnnTransMatmulWeight`), the operators'
+//! kernels and test references in `hicann/ops-transformer` and `ops-nn`, the CANN 8.x headers
+//! (`acl_rt.h`, `acl_meta.h`), Ascend's `op-plugin` and ggml's `ggml-cann` (`aclnn_ops.cpp`,
+//! `CMakeLists.txt`). Nothing was run on an NPU. What the sources settle (2026-11-29):
 //!
-//! * unconfirmed: how each gating operator breaks ties and orders NaN (moe-hal: equal scores go to
-//!   the lower expert index, NaN ranks below every number); no operator page says;
-//! * unconfirmed: whether `aclnnMoeGatingTopK`'s weights gather the sigmoid scores `s` or the
-//!   bias-corrected `c` (its formula reads as `c`; DeepSeek-V3 weights by `s`);
-//! * unconfirmed: whether `aclnnMoeInitRoutingV2`'s sort is stable inside one expert (moe-hal's plan
-//!   orders an expert's rows by pair index; the page only says "deterministic");
-//! * unconfirmed: the summation order of `aclnnMoeFinalizeRoutingV2` (moe-hal: `j = 0, 1, ..`),
-//!   which only matters at the last bit;
-//! * unconfirmed: the accumulator precision of `aclnnGroupedMatmulV4` for f16/bf16 inputs (the
-//!   operator page does not say; f32 accumulation is the usual assumption, not checked here);
-//! * unconfirmed: what the routing operators do with an expert id `>= E` (the pages only require
-//!   ids in `[0, E - 1]`), and whether the 1024-expert limit an older page gives
-//!   `aclnnMoeGatingTopKSoftmax` still holds;
-//! * unconfirmed: `aclnnMatmul`'s `cubeMathType` values and whether the default lowers f32;
-//! * unconfirmed: whether `aclnnTransMatmulWeight` handles 3-D grouped weights;
-//! * unconfirmed: that `aclnnSwiGlu`'s Swish has β = 1 (silu); the page does not say, the
-//!   gradient formula of `aclnnSwiGluGrad` implies it;
-//! * unconfirmed: which library exports the MoE operators in releases after CANN 8.x
-//!   (`libopapi.so` in 8.x), and the V5 successor of grouped matmul (CANN 8.5 marks V1-V4
-//!   deprecated in favour of `aclnnGroupedMatmulV5`) was not read.
+//! * `aclnnMoeGatingTopK` (parameters `x, biasOptional, k, kGroup, groupCount, groupSelectMode,
+//!   renorm, normType, outFlag, routedScalingFactor, eps`; `groupSelectMode` 1 scores a group by
+//!   its top two, `normType` 1 is sigmoid) sorts the bias-corrected `c` but **gathers the sigmoid
+//!   scores `s`** as weights, as DeepSeek-V3 does (its kernel, `moe_gating_top_k_e_k_fullload.h`,
+//!   gathers `xSigmoidTensor`; its test reference gathers the unbiased scores); with sigmoid the
+//!   weights are always divided by `sum + eps` (`renorm` is ignored). It requires
+//!   `E / groupCount > groupSelectMode`. (An older page wrote the bias into `normOut`, which read
+//!   as weights by `c`.)
+//! * `aclnnMoeInitRoutingV2`'s sort is stable inside one expert on A2/A3 (`moe_v2_sort_one_core.h`
+//!   sorts the key `-expert` with the pair index as value through Ascend C's `Sort` and
+//!   `MrgSort`, which keep input order among equal keys), as moe-hal's plan orders an expert's rows
+//!   by pair index. Its `expertTokensCountOrCumsumFlag` 1 gives the cumulative counts. Ascend
+//!   950's (`arch35`) path was not read.
+//! * `aclnnGroupedMatmulV4`'s `groupListType` 0 is the cumulative sum, 1 the counts; one
+//!   single-tensor call takes at most 1024 groups.
+//! * `aclnnMoeGatingTopKSoftmax` limits k to 1024 (E to 2048 on 950, 256 on 310P; no E limit on
+//!   A2/A3). Do not pass its `finishedOptional`: finished rows get id E, out of range.
+//! * `aclnnSwiGlu` is `silu(first half) * second half` along `dim` (its test reference: `F.silu`),
+//!   moe-hal's gate-then-up layout.
+//!
+//! Still unconfirmed:
+//!
+//! * unconfirmed: how the gating operators break ties and order NaN (moe-hal: equal scores go to
+//!   the lower expert index, NaN ranks below every number). Ascend C's `Sort32` keeps the lower
+//!   index first on ties, but the operator's own tests call the tie choice implementation-
+//!   defined, and Ascend C's `TopK` puts NaN first, the opposite of moe-hal: expect the
+//!   conformance suite's tie and NaN cases to need a router of our own (`shaders/cann/`);
+//! * unconfirmed: the accumulator precision of `aclnnGroupedMatmulV4` for f16/bf16 inputs (no page
+//!   says; f32 accumulation is the usual assumption);
+//! * unconfirmed: what the routing operators do with an expert id `>= E` (with the count output on
+//!   the pages require ids in `[0, E - 1]`, and say nothing of others).
 
 #![warn(missing_docs)]
 
@@ -176,7 +195,7 @@ pub fn operator(op: Op) -> &'static str {
             "aclnnGroupedMatmulV4 (expert_offsets as its cumulative group list, groupListType 0); aclnnMatmul without offsets"
         }
         Op::GroupedGemmSwiglu => {
-            "aclnnGroupedMatmulV4 then aclnnSwiGlu (the trait's default composes them; unconfirmed: a fused aclnnGroupedMatmulSwigluQuant exists for quantized weights only)"
+            "aclnnGroupedMatmulV4 then aclnnSwiGlu (the trait's default composes them; the fused aclnnGroupedMatmulSwigluQuant takes quantized weights only)"
         }
         Op::Activation => "aclnnSwiGlu",
         Op::Combine => "aclnnMoeFinalizeRoutingV2 (or aclnnMoeFinalizeRouting)",
@@ -378,8 +397,8 @@ impl Backend for CannBackend {
     ///   `aclnnMoeGatingTopKSoftmax(x = logits [T, E] f32, finishedOptional = NULL, k, yOut =
     ///   topk_weights [T, k] f32, expertIdxOut = topk_ids [T, k] INT32, rowIdxOut = scratch
     ///   [T, k] INT32)`: softmax over E, then top-k. `rowIdxOut` (its column-major pair numbering
-    ///   for `aclnnMoeInitRouting` V1) is not needed with V2 routing. An older page limits E to
-    ///   1024 (unconfirmed for current releases).
+    ///   for `aclnnMoeInitRouting` V1) is not needed with V2 routing. The current page limits k
+    ///   to 1024 and E to 2048 on Ascend 950 (256 on 310P), with no E limit on A2/A3.
     /// * **Softmax, `norm_topk_prob = true`** (Mixtral, Qwen3-MoE):
     ///   `aclnnMoeGatingTopKSoftmaxV2(.., k, renorm = 1, outputSoftmaxResultFlag = false, ..)`:
     ///   top-k of the logits, then softmax over those k, which equals the top-k of the softmax
@@ -391,13 +410,11 @@ impl Backend for CannBackend {
     ///   = 1 (sigmoid), outFlag = false, routedScalingFactor, eps = 1e-20, yOut = topk_weights,
     ///   expertIdxOut = topk_ids, outOut = NULL)`. It computes sigmoid, + bias, the group
     ///   selection, the top-k inside kept groups and `y / (sum + eps) * routedScalingFactor` in
-    ///   one kernel. Limits: `E <= 2048`, `E / n_group > 2` is required by one page and `> 1`
-    ///   (`> groupSelectMode`) by another, and `ceil32(E / n_group) * n_group <= 2048`; Kimi K2
-    ///   (`n_group = 1`, E = 384) and DeepSeek-V3 (8 groups of 32) both fit. unconfirmed: whether
-    ///   `y` is gathered from `s = sigmoid(x)` (DeepSeek's weights) or from `c = s + bias` (what
-    ///   the page's formula reads as); if it is `c`, recompute the weights from `s`:
-    ///   `aclnnSigmoid`, `aclnnGather(s, 1, topk_ids)`, `aclnnReduceSum`, `aclnnAdds(1e-20)`,
-    ///   `aclnnDiv`, `aclnnMuls(routed_scaling_factor)`.
+    ///   one kernel. Limits: `E <= 2048`, `E / n_group > groupSelectMode` (the current page; an
+    ///   older one asked `> 2`), and `ceil32(E / n_group) * n_group <= 2048`; Kimi K2
+    ///   (`n_group = 1`, E = 384) and DeepSeek-V3 (8 groups of 32) both fit. `y` is gathered from
+    ///   `s = sigmoid(x)`, DeepSeek's weights, not from `c = s + bias` (its kernel gathers the
+    ///   sigmoid tensor; the crate docs give the sources).
     /// * **Sigmoid routing with `norm_topk_prob = false`**: `aclnnMoeGatingTopK` always divides by
     ///   the sum, so compose it from elementwise operators: `aclnnSigmoid` → `s`; `aclnnAdd(s,
     ///   bias)` → `c`; group scores from `aclnnTopk(c viewed [T, n_group, E/n_group], 2)` +
@@ -408,8 +425,8 @@ impl Backend for CannBackend {
     ///
     /// In every case: expert ids come out as INT32 (moe-hal's u32 bits), unconfirmed: the
     /// operators' tie-breaking (moe-hal: the lower index wins) and NaN order (moe-hal: NaN ranks
-    /// last); the conformance suite's tie and NaN cases decide whether a custom Ascend C kernel
-    /// (`shaders/cann/router_topk.cpp`) is needed.
+    /// last; Ascend C's `TopK` puts NaN first); the conformance suite's tie and NaN cases decide
+    /// whether a custom Ascend C kernel (`shaders/cann/router_topk.cpp`) is needed.
     fn router_topk(
         &self,
         logits: &Tensor<Self>,
@@ -449,9 +466,10 @@ impl Backend for CannBackend {
     ///
     /// * It flattens `expertIdx` row-major (pair `t * k + j`), sorts pairs by expert and writes
     ///   `expandedRowIdxOut[pair] = row`: exactly moe-hal's `row_index` (CANN's `expandedRowIdx`
-    ///   is where the name comes from), passed as our `[T*k]` u32 buffer viewed INT32.
-    ///   unconfirmed: that the sort is stable inside one expert (moe-hal orders an expert's rows by
-    ///   pair index; the page promises only a deterministic result).
+    ///   is where the name comes from), passed as our `[T*k]` u32 buffer viewed INT32. The sort is
+    ///   stable inside one expert on A2/A3 (its kernel sorts with the pair index as value through
+    ///   Ascend C's order-keeping `Sort`/`MrgSort`), so an expert's rows follow pair order, as
+    ///   moe-hal's do; Ascend 950's path was not read.
     /// * `expertTokensCountOrCumsumOut [E]` INT32 with flag 1 holds the cumulative counts: moe-hal's
     ///   `expert_offsets[1..=E]`. Pass a view of our `[E + 1]` buffer at element offset 1 and set
     ///   `expert_offsets[0] = 0` once (`aclrtMemsetAsync`).
@@ -499,6 +517,7 @@ impl Backend for CannBackend {
     /// * Dtypes: x and weight must share a dtype; cast the f32 activations to f16/bf16
     ///   (`aclnnCast`) and the output back, or keep f32 weights (see the crate docs). unconfirmed:
     ///   the accumulator precision for f16/bf16.
+    /// * One single-tensor call takes at most 1024 groups (experts): enough for 256 and 384.
     /// * NZ: the weight may be FRACTAL_NZ (`aclnnTransMatmulWeight` at upload).
     /// * f8_e4m3 weights: no operator computes them as moe-hal does (see the crate docs, "f8_e4m3
     ///   weights on Ascend"); `supports` answers `false` for them until an Ascend C kernel does.
@@ -508,7 +527,8 @@ impl Backend for CannBackend {
     ///
     /// **Without `expert_offsets`** (the router, the shared expert): one plain GEMM, `aclnnMatmul`
     /// (or `aclnnMm`) of `x [M, K]` with the transposed view of `w [N, K]`, f32 kept f32
-    /// (`cubeMathType = 0`, KEEP_DTYPE; unconfirmed whether the default lowers f32 to HF32 on A2).
+    /// (`cubeMathType = 0`, KEEP_DTYPE: the parameter has no default, and 1 would lower f32 to HF32
+    /// on A2/A3).
     fn grouped_gemm(
         &self,
         _x: &Tensor<Self>,
@@ -533,8 +553,7 @@ impl Backend for CannBackend {
     /// SwiGLU on Ascend: `aclnnSwiGlu(x = gate_up [M, 2I], dim = -1, out = h [M, I])`. The page
     /// defines `out = Swish(A) * B` with `A` the first half of `x` along `dim` and `B` the second:
     /// moe-hal's gate-then-up layout, no reordering. f32, f16 and bf16 on A2/A3; f32 in, f32 out.
-    /// unconfirmed: that Swish has β = 1 (silu); the gradient formula of `aclnnSwiGluGrad` implies
-    /// it, the page does not say.
+    /// Swish has β = 1 (silu): the operator's test reference is `F.silu(first half) * second`.
     fn activation(&self, _gate_up: &Tensor<Self>, _h: &mut Tensor<Self>) -> Result<()> {
         Err(not_ported(Op::Activation, "aclnnSwiGlu (dim = -1; gate is the first half, up the second)"))
     }
@@ -549,7 +568,9 @@ impl Backend for CannBackend {
     /// (moe-hal's `row_index`); 0 would mean the column-major index of V1 routing. V1
     /// `aclnnMoeFinalizeRouting` makes `x1`, `bias` and `expandedExpertIdx` mandatory and reads
     /// the column-major index: pass zeros and a transposed `row_index`, or prefer V2.
-    /// unconfirmed: the order of the sum over `j` (moe-hal: `j = 0, 1, ..`).
+    /// Its A2/A3 kernel starts each row from `x1` and adds `scales * y` for `j = 0, 1, ..`,
+    /// accumulating in the input dtype; moe-hal adds the shared expert after the routed terms, so
+    /// results may differ in the last bit (within the suite's f32 tolerance).
     fn combine(
         &self,
         _y: &Tensor<Self>,
