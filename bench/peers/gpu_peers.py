@@ -280,13 +280,18 @@ def time_once(fn, dev: torch.device) -> float:
 
 def copy_bandwidth(dev: torch.device, reps: int = 7) -> float:
     """Read + write bytes per second of a 256 MiB device-to-device copy (`moe bench`'s size and
-    count: min(memory / 16, 256 MiB), 7 timed copies, median)."""
+    count: min(memory / 16, 256 MiB), 7 samples of `COPIES` copies between synchronizes, median)."""
     n = 256 << 20
     src = torch.full((n // 4,), 7, dtype=torch.int32, device=dev)
     dst = torch.empty_like(src)
     for _ in range(2):
         dst.copy_(src)
-    times = [time_once(lambda: dst.copy_(src), dev) for _ in range(reps)]
+
+    def copies():
+        for _ in range(pc.COPIES):
+            dst.copy_(src)
+
+    times = [time_once(copies, dev) / pc.COPIES for _ in range(reps)]
     del src, dst
     return 2 * n / pc.median(times)
 
@@ -419,7 +424,7 @@ def measure(c: pc.Config, args, dev: torch.device, dtype: torch.dtype, bandwidth
 
     with torch.inference_mode():
         for t in args.tokens:
-            pool_n = pc.pool_size(c, t, args.iters)
+            pool_n = pc.pool_size(c, t, args.warmup + args.iters)
             xs = [pc.random_inputs(c, t, dtype, dev, args.seed ^ ((p + 1) * 0x9E37) ^ t) for p in range(pool_n)]
             routed = [pc.router(x, layer) for x in xs]
             touched_of = [int(torch.unique(ids).numel()) for ids, _ in routed]
@@ -680,8 +685,9 @@ def main() -> None:
         peak, peak_source = peak_flops(device_name, dtype)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({'given' if args.bandwidth_gbs else 'measured now, 256 MiB device copy'}), "
           f"peak {'unknown' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'} ({peak_source})")
-    print(f"tokens {args.tokens}, {args.warmup} warm-up + {args.iters} timed iterations each, routing drawn fresh per "
-          f"iteration, {'router timed' if args.with_router else 'router NOT timed'}", flush=True)
+    print(f"tokens {args.tokens}, {args.warmup} warm-up + {args.iters} timed iterations each, a distinct batch (and its "
+          f"routing) per iteration from a pool of at most 256 MiB of inputs, "
+          f"{'router timed' if args.with_router else 'router NOT timed'}", flush=True)
 
     failures: list = []
     runs = []

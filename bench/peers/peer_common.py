@@ -119,10 +119,15 @@ def cost(c: Config, dtype: torch.dtype, tokens: int, touched: int) -> tuple[floa
     return weights + activations, flops
 
 
-def pool_size(c: Config, tokens: int, iters: int) -> int:
+# Copies per timed sample of the copy bandwidth, as `moe bench` (roofline.rs, COPIES).
+COPIES = 8
+
+
+def pool_size(c: Config, tokens: int, iterations: int) -> int:
     """How many distinct batches `moe bench` keeps (at most 256 MiB of f32 inputs, at least 2, at
-    most one per timed iteration), so that the routing changes from one iteration to the next."""
-    return min(max((256 << 20) // max(4 * tokens * c.hidden, 1), 2), max(iters, 2))
+    most one per iteration, warm-up included), so that the routing changes from one iteration to
+    the next."""
+    return min(max((256 << 20) // max(4 * tokens * c.hidden, 1), 2), max(iterations, 2))
 
 
 # ----------------------------------------------------------------------------------------------

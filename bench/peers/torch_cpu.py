@@ -59,7 +59,7 @@ def moe_loop(x: torch.Tensor, layer: pc.Layer) -> tuple[torch.Tensor, torch.Tens
 
 def copy_bandwidth(reps: int = 7) -> float:
     """Read + write bytes per second of a 256 MiB host tensor copy (`moe bench`: min(memory / 16,
-    256 MiB), 7 timed copies, median)."""
+    256 MiB), 7 samples of `COPIES` copies, median)."""
     n = 256 << 20
     src = torch.full((n // 4,), 7, dtype=torch.int32)
     dst = torch.empty_like(src)
@@ -67,8 +67,9 @@ def copy_bandwidth(reps: int = 7) -> float:
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
+        for _ in range(pc.COPIES):
+            dst.copy_(src)
+        times.append((time.perf_counter() - t) / pc.COPIES)
     return 2 * n / pc.median(times)
 
 
@@ -134,7 +135,7 @@ def measure(c: pc.Config, args, dtype: torch.dtype, bandwidth: float, peak: floa
 
     for t in args.tokens:
         pool = [pc.random_inputs(c, t, dtype, "cpu", args.seed ^ ((p + 1) * 0x9E37) ^ t)
-                for p in range(pc.pool_size(c, t, args.iters))]
+                for p in range(pc.pool_size(c, t, args.warmup + args.iters))]
         times, touched = [], []
         with torch.inference_mode():
             for it in range(args.warmup + args.iters):
@@ -195,7 +196,7 @@ def main() -> None:
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({'given' if args.bandwidth_gbs else 'measured now'}), "
           f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source}); load average {load_before}")
     print(f"tokens {args.tokens}, {args.warmup} warm-up + {args.iters} timed iterations each, "
-          "routing drawn fresh per iteration", flush=True)
+          "a distinct batch (and its routing) per iteration from a pool of at most 256 MiB of inputs", flush=True)
     runs = [measure(c, args, dtype, bandwidth, peak, peak_source, device) for c in cs]
     load_after = load()
     for run in runs:

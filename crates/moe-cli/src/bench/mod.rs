@@ -169,6 +169,7 @@ impl Job for Measure<'_> {
             peak_source: String::new(),
             rows: vec![],
             skipped: vec![],
+            note: None,
         };
         let weight_bytes = c.weight_bytes(args.dtype);
         let gib = |b: f64| b / 1073741824.0;
@@ -323,7 +324,8 @@ impl Measure<'_> {
         let (args, c) = (self.args, self.config);
         // A pool of distinct batches (at most 256 MiB of them) so the routing changes per iteration.
         let batch = t * c.hidden;
-        let pool = (((256usize << 20) / (4 * batch).max(1)).max(2)).min(args.iters.max(2));
+        // (Warm-up included: a batch seen in warm-up would come back timed, routing and all.)
+        let pool = (((256usize << 20) / (4 * batch).max(1)).max(2)).min((args.warmup + args.iters).max(2));
         let xs: Vec<Tensor<B>> = (0..pool)
             .map(|p| {
                 Tensor::from_f32(b, DType::F32, &[t, c.hidden], &uniform(batch, 1.0, args.seed ^ ((p as u64 + 1) * 0x9E37) ^ t as u64))
@@ -486,7 +488,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let peers = args.compare.as_deref().map(read_report).transpose()?;
     println!(
-        "moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, routing drawn fresh per iteration",
+        "moe bench: {} ({}), {} weights, tokens {:?}, {} warm-up + {} timed iterations each, a distinct batch (and its routing) \
+         per iteration from a pool of at most 256 MiB of inputs",
         args.preset
             .and_then(|p| clap::ValueEnum::to_possible_value(&p))
             .map_or("deepseek-v3 (default)".into(), |v| v.get_name().to_string()),

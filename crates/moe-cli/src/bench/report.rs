@@ -47,6 +47,10 @@ pub struct Run {
     pub rows: Vec<Row>,
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// What was timed, where it differs from `moe bench` (the peers scripts say whether the
+    /// router was timed); printed with the ratios.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The JSON file `moe bench --json` and the peers scripts write.
@@ -102,7 +106,7 @@ pub(super) fn read_report(path: &Path) -> Result<Report> {
     // A time or a floor that is not a positive number would print as a nonsense ratio.
     for run in &report.runs {
         for r in &run.rows {
-            if !(r.time_s.is_finite() && r.time_s > 0.0 && r.floor_s.is_finite() && r.floor_s >= 0.0) {
+            if !(r.time_s.is_finite() && r.time_s > 0.0 && r.floor_s.is_finite() && r.floor_s > 0.0) {
                 return moe_hal::invalid!(
                     "{}: {} at {} tokens has time_s {} and floor_s {}; times must be positive seconds",
                     path.display(),
@@ -144,11 +148,22 @@ pub(super) fn print_runs(report: &Report) {
     }
 }
 
-/// Peer time over ours, per token count (above 1: we are faster).
+/// Peer time over ours, per token count (above 1: we are faster). Rows pair by shape, dtype and
+/// token count, and graph runs (`+cudagraph`) with graph runs only; each peer's note (what it
+/// timed) is printed once, and a comparison that pairs nothing says so.
 pub(super) fn print_ratios(ours: &Report, peers: &Report) {
     println!("\nratio = peer time / our time (above 1: moe-hal is faster)");
+    let graph = |backend: &str| backend.ends_with("+cudagraph");
+    let mut paired = 0;
+    let mut noted = std::collections::HashSet::new();
     for run in &ours.runs {
-        for peer in peers.runs.iter().filter(|p| p.shape == run.shape && p.dtype == run.dtype) {
+        let same = |p: &&Run| p.shape == run.shape && p.dtype == run.dtype && graph(&p.backend) == graph(&run.backend);
+        for peer in peers.runs.iter().filter(same) {
+            if let Some(note) = &peer.note
+                && noted.insert(peer.backend.clone())
+            {
+                println!("  {} timed: {note}", peer.backend);
+            }
             for r in &run.rows {
                 if let Some(p) = peer.rows.iter().find(|p| p.tokens == r.tokens) {
                     println!(
@@ -160,9 +175,13 @@ pub(super) fn print_ratios(ours: &Report, peers: &Report) {
                         p.time_s * 1e3,
                         p.time_s / r.time_s
                     );
+                    paired += 1;
                 }
             }
         }
+    }
+    if paired == 0 {
+        println!("  (no row pairs: the comparison file has no run of this shape, dtype and token counts)");
     }
 }
 

@@ -78,7 +78,13 @@ pub fn cost(c: &MoeConfig, dtype: DType, tokens: usize, touched: usize) -> (f64,
     (weights + activations, flops)
 }
 
-/// Copy bandwidth (read + write, bytes/s) of the backend, measured with its device copy.
+/// Copies per timed sample of [`copy_bandwidth`] (the peers scripts use the same count).
+const COPIES: usize = 8;
+
+/// Copy bandwidth (read + write, bytes/s) of the backend, measured with its device copy: the
+/// median of 7 samples, each [`COPIES`] copies between two synchronizes. The layer's bytes are
+/// nearly all reads, which a device may stream faster than it copies, so a fraction of the floor
+/// a little above 1 is possible: the floor is calibrated on a copy, not a hard bound.
 pub(super) fn copy_bandwidth<B: Backend>(b: &B) -> Result<f64> {
     // 256 MiB (large enough to leave every cache), or the largest that one buffer of this device
     // holds, halving from there (lavapipe binds at most 128 MiB).
@@ -93,12 +99,17 @@ pub(super) fn copy_bandwidth<B: Backend>(b: &B) -> Result<f64> {
     };
     b.copy(&src, &mut dst)?;
     b.synchronize()?;
+    // COPIES copies between two synchronizes per sample: one 256 MiB copy takes ~115 us on an
+    // H200, and the launch and synchronize around it (microseconds) would lower the bandwidth,
+    // raise the floor and flatter every fraction.
     let mut times: Vec<f64> = (0..7)
         .map(|_| {
             let t = Instant::now();
-            b.copy(&src, &mut dst)?;
+            for _ in 0..COPIES {
+                b.copy(&src, &mut dst)?;
+            }
             b.synchronize()?;
-            Ok(t.elapsed().as_secs_f64())
+            Ok(t.elapsed().as_secs_f64() / COPIES as f64)
         })
         .collect::<Result<_>>()?;
     Ok(2.0 * bytes as f64 / median(&mut times))
