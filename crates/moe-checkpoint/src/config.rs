@@ -31,7 +31,9 @@ pub enum MoeLayers {
     DenseFirst {
         /// Layers `0..first_k_dense_replace` are dense.
         first_k_dense_replace: usize,
-        /// Every `moe_layer_freq`-th layer is MoE (1 in every released DeepSeek model).
+        /// Every `moe_layer_freq`-th layer is MoE (1 in every released DeepSeek model). DeepSeek's
+        /// own modeling code reads it so; transformers ignores it (every layer from
+        /// `first_k_dense_replace` on is MoE), which differs only for a value above 1.
         moe_layer_freq: usize,
     },
     /// Qwen3-MoE: layer `N` is MoE iff `N` is not in `mlp_only_layers` and
@@ -150,7 +152,22 @@ impl ModelConfig {
                 let routed_scaling_factor = keys.f64("routed_scaling_factor")?;
                 let n_shared = keys.opt_usize("n_shared_experts")?;
                 let default_scoring = if model_type == "deepseek_v2" { "softmax" } else { "sigmoid" };
-                let scoring = keys.opt_str("scoring_func")?.unwrap_or_else(|| default_scoring.to_string());
+                // A model type read only because it has n_routed_experts must say how it routes:
+                // the DeepSeek-V3 default (sigmoid) would misread, e.g., Mistral 4's
+                // softmax-over-groups router.
+                let scoring = match keys.opt_str("scoring_func")? {
+                    Some(s) => s,
+                    None if DEEPSEEK_MODEL_TYPES.contains(&model_type.as_str()) => default_scoring.to_string(),
+                    None => {
+                        return Err(Error::Checkpoint(format!(
+                            "{} has model_type \"{model_type}\" with n_routed_experts but no scoring_func; a model type other than {} \
+                             is read in DeepSeek-V3's layout only when scoring_func says how it routes (\"sigmoid\" with noaux_tc, or \
+                             DeepSeek-V2's greedy \"softmax\")",
+                            path.display(),
+                            DEEPSEEK_MODEL_TYPES.join(", ")
+                        )));
+                    }
+                };
                 let topk_method = keys.opt_str("topk_method")?;
                 let routing =
                     deepseek_routing(&keys, &scoring, topk_method.as_deref(), n_group, topk_group, norm_topk_prob, routed_scaling_factor)?;
@@ -481,6 +498,17 @@ mod tests {
             "n_routed_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "norm_topk_prob": true,
             "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 3 {extra}}}"#
         )
+    }
+
+    /// A model type read only for its n_routed_experts must name its scoring function (Mistral 4
+    /// has DeepSeek-V3's keys and routes by softmax over groups); with one, it loads.
+    #[test]
+    fn unknown_model_types_with_n_routed_experts_must_name_their_scoring() {
+        let other = deepseek("").replace("deepseek_v3", "mistral4");
+        let e = ModelConfig::from_json(&other, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("\"mistral4\" with n_routed_experts but no scoring_func"), "{e}");
+        let named = deepseek(r#", "scoring_func": "sigmoid""#).replace("deepseek_v3", "some_v3_clone");
+        assert_eq!(ModelConfig::from_json(&named, Path::new("config.json")).unwrap().family, Family::DeepSeek);
     }
 
     #[test]

@@ -22,10 +22,17 @@ use crate::{Backend, BlockScales, DType, Error, Result, Tensor, fp8, invalid};
 /// single NaN logit makes every probability NaN, so that token gets experts `0..k` with NaN
 /// weights (the `moe` command rejects non-finite input before it gets here).
 ///
-/// One documented difference from Hugging Face transformers: transformers masks the dropped groups
-/// with 0.0 rather than minus infinity, so it can pick an expert from a dropped group when a
-/// corrected score `c` inside a kept group is negative. We never leave the kept groups (as vLLM
-/// and SGLang do); with real DeepSeek-V3 and Kimi K2 weights `c` stays positive and both agree.
+/// Two documented differences from other implementations:
+/// * Transformers 4.x and DeepSeek's own `modeling_deepseek.py` mask the dropped groups with 0.0
+///   rather than minus infinity, so they can pick an expert from a dropped group when a corrected
+///   score `c` inside a kept group is negative. We never leave the kept groups, as transformers 5,
+///   vLLM and SGLang do; with real DeepSeek-V3 and Kimi K2 weights `c` stays positive and all agree.
+/// * The router logits are f32 whatever the weights' dtype (the router weight as stored, the
+///   products and sums in f32). Transformers computes Qwen3-MoE's and Mixtral's router in the
+///   model's dtype, so a bf16 model there routes on bf16-rounded logits (and Qwen3 rounds its
+///   routing weights to bf16): near-equal experts can swap (a few percent of tokens chose another
+///   top-8 set in a synthetic Qwen3-sized test). Its float64 run, which the fixtures compare
+///   against, agrees with ours; DeepSeek-V3's router is f32 in transformers too.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Routing {
     /// Softmax over all experts, then top-k.
