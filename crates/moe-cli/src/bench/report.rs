@@ -153,8 +153,15 @@ pub(super) fn print_runs(report: &Report) {
 /// timed) is printed once, and a comparison that pairs nothing says so.
 pub(super) fn print_ratios(ours: &Report, peers: &Report) {
     println!("\nratio = peer time / our time (above 1: moe-hal is faster)");
+    for line in ratio_lines(ours, peers) {
+        println!("{line}");
+    }
+}
+
+/// The lines of [`print_ratios`] after its header.
+fn ratio_lines(ours: &Report, peers: &Report) -> Vec<String> {
     let graph = |backend: &str| backend.ends_with("+cudagraph");
-    let mut paired = 0;
+    let (mut lines, mut paired) = (Vec::new(), 0);
     let mut noted = std::collections::HashSet::new();
     for run in &ours.runs {
         let same = |p: &&Run| p.shape == run.shape && p.dtype == run.dtype && graph(&p.backend) == graph(&run.backend);
@@ -162,11 +169,11 @@ pub(super) fn print_ratios(ours: &Report, peers: &Report) {
             if let Some(note) = &peer.note
                 && noted.insert(peer.backend.clone())
             {
-                println!("  {} timed: {note}", peer.backend);
+                lines.push(format!("  {} timed: {note}", peer.backend));
             }
             for r in &run.rows {
                 if let Some(p) = peer.rows.iter().find(|p| p.tokens == r.tokens) {
-                    println!(
+                    lines.push(format!(
                         "{:>8} vs {:<24} {:>6} tok  {:>8.3} ms vs {:>8.3} ms  ratio {:.2}",
                         run.backend,
                         peer.backend,
@@ -174,17 +181,71 @@ pub(super) fn print_ratios(ours: &Report, peers: &Report) {
                         r.time_s * 1e3,
                         p.time_s * 1e3,
                         p.time_s / r.time_s
-                    );
+                    ));
                     paired += 1;
                 }
             }
         }
     }
     if paired == 0 {
-        println!("  (no row pairs: the comparison file has no run of this shape, dtype and token counts)");
+        lines.push("  (no row pairs: the comparison file has no run of this shape, dtype and token counts)".into());
     }
+    lines
 }
 
 pub(super) fn shape_name(c: &MoeConfig) -> String {
     format!("H{} I{} E{} k{} S{}", c.hidden, c.intermediate, c.experts, c.top_k, c.shared_intermediate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(backend: &str, shape: &str, tokens_and_times: &[(usize, f64)], note: Option<&str>) -> Run {
+        let row = |&(tokens, time_s): &(usize, f64)| Row {
+            tokens,
+            touched: 1.0,
+            time_s,
+            bytes: 1.0,
+            flops: 1.0,
+            floor_s: 1e-3,
+            gbs: 1.0,
+            tflops: 1.0,
+            fraction: 0.5,
+            stages: vec![],
+        };
+        Run {
+            backend: backend.into(),
+            device: "d".into(),
+            shape: shape.into(),
+            dtype: "bf16".into(),
+            copy_bandwidth_gbs: 1.0,
+            peak_tflops: None,
+            peak_source: String::new(),
+            rows: tokens_and_times.iter().map(row).collect(),
+            skipped: vec![],
+            note: note.map(str::to_string),
+        }
+    }
+
+    /// Eager rows pair with eager peers, graph rows with graph peers, by shape and token count;
+    /// each peer's note shows once; nothing to pair says so.
+    #[test]
+    fn ratios_pair_like_with_like_and_show_what_peers_timed() {
+        let report = |runs| Report { date: String::new(), commit: String::new(), runs };
+        let ours = report(vec![run("cuda", "S", &[(1, 1e-3), (16, 2e-3)], None), run("cuda+cudagraph", "S", &[(1, 5e-4)], None)]);
+        let peers = report(vec![
+            run("torch", "S", &[(1, 2e-3), (16, 2e-3)], Some("no router")),
+            run("torch+cudagraph", "S", &[(1, 1e-3)], None),
+            run("torch", "other shape", &[(1, 9.0)], None),
+        ]);
+        let lines = ratio_lines(&ours, &peers);
+        assert_eq!(lines.iter().filter(|l| l.contains("timed: no router")).count(), 1, "{lines:#?}");
+        let pairs: Vec<&String> = lines.iter().filter(|l| l.contains(" vs ")).collect();
+        assert_eq!(pairs.len(), 3, "{lines:#?}");
+        assert!(pairs[0].contains("cuda vs torch ") && pairs[0].ends_with("ratio 2.00"), "{}", pairs[0]);
+        assert!(pairs[2].contains("cuda+cudagraph vs torch+cudagraph") && pairs[2].ends_with("ratio 2.00"), "{}", pairs[2]);
+        let none = ratio_lines(&ours, &report(vec![run("torch", "other shape", &[(1, 1.0)], None)]));
+        assert_eq!(none, ["  (no row pairs: the comparison file has no run of this shape, dtype and token counts)"]);
+    }
 }
