@@ -181,10 +181,12 @@ fn rows_times_direct(xs: &[&[f32]], w: Direct<'_>, k: usize, out: &mut [f32]) {
                         tile([rows[0], rows[1], rows[2], rows[3]], q, k, out)
                     } else {
                         // Fewer than four rows (decode, or a group's last rows): one at a time.
-                        let row = match (nan_free, nan_free && x86::denormals_are_zero()) {
-                            (true, false) => row_times_e4m3_nan_free_avx2,
-                            (true, true) => row_times_e4m3_nan_free_f16_avx2,
-                            _ => row_times_e4m3_avx2,
+                        let row = if !nan_free {
+                            row_times_e4m3_avx2
+                        } else if x86::denormals_are_zero() {
+                            row_times_e4m3_nan_free_f16_avx2
+                        } else {
+                            row_times_e4m3_nan_free_avx2
                         };
                         let nb = out.len() / n;
                         for (r, x) in rows[..n].iter().enumerate() {
